@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the multi-call Kubernetes binary (e2e/kube) and helm into the cache, once.
+# A warm run only compares a stamp and returns in milliseconds.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+kube_src="$REPO/e2e/kube"
+stamp=$(cat "$kube_src/go.mod" "$kube_src/go.sum" "$kube_src/main.go" | sha256sum | cut -c1-16)
+kube_bin="$BIN/kube"
+
+if [[ -x $kube_bin && $(cat "$BIN/kube.stamp" 2>/dev/null) == "$stamp" ]]; then
+  log "kubernetes $KUBE_VERSION: cached ($kube_bin)"
+else
+  step "build kubernetes $KUBE_VERSION from the Go module (cold: 20-40 min on 2 cores)"
+  mkdir -p "$BIN"
+  version_pkg=k8s.io/component-base/version
+  client_pkg=k8s.io/client-go/pkg/version
+  minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  ldflags="-s -w"
+  for p in $version_pkg $client_pkg; do
+    ldflags+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$kube_src" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$kube_bin.tmp" .)
+  mv "$kube_bin.tmp" "$kube_bin"
+  echo "$stamp" > "$BIN/kube.stamp"
+  done_step
+fi
+for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl; do
+  ln -sf kube "$BIN/$c"
+done
+
+if [[ -x $BIN/helm && $("$BIN/helm" version --template '{{.Version}}' 2>/dev/null) == "$HELM_VERSION" ]]; then
+  log "helm $HELM_VERSION: cached"
+else
+  step "go install helm $HELM_VERSION"
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  done_step
+fi
