@@ -19,3 +19,90 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 step() { _step_name=$*; _step_start=$(date +%s); log "-> $*"; }
 done_step() { log "   done: $_step_name ($(( $(date +%s) - _step_start ))s)"; }
 die() { log "error: $*"; exit 1; }
+
+# --- the cluster: every address, CIDR, port and path of it, once ---
+# Runtime files that must not survive a reboot (sockets, containerd state).
+RUN_DIR=/run/graceful-e2e
+LOGS=$STATE/logs
+PIDS=$STATE/pids
+PKI=$STATE/pki
+KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
+
+NODE_NAME=graceful-node
+# The node IP is the pod bridge's gateway: the apiserver, kubelet and kube-proxy never touch eth0.
+BRIDGE=graceful0
+NODE_IP=10.244.0.1
+POD_CIDR=10.244.0.0/24
+# Service addresses are routed to a sink: whatever kube-proxy does not translate goes nowhere
+# instead of following the default route off the machine. The sink is a bridge with no ports
+# (this kernel has no dummy driver); what is sent there is dropped.
+SVC_SINK=graceful-svc
+SERVICE_CIDR=10.96.0.0/16
+SERVICE_IP_APISERVER=10.96.0.1
+CNI_NETWORK=graceful
+
+APISERVER_PORT=6443
+APISERVER_URL=https://127.0.0.1:$APISERVER_PORT
+ETCD_CLIENT=http://127.0.0.1:2379
+ETCD_PEER=http://127.0.0.1:2380
+KUBELET_HEALTHZ=127.0.0.1:10248
+KUBE_PROXY_HEALTHZ=127.0.0.1:10256
+KUBE_PROXY_METRICS=127.0.0.1:10249
+CONTROLLER_MANAGER_PORT=10257
+SCHEDULER_PORT=10259
+
+CONTAINERD_SOCK=$RUN_DIR/containerd.sock
+CONTAINERD_ROOT=$STATE/containerd
+CONTAINERD_STATE=$RUN_DIR/containerd
+CNI_BIN=/usr/lib/cni
+PAUSE_IMAGE=localhost/graceful-pause:3.10
+IMAGE_TAG=${GRACEFUL_IMAGE_TAG:-dev}
+
+# Host settings the cluster changes (kubelet and kube-proxy set some themselves); `up` records
+# the values it found and `down` puts them back.
+TOUCHED_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables
+  net.bridge.bridge-nf-call-ip6tables vm.overcommit_memory vm.panic_on_oom kernel.panic
+  kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes
+  net.ipv4.conf.all.route_localnet)
+
+# Daemons in start order; `down` stops them in reverse.
+DAEMONS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+
+ctr_k8s() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
+kubectl_admin() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
+
+# A daemon is running when its recorded pid is alive and still runs the binary we started
+# (a pid number left from a killed cluster may belong to anything by now).
+daemon_pid() { # name -> prints the live pid, or fails
+  local name=$1 pid exe
+  pid=$(cat "$PIDS/$name.pid" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  exe=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [[ $exe == *"$(cat "$PIDS/$name.cmd" 2>/dev/null)"* && -n $exe ]] || return 1
+  echo "$pid"
+}
+
+# Waits until a command succeeds, printing a dot per second; fails after a timeout in seconds.
+wait_for() { # timeout description cmd...
+  local timeout=$1 what=$2 start=$SECONDS; shift 2
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS - start < timeout )) || die "timed out after ${timeout}s waiting for $what"
+    sleep 0.5
+  done
+}
+
+# Imports BINARY as the single-file image REF unless containerd already holds that exact image
+# (packing is deterministic, so equal digests mean equal images). Needs the cluster's containerd.
+image_import() { # binary ref [user]
+  local bin=$1 ref=$2 user=${3:-65532:65532} tar digest have
+  tar="$CACHE/images/$(tr '/:' '__' <<< "$ref").tar"
+  mkdir -p "$CACHE/images"
+  digest=$(python3 "$REPO/e2e/scripts/oci-image.py" "$bin" "$ref" "$tar" --user "$user")
+  have=$(ctr_k8s images ls "name==$ref" 2>/dev/null | awk 'NR > 1 {print $3}')
+  if [[ $have == "$digest" ]]; then
+    log "   $ref: unchanged (${digest:0:19})"
+    return
+  fi
+  ctr_k8s images import "$tar" >/dev/null
+  log "   $ref: imported (${digest:0:19}, $(du -h "$bin" | cut -f1))"
+}

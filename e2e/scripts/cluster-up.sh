@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Brings up the single-node e2e cluster on this machine: etcd, containerd, the control plane,
+# kubelet and kube-proxy, each logging to $STATE/logs with its pid in $STATE/pids.
+# Idempotent: a healthy cluster is left alone; a killed one is cleaned up and started anew.
+set -euo pipefail
+here=$(dirname "$0")
+source "$here/common.sh"
+source "$here/daemons.sh"
+source "$here/host.sh"
+source "$here/pki.sh"
+
+[[ $EUID == 0 ]] || die "cluster-up needs root (network, mounts, containerd)"
+started=$SECONDS
+
+if cluster_healthy; then
+  log "cluster already up ($(daemons_running | tr '\n' ' '))"
+  echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
+  exit 0
+fi
+
+step "binaries: kubernetes $KUBE_VERSION, helm (build-kube.sh)"
+"$here/build-kube.sh"
+missing=()
+for tool in etcd containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+[[ -x $CNI_BIN/bridge && -x $CNI_BIN/host-local && -x $CNI_BIN/portmap ]] || missing+=("CNI plugins in $CNI_BIN")
+((${#missing[@]} == 0)) || die "missing: ${missing[*]} (run scripts/deps.sh or make deps)"
+done_step
+
+# Anything left by an earlier cluster (stopped or killed) goes first: stale pids, sandboxes,
+# mounts, chains, interfaces.
+if compgen -G "$PIDS/*.pid" >/dev/null || ip link show "$BRIDGE" >/dev/null 2>&1 \
+  || [[ -S $CONTAINERD_SOCK || -d $STATE/kubelet ]]; then
+  step "clean up what an earlier cluster left"
+  "$here/cluster-down.sh"
+  done_step
+fi
+
+step "host: sysctls, shared root mount, pod bridge $BRIDGE ($NODE_IP), service route"
+mkdir -p "$STATE" "$RUN_DIR"
+# The last cluster's logs stay readable one more round.
+if [[ -d $LOGS ]]; then rm -rf "$LOGS.prev" && mv "$LOGS" "$LOGS.prev"; fi
+mkdir -p "$LOGS" "$PIDS"
+host_record_sysctls
+host_prepare
+host_network_up
+host_check_routes
+done_step
+
+step "certificates and kubeconfigs ($PKI)"
+pki_all
+done_step
+
+step "configuration files"
+: > "$STATE/resolv.conf" # pods need no DNS; nothing of theirs may resolve through the host's
+mkdir -p "$STATE/cni/net.d" "$STATE/cni/networks"
+cat > "$STATE/cni/net.d/10-$CNI_NETWORK.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "$CNI_NETWORK",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$BRIDGE",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$NODE_IP"}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": "$STATE/cni/networks"
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+JSON
+cat > "$STATE/containerd.toml" <<TOML
+version = 2
+root = "$CONTAINERD_ROOT"
+state = "$CONTAINERD_STATE"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "$CONTAINERD_SOCK"
+[ttrpc]
+  address = "$CONTAINERD_SOCK.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$STATE/containerd-opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  enable_unprivileged_ports = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$CNI_BIN"
+    conf_dir = "$STATE/cni/net.d"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+TOML
+cat > "$STATE/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $NODE_IP
+healthzBindAddress: ${KUBELET_HEALTHZ%:*}
+healthzPort: ${KUBELET_HEALTHZ#*:}
+readOnlyPort: 0
+tlsCertFile: $PKI/kubelet-serving.crt
+tlsPrivateKeyFile: $PKI/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+cgroupDriver: cgroupfs
+failSwapOn: false
+resolvConf: $STATE/resolv.conf
+clusterDomain: cluster.local
+# Images cannot be pulled back (there is no registry): never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%}
+serializeImagePulls: false
+shutdownGracePeriod: 0s
+YAML
+cat > "$STATE/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $STATE/kube-proxy.kubeconfig}
+mode: iptables
+clusterCIDR: $POD_CIDR
+hostnameOverride: $NODE_NAME
+healthzBindAddress: $KUBE_PROXY_HEALTHZ
+metricsBindAddress: $KUBE_PROXY_METRICS
+nodePortAddresses: ["$NODE_IP/32"]
+# Zeros: leave the host's conntrack table size and timeouts as they are.
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+YAML
+done_step
+
+step "etcd (127.0.0.1, data in $STATE/etcd)"
+rm -rf "$STATE/etcd"
+daemon_start etcd "$(command -v etcd)" --name graceful --data-dir "$STATE/etcd" \
+  --listen-client-urls "$ETCD_CLIENT" --advertise-client-urls "$ETCD_CLIENT" \
+  --listen-peer-urls "$ETCD_PEER" --initial-advertise-peer-urls "$ETCD_PEER" \
+  --initial-cluster "graceful=$ETCD_PEER" --initial-cluster-state new \
+  --listen-metrics-urls http://127.0.0.1:2381 --logger zap --log-outputs stderr
+wait_for 30 "etcd health" curl -fsS --max-time 1 "$ETCD_CLIENT/health"
+done_step
+
+step "containerd ($CONTAINERD_SOCK)"
+daemon_start containerd "$(command -v containerd)" --config "$STATE/containerd.toml"
+wait_for 30 "containerd" ctr --address "$CONTAINERD_SOCK" version
+# A killed cluster's pods are still in containerd's store: remove them (CNI DEL included).
+"$BIN/kube" cri-reset "unix://$CONTAINERD_SOCK"
+done_step
+
+step "pause image $PAUSE_IMAGE (e2e/pause/pause.c, gcc -static)"
+pause_src="$REPO/e2e/pause/pause.c"
+pause_dir="$CACHE/pause/$(sha256sum "$pause_src" | cut -c1-16)"
+if [[ ! -x $pause_dir/pause ]]; then
+  mkdir -p "$pause_dir"
+  gcc -static -O2 -Wall -Wextra -o "$pause_dir/pause.tmp" "$pause_src"
+  strip "$pause_dir/pause.tmp"
+  mv "$pause_dir/pause.tmp" "$pause_dir/pause"
+fi
+image_import "$pause_dir/pause" "$PAUSE_IMAGE" 65535:65535
+done_step
+
+step "kube-apiserver ($APISERVER_URL, advertised as $NODE_IP)"
+daemon_start kube-apiserver "$BIN/kube-apiserver" \
+  --advertise-address="$NODE_IP" --bind-address=0.0.0.0 --secure-port="$APISERVER_PORT" \
+  --etcd-servers="$ETCD_CLIENT" --service-cluster-ip-range="$SERVICE_CIDR" \
+  --client-ca-file="$PKI/ca.crt" \
+  --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+  --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+  --kubelet-preferred-address-types=InternalIP \
+  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+  --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+  --allow-privileged=true --profiling=false
+wait_for 90 "kube-apiserver /readyz" apiserver_ready
+done_step
+
+step "kube-controller-manager, kube-scheduler"
+daemon_start kube-controller-manager "$BIN/kube-controller-manager" \
+  --kubeconfig="$STATE/controller-manager.kubeconfig" \
+  --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
+  --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
+  --bind-address=127.0.0.1 --secure-port="$CONTROLLER_MANAGER_PORT" --leader-elect=false \
+  --use-service-account-credentials=true --service-cluster-ip-range="$SERVICE_CIDR" \
+  --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
+  --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+  --profiling=false
+daemon_start kube-scheduler "$BIN/kube-scheduler" \
+  --kubeconfig="$STATE/scheduler.kubeconfig" \
+  --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
+  --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
+  --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --leader-elect=false --profiling=false
+done_step
+
+step "kubelet ($NODE_NAME at $NODE_IP) and kube-proxy (iptables)"
+daemon_start kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
+  --kubeconfig="$STATE/kubelet.kubeconfig" --hostname-override="$NODE_NAME" \
+  --node-ip="$NODE_IP" --root-dir="$STATE/kubelet"
+daemon_start kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
+wait_for 120 "node $NODE_NAME Ready" node_ready
+done_step
+
+step "ready for traffic: service account, kube-proxy rules, ClusterIP reachable from the host"
+wait_for 60 "default service account" kubectl_admin get serviceaccount default -n default
+wait_for 60 "kube-proxy healthz" curl -fsS --max-time 1 "http://$KUBE_PROXY_HEALTHZ/healthz"
+host_check_routes
+# The apiserver through its ClusterIP: proves the DNAT path the tests' traffic takes.
+wait_for 60 "https://$SERVICE_IP_APISERVER/readyz through kube-proxy" curl -fsS --max-time 1 \
+  --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+  "https://$SERVICE_IP_APISERVER/readyz"
+done_step
+
+log "cluster up in $((SECONDS - started))s; logs in $LOGS"
+echo "export KUBECONFIG=$KUBECONFIG_ADMIN"

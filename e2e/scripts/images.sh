@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Packs the static release binaries (make build-static) as single-file OCI images and imports
+# them into the cluster's containerd (namespace k8s.io) as localhost/<name>:$IMAGE_TAG
+# (GRACEFUL_IMAGE_TAG overrides "dev"). An image whose binary did not change is not re-imported.
+set -euo pipefail
+here=$(dirname "$0")
+source "$here/common.sh"
+source "$here/daemons.sh"
+
+release="$REPO/target/x86_64-unknown-linux-gnu/release"
+daemon_pid containerd >/dev/null && [[ -S $CONTAINERD_SOCK ]] \
+  || die "the cluster's containerd is not running: make cluster-up first"
+
+step "images localhost/*:$IMAGE_TAG from $release"
+for name in graceful-sidecar graceful-operator graceful-demo; do
+  if [[ ! -x $release/$name ]]; then
+    log "   $name: no binary at $release/$name yet, skipped"
+    continue
+  fi
+  image_import "$release/$name" "localhost/$name:$IMAGE_TAG"
+done
+done_step
