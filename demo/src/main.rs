@@ -1,1 +1,149 @@
-fn main() {}
+//! graceful-demo: a naive HTTP app for graceful's demos, tests and benchmarks. It serves
+//! HTTP/1.1 and HTTP/2 cleartext on one port and, like most apps, dies the instant it gets
+//! SIGTERM: whatever is in flight is lost unless something drains it first.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+#[derive(Parser, Debug)]
+#[command(name = "graceful-demo", disable_version_flag = true)]
+struct Args {
+    /// Address to serve on.
+    #[arg(long, env = "DEMO_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Text `GET /` answers, so two rollouts can differ.
+    #[arg(long, env = "DEMO_VERSION", default_value = "v1")]
+    version: String,
+    /// Runtime worker threads; 0 means one per core.
+    #[arg(long, env = "DEMO_WORKERS", default_value_t = 0)]
+    workers: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.workers > 0 {
+        rt.worker_threads(args.workers);
+    }
+    rt.enable_all().build()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen).await?;
+    eprintln!(
+        "graceful-demo {} listening on {}",
+        args.version,
+        listener.local_addr()?
+    );
+    // The naive part: no drain, no waiting for in-flight requests.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        term.recv().await;
+        std::process::exit(0);
+    });
+    let version: &'static str = Box::leak(format!("{}\n", args.version).into_boxed_str());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    let builder: &'static _ = Box::leak(Box::new(builder));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| route(req, version));
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    version: &'static str,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => text(StatusCode::OK, version),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/slow") => {
+            let ms = query_ms(req.uri().query()).unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("slept {ms} ms\n"))
+        }
+        // What the app received, one field a line: shows what a proxy in front changed.
+        (&Method::GET, "/headers") => {
+            let mut out = String::new();
+            for (name, value) in req.headers() {
+                out.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+            }
+            text(StatusCode::OK, out)
+        }
+        // Streams the request body back as it arrives.
+        (&Method::POST, "/echo") => Response::new(req.into_body().boxed_unsync()),
+        (&Method::GET, "/ws") => websocket(req),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn query_ms(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp
+}
+
+/// WebSocket echo: answers the handshake, then sends every message back.
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "not a websocket handshake\n");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() || ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64"),
+    );
+    resp
+}

@@ -1,0 +1,191 @@
+//! The admin address (never the traffic one): /healthz, /readyz, /prestop, /metrics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::time::sleep;
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::defaults;
+use crate::drain::{Drain, Phase, Trigger};
+
+pub struct Admin {
+    drain: Arc<Drain>,
+    prestop_token: Option<String>,
+    app: Arc<App>,
+}
+
+impl Admin {
+    pub fn new(drain: Arc<Drain>, prestop_token: Option<String>, app: Arc<App>) -> Self {
+        Self {
+            drain,
+            prestop_token,
+            app,
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let get = req.method() == Method::GET || req.method() == Method::HEAD;
+        match req.uri().path() {
+            defaults::HEALTHZ_PATH if get => text(StatusCode::OK, "ok\n"),
+            defaults::READYZ_PATH if get => self.readyz().await,
+            defaults::METRICS_PATH if get => {
+                self.drain.refresh_phase_seconds();
+                let mut resp = text(StatusCode::OK, self.drain.metrics.encode());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                        .parse()
+                        .expect("valid header"),
+                );
+                resp
+            }
+            defaults::PRESTOP_PATH if get || req.method() == Method::POST => {
+                self.prestop(&req, peer).await
+            }
+            defaults::HEALTHZ_PATH
+            | defaults::READYZ_PATH
+            | defaults::METRICS_PATH
+            | defaults::PRESTOP_PATH => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    async fn readyz(&self) -> Response<Full<Bytes>> {
+        let phase = self.drain.phase();
+        if phase != Phase::Serving {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("draining: {}\n", phase.as_str()),
+            );
+        }
+        if !self.app.ready().await {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "app not ready\n");
+        }
+        text(StatusCode::OK, "ready\n")
+    }
+
+    /// Starts the drain (or joins it), blocks until it is done, answers its summary.
+    async fn prestop(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if !self.authorized(req, peer) {
+            warn!(%peer, "refused /prestop: missing or wrong credentials");
+            return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        }
+        if !self.drain.trigger(Trigger::Prestop) {
+            info!(%peer, "/prestop joins the drain under way");
+        }
+        let summary = self.drain.done().await;
+        let mut resp = text(
+            StatusCode::OK,
+            serde_json::to_string(&summary).expect("summary serializes") + "\n",
+        );
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            "application/json".parse().expect("valid header"),
+        );
+        resp
+    }
+
+    /// With a token: `Authorization: Bearer <token>`, compared in constant time. Without one:
+    /// only loopback peers (nothing else in or outside the pod may start a drain).
+    fn authorized<B>(&self, req: &Request<B>, peer: SocketAddr) -> bool {
+        match &self.prestop_token {
+            Some(token) => req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes()))),
+            None => peer.ip().to_canonical().is_loopback(),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("valid header"),
+    );
+    resp
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(token: Option<&str>) -> Admin {
+        let drain = Drain::new(crate::metrics::Metrics::new());
+        let app = Arc::new(App::new("127.0.0.1:1".parse().unwrap(), None, None));
+        Admin::new(drain, token.map(str::to_owned), app)
+    }
+
+    fn req(auth: Option<&str>) -> Request<()> {
+        let mut b = Request::get("/prestop");
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn prestop_token_is_required_when_set() {
+        let a = admin(Some("s3cret"));
+        let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let node: SocketAddr = "10.1.2.3:4000".parse().unwrap();
+        assert!(a.authorized(&req(Some("Bearer s3cret")), node));
+        assert!(!a.authorized(&req(Some("Bearer s3cre")), node));
+        assert!(!a.authorized(&req(Some("Bearer s3cret2")), local));
+        assert!(!a.authorized(&req(Some("s3cret")), local));
+        assert!(!a.authorized(&req(None), local));
+    }
+
+    #[tokio::test]
+    async fn without_token_only_loopback_may_drain() {
+        let a = admin(None);
+        assert!(a.authorized(&req(None), "127.0.0.1:4000".parse().unwrap()));
+        assert!(a.authorized(&req(None), "[::1]:4000".parse().unwrap()));
+        assert!(!a.authorized(&req(None), "10.1.2.3:4000".parse().unwrap()));
+    }
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics: every step of a drain is visible from /metrics. Handles are resolved
+//! once at startup so the request path only touches atomics.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::drain::Phase;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Protocol {
+    /// Accepted, no request seen yet (so neither h1 nor h2 known).
+    pending,
+    http1,
+    http2,
+    /// An Upgrade (WebSocket) tunnel to the app.
+    upgraded,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: Phase,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Counter,
+    pub in_flight: Gauge,
+    open: [Gauge; 4],
+    phase: [Gauge; 4],
+    phase_seconds: [Gauge<f64, AtomicU64>; 4],
+    pub requests_after_trigger: Counter,
+    pub requests_force_closed: Counter,
+    pub connections_force_closed: Counter,
+    pub upstream_errors: Counter,
+}
+
+const PROTOCOLS: [Protocol; 4] = [
+    Protocol::pending,
+    Protocol::http1,
+    Protocol::http2,
+    Protocol::upgraded,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("graceful");
+        let requests = Counter::default();
+        registry.register(
+            "requests",
+            "Requests received on the traffic address",
+            requests.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests whose response is not finished yet",
+            in_flight.clone(),
+        );
+        let open_family = Family::<ProtocolLabel, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Open client connections by protocol",
+            open_family.clone(),
+        );
+        let open = PROTOCOLS.map(|protocol| {
+            open_family
+                .get_or_create(&ProtocolLabel { protocol })
+                .clone()
+        });
+        let phase_family = Family::<PhaseLabel, Gauge>::default();
+        registry.register(
+            "drain_phase",
+            "1 for the current drain phase, 0 for the others",
+            phase_family.clone(),
+        );
+        let phase =
+            Phase::ALL.map(|phase| phase_family.get_or_create(&PhaseLabel { phase }).clone());
+        phase[0].set(1);
+        let seconds_family = Family::<PhaseLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "drain_phase_seconds",
+            "Seconds spent in each drain phase so far",
+            seconds_family.clone(),
+        );
+        let phase_seconds =
+            Phase::ALL.map(|phase| seconds_family.get_or_create(&PhaseLabel { phase }).clone());
+        let requests_after_trigger = Counter::default();
+        registry.register(
+            "requests_after_trigger",
+            "Requests received after the drain was triggered (served, not refused)",
+            requests_after_trigger.clone(),
+        );
+        let requests_force_closed = Counter::default();
+        registry.register(
+            "requests_force_closed",
+            "In-flight requests cut at the drain deadline or by a second SIGTERM",
+            requests_force_closed.clone(),
+        );
+        let connections_force_closed = Counter::default();
+        registry.register(
+            "connections_force_closed",
+            "Connections closed at the drain deadline or by a second SIGTERM",
+            connections_force_closed.clone(),
+        );
+        let upstream_errors = Counter::default();
+        registry.register(
+            "upstream_errors",
+            "Requests answered 502 because the app could not be reached",
+            upstream_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            in_flight,
+            open,
+            phase,
+            phase_seconds,
+            requests_after_trigger,
+            requests_force_closed,
+            connections_force_closed,
+            upstream_errors,
+        }
+    }
+
+    pub fn open(&self, protocol: Protocol) -> &Gauge {
+        &self.open[protocol as usize]
+    }
+
+    pub fn open_total(&self) -> i64 {
+        self.open.iter().map(Gauge::get).sum()
+    }
+
+    pub fn enter_phase(&self, from: Phase, to: Phase) {
+        self.phase[from as usize].set(0);
+        self.phase[to as usize].set(1);
+    }
+
+    pub fn set_phase_seconds(&self, phase: Phase, seconds: f64) {
+        self.phase_seconds[phase as usize].set(seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

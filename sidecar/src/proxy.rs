@@ -1,0 +1,315 @@
+//! Forwarding one request to the app: bodies streamed both ways, hop-by-hop headers handled
+//! as RFC 9110 section 7.6.1 says, X-Forwarded-For/Proto added, Upgrade (WebSocket) tunnelled,
+//! and a short 502 when the app cannot be reached.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version, uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::{debug, info, warn};
+
+use crate::drain::{Drain, Phase};
+use crate::metrics::Protocol;
+
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Hop-by-hop fields a proxy must not forward (RFC 9110 7.6.1), besides those that
+/// `Connection` itself names.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
+
+/// Increments a gauge for as long as it lives.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub struct Proxy {
+    client: Client<HttpConnector, Incoming>,
+    authority: uri::Authority,
+    upstream_version: Version,
+    drain: Arc<Drain>,
+    /// Set by the first failure of a burst, cleared by the next success: one log line each.
+    upstream_down: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(upstream: SocketAddr, h2c: bool, drain: Arc<Drain>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(h2c)
+            .build(connector);
+        Self {
+            client,
+            authority: upstream
+                .to_string()
+                .parse()
+                .expect("a socket address is an authority"),
+            upstream_version: if h2c {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
+            drain,
+            upstream_down: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.drain.metrics;
+        metrics.requests.inc();
+        if self.drain.phase() != Phase::Serving {
+            metrics.requests_after_trigger.inc();
+        }
+        let in_flight = GaugeGuard::new(&metrics.in_flight);
+        let downstream = req.version();
+
+        let upgrade = wants_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if let Err(e) = self.prepare(&mut req, peer, upgrade) {
+            return short(StatusCode::BAD_REQUEST, e);
+        }
+
+        let mut resp = match self.client.request(req).await {
+            Ok(resp) => resp,
+            Err(e) => return self.bad_gateway(e),
+        };
+        if self.upstream_down.swap(false, Ordering::Relaxed) {
+            let n = self.failures.swap(0, Ordering::Relaxed);
+            info!(failed_requests = n, "app reachable again");
+        }
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tunnel(self.drain.clone(), client_upgrade, upstream_upgrade);
+            }
+        } else {
+            strip_hop_by_hop(resp.headers_mut());
+            // hyper closes an HTTP/1.1 connection after graceful_shutdown() but does not say so
+            // in the response; clients should know before they reuse it.
+            if downstream <= Version::HTTP_11 && self.drain.phase() >= Phase::Quiescing {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        let (parts, body) = resp.into_parts();
+        // The request stays in flight until its body is fully sent (or the client goes away).
+        let body = body
+            .map_frame(move |frame| {
+                let _ = &in_flight;
+                frame
+            })
+            .boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+
+    /// Turns the client's request into the app's: origin-form URI, hop-by-hop fields out,
+    /// forwarding fields in.
+    fn prepare(
+        &self,
+        req: &mut Request<Incoming>,
+        peer: SocketAddr,
+        upgrade: bool,
+    ) -> Result<(), &'static str> {
+        let uri = req.uri().clone();
+        let headers = req.headers_mut();
+        // HTTP/2 requests carry the host as :authority; the app expects a Host field.
+        if !headers.contains_key(header::HOST) {
+            if let Some(authority) = uri.authority() {
+                let host =
+                    HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
+                headers.insert(header::HOST, host);
+            }
+        }
+        let trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        let upgrade_value = if upgrade {
+            headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        strip_hop_by_hop(headers);
+        if trailers {
+            // We pass trailers through, so our own TE toward the app may say so (gRPC needs it).
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(protocol) = upgrade_value {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        forwarded_for(headers, peer);
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = Uri::builder()
+            .scheme(uri::Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| "bad request target")?;
+        *req.version_mut() = self.upstream_version;
+        Ok(())
+    }
+
+    fn bad_gateway(&self, e: hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+        self.drain.metrics.upstream_errors.inc();
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if !self.upstream_down.swap(true, Ordering::Relaxed) {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            warn!(error = %e, cause, upstream = %self.authority, "app unreachable: answering 502 until it is back");
+        }
+        short(StatusCode::BAD_GATEWAY, "graceful-sidecar: app unreachable")
+    }
+}
+
+fn short(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// Copies bytes both ways between the client and the app once both sides switched protocols.
+/// The tunnel counts as an open connection: the drain waits for it, and cuts it at the deadline.
+fn tunnel(drain: Arc<Drain>, client: OnUpgrade, upstream: OnUpgrade) {
+    let guard = drain.connection();
+    let open = GaugeGuard::new(drain.metrics.open(Protocol::upgraded));
+    let mut force = drain.forced();
+    tokio::spawn(async move {
+        let _guards = (guard, open);
+        let copy = async {
+            let (client, upstream) = tokio::try_join!(client, upstream)?;
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        tokio::select! {
+            result = copy => if let Err(e) = result { debug!(error = %e, "upgraded tunnel ended") },
+            _ = crate::drain::forced(&mut force) => debug!("upgraded tunnel cut by the drain deadline"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret-Hop".parse().unwrap(),
+        );
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::TE, "gzip".parse().unwrap());
+        h.insert(header::UPGRADE, "h2c".parse().unwrap());
+        h.insert(header::TRAILER, "grpc-status".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["trailer", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut h = HeaderMap::new();
+        forwarded_for(&mut h, "10.0.0.9:5555".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        forwarded_for(&mut h, "[::ffff:10.0.0.10]:5555".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9, 10.0.0.10");
+    }
+}

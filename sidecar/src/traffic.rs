@@ -1,0 +1,130 @@
+//! The traffic address: accepts connections (HTTP/1.1 and HTTP/2 prior knowledge on one port)
+//! until the drain is done, and closes each one gracefully once quiesce starts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Version;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep, sleep_until};
+use tracing::{debug, warn};
+
+use crate::defaults;
+use crate::drain::{self, Drain, Phase};
+use crate::metrics::Protocol;
+use crate::proxy::{GaugeGuard, Proxy};
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let mut phase = drain.subscribe();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, peer, proxy.clone(), drain.clone(), builder.clone()));
+                }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    sleep(Duration::from_millis(50)).await;
+                }
+            },
+            // New connections are served all through the drain, until it is done.
+            _ = drain::reached(&mut phase, Phase::Done) => break,
+        }
+    }
+}
+
+/// What one client connection has shown so far.
+struct ConnState {
+    seen_request: AtomicBool,
+    first_request: Notify,
+    /// Counts the connection under its protocol once the first request tells which.
+    open: Mutex<GaugeGuard>,
+}
+
+impl ConnState {
+    fn on_request(&self, version: Version, drain: &Drain) {
+        if self.seen_request.load(Ordering::Relaxed)
+            || self.seen_request.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let protocol = if version == Version::HTTP_2 {
+            Protocol::http2
+        } else {
+            Protocol::http1
+        };
+        *self.open.lock().expect("not poisoned") = GaugeGuard::new(drain.metrics.open(protocol));
+        self.first_request.notify_one();
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    drain: Arc<Drain>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    let _open = drain.connection();
+    let accepted = Instant::now();
+    let state = Arc::new(ConnState {
+        seen_request: AtomicBool::new(false),
+        first_request: Notify::new(),
+        open: Mutex::new(GaugeGuard::new(drain.metrics.open(Protocol::pending))),
+    });
+    let service = {
+        let (state, drain) = (state.clone(), drain.clone());
+        service_fn(move |req| {
+            state.on_request(req.version(), &drain);
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+
+    let mut phase = drain.subscribe();
+    let quiesce = async {
+        drain::reached(&mut phase, Phase::Quiescing).await;
+        // Closing a connection that has not sent its first request yet could drop one that
+        // is already on the wire: give it a moment.
+        if !state.seen_request.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = state.first_request.notified() => {}
+                _ = sleep_until(accepted + defaults::QUIESCE_FIRST_REQUEST_GRACE) => {}
+            }
+        }
+    };
+    tokio::pin!(quiesce);
+    let mut force = drain.forced();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(error = %e, %peer, "connection ended with an error");
+                }
+                break;
+            }
+            // HTTP/1.1: keep-alive off, idle connections close now; HTTP/2: GOAWAY.
+            _ = &mut quiesce, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = drain::forced(&mut force) => break,
+        }
+    }
+}
