@@ -1,0 +1,244 @@
+//! The drain as users rely on it, shown with the built binaries on real sockets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_second_request_in_flight_at_sigterm_completes_then_exit_0() {
+    let (_demo, app) = start_demo().await;
+    let mut sc = start_sidecar(app, &["--deregister-delay", "1s", "--drain-timeout", "10s"]).await;
+    let listen = sc.listen;
+    let slow = tokio::spawn(async move { get(listen, "/slow?ms=5000").await });
+    tokio::time::sleep(secs(0.5)).await;
+    sc.proc.signal("TERM");
+    tokio::time::sleep(secs(0.2)).await;
+    assert_eq!(get(sc.admin, "/readyz").await.status, 503, "readiness must turn off at once");
+
+    let resp = slow.await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "slept 5000 ms\n");
+    let status = sc.proc.exit_within(secs(3.0)).await;
+    assert!(status.success(), "exit {status}: {}", sc.proc.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_through_deregistration_has_zero_failures_and_prestop_waits_for_the_last() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(
+        app,
+        &["--deregister-delay", "3s", "--drain-timeout", "20s", "--prestop-token", TOKEN],
+    )
+    .await;
+    let t0 = Instant::now();
+    // 16 keep-alive connections of 50 ms requests, stopping before deregistration ends.
+    let load = hey(&format!("http://{}/slow?ms=50", sc.listen), 16, secs(3.0));
+    tokio::time::sleep(secs(1.0)).await;
+    let prestop = sc.prestop(Some(TOKEN));
+    let report = load.await.unwrap();
+    let load_done = t0.elapsed();
+    let resp = prestop.await.unwrap();
+    let prestop_done = t0.elapsed();
+
+    assert_eq!(report.failed(), 0, "hey saw failures:\n{}", report.raw);
+    assert!(report.ok() > 200, "too little load to show anything:\n{}", report.raw);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(prestop_done >= load_done, "prestop returned before the last request was answered");
+    let summary: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(summary["forced"], false, "{summary}");
+    assert_eq!(summary["deregistration"], "delay");
+    let after = summary["requests_after_trigger"].as_u64().unwrap();
+    assert!(after > 100, "requests after the trigger must be served, got {after}: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http1_response_during_quiesce_says_connection_close_and_the_connection_closes() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    let mut c = H1::connect(sc.listen).await;
+    let first = c.get("/").await.unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("connection"), None, "keep-alive while serving");
+
+    c.send("/slow?ms=1500", "").await;
+    tokio::time::sleep(secs(0.2)).await;
+    let prestop = sc.prestop(None);
+    let resp = c.read_response().await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    assert!(c.closed_within(secs(1.0)).await, "server kept the connection open");
+    assert_eq!(prestop.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_keepalive_connection_is_closed_at_quiesce() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "500ms"]).await;
+    let mut c = H1::connect(sc.listen).await;
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    let t0 = Instant::now();
+    let prestop = sc.prestop(None);
+    assert!(c.closed_within(secs(3.0)).await, "idle keep-alive connection left open");
+    let waited = t0.elapsed();
+    assert!(waited >= secs(0.45), "closed during deregistration ({waited:?}): stragglers need it");
+    assert_eq!(prestop.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_gets_goaway_and_its_open_stream_finishes() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    let tcp = tokio::net::TcpStream::connect(sc.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/slow?ms=1500", sc.listen)).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    tokio::time::sleep(secs(0.2)).await;
+    let prestop = sc.prestop(None);
+
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(bytes, b"slept 1500 ms\n");
+    // The server said GOAWAY (NO_ERROR) and closed: the client connection ends cleanly.
+    let ended = tokio::time::timeout(secs(3.0), conn).await.expect("h2 connection still open");
+    ended.unwrap().expect("h2 connection must end with GOAWAY, not an error");
+    let err = client.ready().await.err().expect("no new streams after GOAWAY");
+    assert!(err.is_go_away() || err.is_io() || err.to_string().contains("closed"), "{err}");
+    assert_eq!(prestop.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_connections_are_served_all_through_the_drain() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "1s"]).await;
+    let listen = sc.listen;
+    // Keeps quiesce open for a while.
+    let slow = tokio::spawn(async move { get(listen, "/slow?ms=2500").await });
+    tokio::time::sleep(secs(0.2)).await;
+    let prestop = sc.prestop(None);
+    sc.wait_phase("deregistering").await;
+    let r = get(sc.listen, "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "v1\n"));
+    sc.wait_phase("quiescing").await;
+    let mut c = H1::connect(sc.listen).await;
+    let r = c.get("/").await.unwrap();
+    assert_eq!(r.status, 200, "a straggler is served, never refused");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(slow.await.unwrap().status, 200);
+    let summary = prestop.await.unwrap();
+    assert!(summary.body.contains("\"forced\":false"), "{}", summary.body);
+    assert!(sc.metric("graceful_requests_after_trigger_total").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn naive_app_alone_drops_requests_on_sigterm() {
+    // The problem graceful solves: the demo dies with requests in flight.
+    let (mut demo, app) = start_demo().await;
+    let load = hey(&format!("http://{app}/slow?ms=100"), 8, secs(1.5));
+    tokio::time::sleep(secs(0.7)).await;
+    demo.signal("TERM");
+    demo.exit_within(secs(0.5)).await;
+    let report = load.await.unwrap();
+    assert!(report.failed() > 0, "expected failures without the sidecar:\n{}", report.raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn naive_app_behind_sidecar_in_prestop_order_drops_nothing() {
+    let (mut demo, app) = start_demo().await;
+    let mut sc = start_sidecar(app, &["--deregister-delay", "2s", "--prestop-token", TOKEN]).await;
+    let load = hey(&format!("http://{}/slow?ms=100", sc.listen), 8, secs(2.0));
+    tokio::time::sleep(secs(0.7)).await;
+    // The kubelet's order: the app's preStop hook (our /prestop) first ...
+    let resp = sc.prestop(Some(TOKEN)).await.unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let report = load.await.unwrap();
+    // ... then SIGTERM to the app, which dies at once ...
+    demo.signal("TERM");
+    demo.exit_within(secs(0.5)).await;
+    // ... and, the app gone, SIGTERM to the sidecar, which exits 0 promptly.
+    let t = Instant::now();
+    sc.proc.signal("TERM");
+    let status = sc.proc.exit_within(secs(2.0)).await;
+    assert!(status.success(), "exit {status}: {}", sc.proc.stderr());
+    assert!(t.elapsed() < secs(1.0), "slow exit after a completed drain: {:?}", t.elapsed());
+    assert_eq!(report.failed(), 0, "{}", report.raw);
+    assert!(report.ok() > 50, "{}", report.raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_longer_than_the_drain_timeout_is_cut_counted_and_reported() {
+    let (_demo, app) = start_demo().await;
+    let mut sc = start_sidecar(app, &["--deregister-delay", "500ms", "--drain-timeout", "2s"]).await;
+    let listen = sc.listen;
+    let slow = tokio::spawn(async move {
+        let mut c = H1::connect(listen).await;
+        c.send("/slow?ms=10000", "").await;
+        c.read_response().await
+    });
+    tokio::time::sleep(secs(0.2)).await;
+    let t0 = Instant::now();
+    let resp = sc.prestop(None).await.unwrap();
+    let took = t0.elapsed();
+    assert!(took >= secs(1.9) && took < secs(4.0), "drain took {took:?}, deadline is 2s");
+    let summary: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(summary["forced"], true, "{summary}");
+    assert_eq!(summary["requests_cut"], 1, "{summary}");
+    assert_eq!(summary["connections_cut"], 1, "{summary}");
+    assert!(slow.await.unwrap().is_err(), "the cut request cannot have a response");
+    assert_eq!(sc.metric("graceful_requests_force_closed_total").await, 1.0);
+    assert_eq!(sc.metric("graceful_connections_force_closed_total").await, 1.0);
+
+    sc.proc.signal("TERM");
+    let status = sc.proc.exit_within(secs(2.0)).await;
+    assert!(!status.success(), "a forced drain must not exit 0");
+    let log = sc.proc.stderr();
+    assert!(log.contains("drain forced: cut 1 requests and 1 connections"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_sigterm_forces_the_close_at_once() {
+    let (_demo, app) = start_demo().await;
+    let mut sc = start_sidecar(app, &["--deregister-delay", "300ms", "--drain-timeout", "30s"]).await;
+    let listen = sc.listen;
+    let slow = tokio::spawn(async move {
+        let mut c = H1::connect(listen).await;
+        c.send("/slow?ms=20000", "").await;
+        c.read_response().await
+    });
+    tokio::time::sleep(secs(0.2)).await;
+    sc.proc.signal("TERM");
+    sc.wait_phase("quiescing").await;
+    let t = Instant::now();
+    sc.proc.signal("TERM");
+    let status = sc.proc.exit_within(secs(3.0)).await;
+    assert!(t.elapsed() < secs(2.0), "second SIGTERM took {:?}", t.elapsed());
+    assert!(!status.success());
+    assert!(slow.await.unwrap().is_err());
+    assert!(sc.proc.stderr().contains("cut 1 requests"), "{}", sc.proc.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prestop_needs_the_token_when_one_is_set() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "100ms", "--prestop-token", TOKEN]).await;
+    assert_eq!(get(sc.admin, "/prestop").await.status, 401);
+    assert_eq!(get_with(sc.admin, "/prestop", "Authorization: Bearer nope\r\n").await.status, 401);
+    assert_eq!(get(sc.admin, "/readyz").await.status, 200, "a refused /prestop must not drain");
+    let ok = sc.prestop(Some(TOKEN)).await.unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(get(sc.admin, "/readyz").await.status, 503);
+    // Joining a finished drain answers the same summary at once.
+    assert_eq!(sc.prestop(Some(TOKEN)).await.unwrap().body, ok.body);
+}
