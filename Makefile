@@ -36,6 +36,7 @@ unit:
 	cargo test --locked --workspace
 
 crds:
+	mkdir -p crds charts/graceful/crds
 	cargo run --locked -q -p graceful-operator --bin crdgen > crds/gracefulrollouts.yaml
 	cp crds/gracefulrollouts.yaml charts/graceful/crds/gracefulrollouts.yaml
 

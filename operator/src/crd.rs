@@ -1,0 +1,279 @@
+//! The `GracefulRollout` custom resource (`graceful.dev/v1alpha1`): what users apply, and the
+//! status the controller reports. `crds/` is generated from these types by the `crdgen` binary.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Rolls out a Deployment's pods in an order that never leaves traffic without a serving pod and
+/// never removes a pod before it has drained.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "graceful.dev",
+    version = "v1alpha1",
+    kind = "GracefulRollout",
+    plural = "gracefulrollouts",
+    shortname = "grro",
+    namespaced,
+    status = "GracefulRolloutStatus",
+    doc = "Sequences a Deployment's rollouts so that no request is dropped",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Updated", type_ = "string", json_path = ".status.progress"),
+    printcolumn(
+        name = "Step",
+        type_ = "string",
+        json_path = ".status.currentStep",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Last-Rollout",
+        type_ = "string",
+        json_path = ".status.lastRollout.summary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GracefulRolloutSpec {
+    /// The Deployment (same namespace) whose rollouts this object sequences.
+    pub target_ref: TargetRef,
+    /// How pods are replaced.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Stop at the next step; the rollout resumes where it stopped when set back to false.
+    #[serde(default)]
+    pub paused: bool,
+    /// Roll the current rollout back to the last stable pods and do not retry this revision.
+    #[serde(default)]
+    pub abort: bool,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.apiVersion == 'apps/v1' && self.kind == 'Deployment'")
+    .message("targetRef must name a Deployment (apiVersion apps/v1, kind Deployment)"))]
+pub struct TargetRef {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub kind: String,
+    #[x_kube(validation = Rule::new("self != ''").message("targetRef.name must not be empty"))]
+    pub name: String,
+}
+
+fn default_api_version() -> String {
+    "apps/v1".into()
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Strategy {
+    /// Extra pods allowed above the Deployment's replicas during a rollout: a count (at least 1)
+    /// or a percentage of replicas (rounded up, at least 1%).
+    #[serde(default = "default_max_surge")]
+    #[x_kube(validation = Rule::new(
+        "type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*%$')"
+    ).message("maxSurge must be a count of at least 1 or a percentage such as '25%'"))]
+    pub max_surge: IntOrString,
+    /// How long a new pod must have been serving (ready and listed ready in the EndpointSlices)
+    /// before an old pod is taken out of traffic.
+    #[serde(default = "default_min_serving_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0").message("minServingSeconds must not be negative"))]
+    pub min_serving_seconds: i32,
+    /// How long an old pod may take to drain before the rollout reports it and moves on.
+    #[serde(default = "default_drain_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("drainTimeoutSeconds must be at least 1"))]
+    pub drain_timeout_seconds: i32,
+    /// How long a step may wait for new pods to serve before the rollout counts as failed.
+    #[serde(default = "default_progress_deadline_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("progressDeadlineSeconds must be at least 1"))]
+    pub progress_deadline_seconds: i32,
+    /// Roll back to the last stable pods when the progress deadline passes.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+}
+
+fn default_max_surge() -> IntOrString {
+    IntOrString::Int(1)
+}
+fn default_min_serving_seconds() -> i32 {
+    5
+}
+fn default_drain_timeout_seconds() -> i32 {
+    60
+}
+fn default_progress_deadline_seconds() -> i32 {
+    300
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Self {
+            max_surge: default_max_surge(),
+            min_serving_seconds: default_min_serving_seconds(),
+            drain_timeout_seconds: default_drain_timeout_seconds(),
+            progress_deadline_seconds: default_progress_deadline_seconds(),
+            auto_rollback: true,
+        }
+    }
+}
+
+impl Strategy {
+    /// maxSurge resolved against the replica count: at least 1, percentages rounded up.
+    pub fn surge_for(&self, replicas: i32) -> i32 {
+        let surge = match &self.max_surge {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(s) => {
+                let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(25);
+                ((i64::from(replicas) * pct + 99) / 100) as i32
+            }
+        };
+        surge.max(1)
+    }
+}
+
+/// Where a GracefulRollout stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum Phase {
+    /// Taking over the Deployment (first reconcile).
+    #[default]
+    Initializing,
+    /// Every pod runs the Deployment's template; nothing to do.
+    Healthy,
+    /// Replacing pods, step by step.
+    Progressing,
+    /// `spec.paused` holds the rollout at a step boundary.
+    Paused,
+    /// Returning to the last stable pods after a failed or aborted rollout.
+    RollingBack,
+    /// The last rollout failed and was rolled back; the Deployment's template is not running.
+    Degraded,
+    /// The target Deployment does not exist.
+    Missing,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GracefulRolloutStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: Phase,
+    /// Template hash of the pods that serve when no rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    /// Template hash of the Deployment's current pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_revision: Option<String>,
+    /// A revision that failed or was aborted: not retried until the template changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods of the updated revision.
+    #[serde(default)]
+    pub updated: i32,
+    /// Ready pods (old and new) not terminating.
+    #[serde(default)]
+    pub serving: i32,
+    /// Pods terminating (draining).
+    #[serde(default)]
+    pub draining: i32,
+    /// "updated/replicas", for `kubectl get grro`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// What the controller is doing or waiting for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_at: Option<Time>,
+    /// Last time the number of serving updated pods grew (the progress deadline counts from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollout: Option<RolloutRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Figures of the last finished rollout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRecord {
+    pub revision: String,
+    pub started_at: Time,
+    pub finished_at: Time,
+    /// Succeeded, RolledBack or Aborted.
+    pub outcome: String,
+    pub pods_replaced: i32,
+    pub longest_drain_seconds: i64,
+    /// Connections the old pods' sidecars had to force-close (from their termination messages).
+    pub connections_force_closed: i64,
+    /// One line for `kubectl get grro`.
+    pub summary: String,
+}
+
+/// `conditions` as a list-map keyed by type, so server-side apply merges entries by type.
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn surge_resolves_counts_and_percentages() {
+        let mut s = Strategy::default();
+        assert_eq!(s.surge_for(3), 1);
+        s.max_surge = IntOrString::String("50%".into());
+        assert_eq!(s.surge_for(3), 2);
+        s.max_surge = IntOrString::String("1%".into());
+        assert_eq!(s.surge_for(3), 1);
+        s.max_surge = IntOrString::Int(4);
+        assert_eq!(s.surge_for(3), 4);
+    }
+
+    #[test]
+    fn crd_carries_validation_rules_printer_columns_and_list_map_conditions() {
+        let crd = serde_json::to_string(&GracefulRollout::crd()).unwrap();
+        for needle in [
+            "x-kubernetes-validations",
+            "maxSurge must be a count of at least 1",
+            "minServingSeconds must not be negative",
+            "targetRef must name a Deployment",
+            r#""x-kubernetes-list-type":"map""#,
+            r#""shortNames":["grro"]"#,
+            r#""name":"Phase""#,
+        ] {
+            assert!(crd.contains(needle), "CRD lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: GracefulRolloutSpec = serde_json::from_value(serde_json::json!({
+            "targetRef": {"kind": "Deployment", "name": "web"}
+        }))
+        .unwrap();
+        assert_eq!(spec.target_ref.api_version, "apps/v1");
+        assert_eq!(spec.strategy, Strategy::default());
+        assert!(!spec.paused);
+    }
+}

@@ -1,0 +1,343 @@
+//! Test fixtures: builders for Deployments, ReplicaSets and pods, and a fake API server that
+//! serves them from memory and records every write, so reconcile tests can assert what the
+//! controller did without a cluster.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use crate::revision::POD_TEMPLATE_HASH;
+
+pub const NS: &str = "shop";
+
+/// A write the controller made: method, path, body.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub method: Method,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State {
+    /// collection path -> name -> object
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    writes: Vec<Write>,
+    next_uid: u64,
+}
+
+/// An in-memory API server for one namespace.
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+fn collection(api_version: &str, plural: &str) -> String {
+    let prefix = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    format!("{prefix}/namespaces/{NS}/{plural}")
+}
+
+fn plural_of(kind: &str) -> &'static str {
+    match kind {
+        "Deployment" => "deployments",
+        "ReplicaSet" => "replicasets",
+        "Pod" => "pods",
+        "EndpointSlice" => "endpointslices",
+        "GracefulRollout" => "gracefulrollouts",
+        other => panic!("fixture does not know kind {other}"),
+    }
+}
+
+impl FakeApi {
+    pub fn client(&self) -> Client {
+        let me = self.clone();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req).await) }
+        });
+        Client::new(svc, NS)
+    }
+
+    pub fn put(&self, obj: Value) -> &Self {
+        let kind = obj["kind"].as_str().expect("kind").to_string();
+        let path = collection(
+            obj["apiVersion"].as_str().expect("apiVersion"),
+            plural_of(&kind),
+        );
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .entry(path)
+            .or_default()
+            .insert(name, obj);
+        self
+    }
+
+    pub fn get(&self, api_version: &str, kind: &str, name: &str) -> Option<Value> {
+        let path = collection(api_version, plural_of(kind));
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .get(&path)
+            .and_then(|m| m.get(name))
+            .cloned()
+    }
+
+    /// Writes other than events, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .filter(|w| !w.path.contains("/events"))
+            .cloned()
+            .collect()
+    }
+
+    pub fn writes_to(&self, fragment: &str) -> Vec<Write> {
+        self.writes()
+            .into_iter()
+            .filter(|w| w.path.contains(fragment))
+            .collect()
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let path = parts.uri.path().to_string();
+        let mut st = self.state.lock().unwrap();
+        if parts.method != Method::GET {
+            st.writes.push(Write {
+                method: parts.method.clone(),
+                path: path.clone(),
+                body: body.clone(),
+            });
+        }
+        // Split ".../{plural}[/{name}[/status]]".
+        let (coll, name) = match st
+            .objects
+            .keys()
+            .find(|c| path == **c || path.starts_with(&format!("{c}/")))
+        {
+            Some(c) => {
+                let rest = path[c.len()..].trim_start_matches('/');
+                (
+                    c.clone(),
+                    rest.split('/')
+                        .next()
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                )
+            }
+            None if path.contains("/events") => return respond(StatusCode::CREATED, body),
+            None => {
+                // An empty collection we were never given: lists are empty, gets are 404.
+                let known = ["deployments", "replicasets", "pods", "endpointslices"];
+                return if parts.method == Method::GET && known.iter().any(|p| path.ends_with(p)) {
+                    respond(
+                        StatusCode::OK,
+                        json!({"kind": "List", "apiVersion": "v1", "metadata": {}, "items": []}),
+                    )
+                } else if parts.method == Method::POST {
+                    let obj = st.create(&path, body);
+                    respond(StatusCode::CREATED, obj)
+                } else {
+                    not_found()
+                };
+            }
+        };
+        match (parts.method.clone(), name) {
+            (Method::GET, None) => {
+                let items: Vec<Value> = st.objects[&coll].values().cloned().collect();
+                respond(
+                    StatusCode::OK,
+                    json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+                )
+            }
+            (Method::GET, Some(n)) => match st.objects[&coll].get(&n) {
+                Some(o) => respond(StatusCode::OK, o.clone()),
+                None => not_found(),
+            },
+            (Method::POST, _) => {
+                let obj = st.create(&coll, body);
+                respond(StatusCode::CREATED, obj)
+            }
+            (Method::PATCH, Some(n)) => {
+                let Some(obj) = st.objects.get_mut(&coll).and_then(|m| m.get_mut(&n)) else {
+                    return not_found();
+                };
+                let ct = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if ct.contains("json-patch") {
+                    let patch: json_patch::Patch =
+                        serde_json::from_value(body).expect("a JSON patch");
+                    json_patch::patch(obj, &patch).expect("patch applies");
+                } else {
+                    // Merge and apply patches both merge here; enough for these tests.
+                    json_patch::merge(obj, &body);
+                }
+                respond(StatusCode::OK, obj.clone())
+            }
+            (Method::PUT, Some(n)) => {
+                st.objects.get_mut(&coll).unwrap().insert(n, body.clone());
+                respond(StatusCode::OK, body)
+            }
+            (Method::DELETE, Some(n)) => {
+                let gone = st.objects.get_mut(&coll).unwrap().remove(&n);
+                gone.map(|o| respond(StatusCode::OK, o))
+                    .unwrap_or_else(not_found)
+            }
+            _ => not_found(),
+        }
+    }
+}
+
+impl State {
+    fn create(&mut self, coll: &str, mut obj: Value) -> Value {
+        self.next_uid += 1;
+        obj["metadata"]["uid"] = json!(format!("uid-created-{}", self.next_uid));
+        obj["metadata"]["resourceVersion"] = json!("1");
+        obj["metadata"]["creationTimestamp"] = json!(Timestamp::now().to_string());
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or("unnamed")
+            .to_string();
+        self.objects
+            .entry(coll.to_string())
+            .or_default()
+            .insert(name, obj.clone());
+        obj
+    }
+}
+
+fn respond(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn not_found() -> Response<Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+/// Seconds before now, as an RFC 3339 string.
+pub fn ago(secs: i64) -> String {
+    Timestamp::now()
+        .checked_sub(jiff_secs(secs))
+        .unwrap()
+        .to_string()
+}
+
+fn jiff_secs(secs: i64) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::from_secs(secs)
+}
+
+pub fn template(version: &str) -> Value {
+    json!({
+        "metadata": {"labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "app", "image": "localhost/graceful-demo:dev", "env": [{"name": "DEMO_VERSION", "value": version}]}]}
+    })
+}
+
+pub fn deployment(version: &str, replicas: i32, managed: bool) -> Value {
+    let mut d = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": NS, "uid": "uid-deploy", "resourceVersion": "7", "annotations": {}},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}, "template": template(version)}
+    });
+    if managed {
+        d["metadata"]["annotations"] =
+            json!({crate::takeover::MANAGED_BY: "web", crate::takeover::PAUSED_BEFORE: "false"});
+        d["spec"]["paused"] = json!(true);
+    }
+    d
+}
+
+pub fn gr_owner() -> Value {
+    json!({"apiVersion": "graceful.dev/v1alpha1", "kind": "GracefulRollout", "name": "web", "uid": "uid-gr", "controller": true, "blockOwnerDeletion": false})
+}
+
+pub fn deploy_owner(controller: bool) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "uid-deploy", "controller": controller, "blockOwnerDeletion": true})
+}
+
+/// A ReplicaSet of `version` with `replicas`, controlled by the rollout or the Deployment.
+pub fn replica_set(version: &str, hash: &str, replicas: i32, by_rollout: bool, age: i64) -> Value {
+    let mut t = template(version);
+    t["metadata"]["labels"][POD_TEMPLATE_HASH] = json!(hash);
+    let owners = if by_rollout {
+        json!([gr_owner(), deploy_owner(false)])
+    } else {
+        json!([deploy_owner(true)])
+    };
+    json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": format!("web-{hash}"), "namespace": NS, "uid": format!("uid-rs-{hash}"), "resourceVersion": "3",
+            "creationTimestamp": ago(age), "labels": {"app": "web", POD_TEMPLATE_HASH: hash}, "ownerReferences": owners},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web", POD_TEMPLATE_HASH: hash}}, "template": t}
+    })
+}
+
+/// A pod of ReplicaSet `web-{hash}`; `ready_for` seconds of readiness, or not ready.
+pub fn pod(name: &str, hash: &str, ready_for: Option<i64>) -> Value {
+    let conditions = match ready_for {
+        Some(s) => json!([{"type": "Ready", "status": "True", "lastTransitionTime": ago(s)}]),
+        None => json!([{"type": "Ready", "status": "False", "lastTransitionTime": ago(1)}]),
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "labels": {"app": "web", POD_TEMPLATE_HASH: hash},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("web-{hash}"), "uid": format!("uid-rs-{hash}"), "controller": true}]},
+        "spec": {"containers": [{"name": "app", "image": "x"}]},
+        "status": {"conditions": conditions}
+    })
+}
+
+/// One EndpointSlice listing these pods with their readiness.
+pub fn slice(pods: &[(&str, bool)]) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ready))| json!({"addresses": [format!("10.244.0.{}", i + 10)], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": name, "namespace": NS}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-abcde", "namespace": NS}, "addressType": "IPv4", "endpoints": endpoints})
+}
+
+pub fn rollout(spec_extra: Value, status: Value) -> Value {
+    let mut spec = json!({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}, "strategy": {"minServingSeconds": 10, "progressDeadlineSeconds": 60}});
+    json_patch::merge(&mut spec, &spec_extra);
+    json!({
+        "apiVersion": "graceful.dev/v1alpha1", "kind": "GracefulRollout",
+        "metadata": {"name": "web", "namespace": NS, "uid": "uid-gr", "generation": 1, "resourceVersion": "5", "finalizers": [crate::rollout::FINALIZER]},
+        "spec": spec,
+        "status": status
+    })
+}

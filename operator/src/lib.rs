@@ -1,0 +1,16 @@
+//! graceful-operator: the GracefulRollout controller and the sidecar-injection webhook.
+
+pub mod certs;
+pub mod crd;
+pub mod error;
+#[cfg(test)]
+mod fixtures;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod revision;
+pub mod rollout;
+pub mod takeover;
+pub mod webhook;
+
+pub use error::{Error, Result};
