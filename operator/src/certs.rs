@@ -1,0 +1,277 @@
+//! Webhook TLS. By default the operator is its own CA (as linkerd does): it generates a CA and a
+//! serving certificate for the webhook Service, keeps them in a Secret that every replica shares,
+//! and writes the CA into the MutatingWebhookConfiguration's caBundle. With cert-manager, the
+//! Secret is cert-manager's and the operator only reads it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tracing::info;
+
+/// Secret keys, as cert-manager writes them too.
+pub const CA_CRT: &str = "ca.crt";
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+/// On a self-generated Secret: the DNS names the serving certificate was made for, so a
+/// renamed Service gets a new one.
+const DNS_ANNOTATION: &str = "graceful.dev/webhook-dns-names";
+/// Years a generated certificate is valid; a new one is made when the Secret is deleted.
+const VALID_YEARS: i32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("generating the webhook certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("secret {0} lacks {1}")]
+    Incomplete(String, &'static str),
+    #[error("webhook TLS material: {0}")]
+    Tls(String),
+}
+
+/// PEM text of the CA and the serving pair.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The names the API server may use to reach `service` in `namespace`.
+pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
+}
+
+/// A fresh CA and a serving certificate it signed for `dns_names`.
+pub fn generate(dns_names: &[String]) -> Result<TlsMaterial, Error> {
+    let year = this_year();
+    let validity = |params: &mut CertificateParams| {
+        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
+    };
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "graceful webhook CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut serving = CertificateParams::new(dns_names.to_vec())?;
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, dns_names[0].as_str());
+    serving.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    serving.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut serving);
+    let cert = serving.signed_by(&key, &issuer)?;
+    Ok(TlsMaterial {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// The current year, give or take a day at New Year: validity starts a year back anyway.
+fn this_year() -> i32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    1970 + (secs / 31_556_952) as i32
+}
+
+/// rustls configuration serving `material` (HTTP/1.1 only: what the API server speaks to webhooks
+/// by default).
+pub fn server_config(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let bad = |e: &dyn std::fmt::Display| Error::Tls(e.to_string());
+    let chain = CertificateDer::pem_slice_iter(material.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(&e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The shared Secret's material; created when missing or made for other names. Two replicas
+/// racing to create it both end up with the winner's.
+pub async fn ensure_generated(
+    secrets: &Api<Secret>,
+    name: &str,
+    dns_names: &[String],
+) -> Result<TlsMaterial, Error> {
+    let wanted = dns_names.join(",");
+    if let Some(secret) = secrets.get_opt(name).await? {
+        let made_for = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DNS_ANNOTATION));
+        if made_for == Some(&wanted)
+            && let Ok(material) = from_secret(&secret, name)
+        {
+            return Ok(material);
+        }
+        info!(
+            secret = name,
+            "webhook certificate made for other names; replacing it"
+        );
+        let material = generate(dns_names)?;
+        let mut replacement = to_secret(name, &wanted, &material);
+        replacement.metadata.resource_version = secret.metadata.resource_version.clone();
+        secrets
+            .replace(name, &PostParams::default(), &replacement)
+            .await?;
+        return Ok(material);
+    }
+    let material = generate(dns_names)?;
+    match secrets
+        .create(&PostParams::default(), &to_secret(name, &wanted, &material))
+        .await
+    {
+        Ok(_) => {
+            info!(
+                secret = name,
+                "generated the webhook CA and serving certificate"
+            );
+            Ok(material)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => from_secret(&secrets.get(name).await?, name),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Material from a Secret someone else manages (cert-manager).
+pub async fn read_external(secrets: &Api<Secret>, name: &str) -> Result<TlsMaterial, Error> {
+    from_secret(&secrets.get(name).await?, name)
+}
+
+/// Writes `ca_pem` into every webhook of the configuration; no write when already there.
+pub async fn patch_ca_bundle(
+    configs: &Api<MutatingWebhookConfiguration>,
+    name: &str,
+    ca_pem: &str,
+) -> Result<bool, Error> {
+    let mut config = configs.get(name).await?;
+    let bundle = ByteString(ca_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for webhook in config.webhooks.iter_mut().flatten() {
+        if webhook.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            webhook.client_config.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        // Replace with the resourceVersion we read: a concurrent writer makes this fail and the
+        // caller retries, rather than one of us silently losing.
+        configs
+            .replace(name, &PostParams::default(), &config)
+            .await?;
+        info!(config = name, "caBundle updated");
+    }
+    Ok(changed)
+}
+
+fn to_secret(name: &str, dns: &str, m: &TlsMaterial) -> Secret {
+    let data = BTreeMap::from([
+        (CA_CRT.to_owned(), ByteString(m.ca_pem.clone().into_bytes())),
+        (
+            TLS_CRT.to_owned(),
+            ByteString(m.cert_pem.clone().into_bytes()),
+        ),
+        (
+            TLS_KEY.to_owned(),
+            ByteString(m.key_pem.clone().into_bytes()),
+        ),
+    ]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            annotations: Some(BTreeMap::from([(
+                DNS_ANNOTATION.to_owned(),
+                dns.to_owned(),
+            )])),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "graceful-operator".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn from_secret(secret: &Secret, name: &str) -> Result<TlsMaterial, Error> {
+    let data = secret.data.as_ref();
+    let field = |key: &'static str| {
+        data.and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::Incomplete(name.to_owned(), key))
+    };
+    Ok(TlsMaterial {
+        ca_pem: field(CA_CRT)?,
+        cert_pem: field(TLS_CRT)?,
+        key_pem: field(TLS_KEY)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_material_loads_into_rustls() {
+        let names = dns_names("graceful-webhook", "graceful-system");
+        let m = generate(&names).unwrap();
+        assert!(m.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_ne!(m.ca_pem, m.cert_pem);
+        server_config(&m).unwrap();
+        let again = from_secret(&to_secret("s", "x", &m), "s").unwrap();
+        assert!(again == m);
+    }
+
+    #[test]
+    fn an_incomplete_secret_names_the_missing_key() {
+        let m = generate(&dns_names("a", "b")).unwrap();
+        let mut s = to_secret("s", "x", &m);
+        s.data.as_mut().unwrap().remove(TLS_KEY);
+        assert!(matches!(
+            from_secret(&s, "s"),
+            Err(Error::Incomplete(_, TLS_KEY))
+        ));
+    }
+}

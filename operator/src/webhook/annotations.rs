@@ -1,0 +1,258 @@
+//! Every annotation the injector reads or writes, and the per-workload drain settings parsed from
+//! them. Values come from the owning Deployment, overridden by the pod (template) itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use graceful_sidecar::defaults;
+
+/// `"true"` on a Deployment or its pod template: inject the sidecar.
+pub const INJECT: &str = "graceful.dev/inject";
+/// Wait after readiness turns off when the pod may not read EndpointSlices (e.g. `5s`).
+pub const DEREGISTER_DELAY: &str = "graceful.dev/deregister-delay";
+/// From the drain trigger to the forced close of what is still open (e.g. `30s`).
+pub const DRAIN_TIMEOUT: &str = "graceful.dev/drain-timeout";
+/// The app's port the sidecar takes over: a port name of the app container, or a number.
+pub const APP_PORT: &str = "graceful.dev/app-port";
+/// The container the sidecar fronts, when the pod has more than one.
+pub const APP_CONTAINER: &str = "graceful.dev/app-container";
+/// `raise` (default): a too-short terminationGracePeriodSeconds is raised; `reject`: the pod is
+/// refused instead, so the grace period stays whatever the user wrote.
+pub const GRACE_PERIOD: &str = "graceful.dev/grace-period";
+/// Written by the injector on every pod it changed: the sidecar image it injected.
+pub const INJECTED: &str = "graceful.dev/injected";
+/// Kubernetes' own convention for "the main container" (read only).
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
+/// Longest accepted drain timing: beyond this a pod would linger for ages on every rollout.
+const MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// A bad annotation value; the message names the annotation, as the user must fix it there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {key}: {reason} (value {value:?})")]
+pub struct BadAnnotation {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl BadAnnotation {
+    fn new(key: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        Self {
+            key,
+            value: value.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A port of the app container, by name (the one Services target) or by number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    Name(String),
+    Number(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GracePolicy {
+    Raise,
+    Reject,
+}
+
+/// What one workload asked for, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub deregister_delay: Duration,
+    pub drain_timeout: Duration,
+    pub app_port: Option<PortRef>,
+    pub app_container: Option<String>,
+    pub grace_policy: GracePolicy,
+}
+
+/// Annotations of the owning Deployment overlaid with the pod's own (the pod wins).
+pub fn merged(
+    owner: &BTreeMap<String, String>,
+    pod: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut all = owner.clone();
+    all.extend(pod.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all
+}
+
+/// Whether injection is asked for. Only `"true"` and `"false"` are values; anything else is a
+/// typo the user should hear about rather than a silent no.
+pub fn wants_injection(annotations: &BTreeMap<String, String>) -> Result<bool, BadAnnotation> {
+    match annotations.get(INJECT).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(BadAnnotation::new(
+            INJECT,
+            other,
+            "must be \"true\" or \"false\"",
+        )),
+    }
+}
+
+impl Settings {
+    pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, BadAnnotation> {
+        let get = |key: &str| annotations.get(key).map(|v| v.trim());
+        let deregister_delay = match get(DEREGISTER_DELAY) {
+            Some(v) => duration(DEREGISTER_DELAY, v)?,
+            None => defaults::DEREGISTER_DELAY,
+        };
+        let drain_timeout = match get(DRAIN_TIMEOUT) {
+            Some(v) => duration(DRAIN_TIMEOUT, v)?,
+            None => defaults::DRAIN_TIMEOUT,
+        };
+        if drain_timeout.is_zero() {
+            return Err(BadAnnotation::new(
+                DRAIN_TIMEOUT,
+                "0",
+                "must be more than zero",
+            ));
+        }
+        let app_port = get(APP_PORT).map(port_ref).transpose()?;
+        let app_container = match get(APP_CONTAINER) {
+            Some("") => {
+                return Err(BadAnnotation::new(
+                    APP_CONTAINER,
+                    "",
+                    "must name a container",
+                ));
+            }
+            Some(v) => Some(v.to_owned()),
+            None => None,
+        };
+        let grace_policy = match get(GRACE_PERIOD) {
+            None | Some("raise") => GracePolicy::Raise,
+            Some("reject") => GracePolicy::Reject,
+            Some(other) => {
+                return Err(BadAnnotation::new(
+                    GRACE_PERIOD,
+                    other,
+                    "must be \"raise\" or \"reject\"",
+                ));
+            }
+        };
+        Ok(Self {
+            deregister_delay,
+            drain_timeout,
+            app_port,
+            app_container,
+            grace_policy,
+        })
+    }
+}
+
+fn duration(key: &'static str, value: &str) -> Result<Duration, BadAnnotation> {
+    let d = humantime::parse_duration(value).map_err(|e| {
+        BadAnnotation::new(key, value, format!("not a duration like 5s or 1500ms: {e}"))
+    })?;
+    if d > MAX_DURATION {
+        return Err(BadAnnotation::new(key, value, "must be at most 1h"));
+    }
+    Ok(d)
+}
+
+fn port_ref(value: &str) -> Result<PortRef, BadAnnotation> {
+    if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
+        return match value.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(PortRef::Number(n)),
+            _ => Err(BadAnnotation::new(
+                APP_PORT,
+                value,
+                "port number must be 1-65535",
+            )),
+        };
+    }
+    if is_port_name(value) {
+        Ok(PortRef::Name(value.to_owned()))
+    } else {
+        Err(BadAnnotation::new(
+            APP_PORT,
+            value,
+            "must be a port number or a port name (IANA_SVC_NAME: 1-15 lowercase letters, digits, '-')",
+        ))
+    }
+}
+
+/// Kubernetes' IANA_SVC_NAME rule for container port names.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_come_from_the_sidecar() {
+        let s = Settings::from_annotations(&ann(&[(INJECT, "true")])).unwrap();
+        assert_eq!(s.deregister_delay, defaults::DEREGISTER_DELAY);
+        assert_eq!(s.drain_timeout, defaults::DRAIN_TIMEOUT);
+        assert_eq!(s.grace_policy, GracePolicy::Raise);
+        assert_eq!(s.app_port, None);
+    }
+
+    #[test]
+    fn pod_annotations_override_the_deployment() {
+        let all = merged(
+            &ann(&[(INJECT, "true"), (DRAIN_TIMEOUT, "10s")]),
+            &ann(&[(DRAIN_TIMEOUT, "1500ms")]),
+        );
+        let s = Settings::from_annotations(&all).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_millis(1500));
+        assert!(wants_injection(&all).unwrap());
+        let off = merged(&ann(&[(INJECT, "true")]), &ann(&[(INJECT, "false")]));
+        assert!(!wants_injection(&off).unwrap());
+    }
+
+    #[test]
+    fn bad_values_name_their_annotation() {
+        for (key, value) in [
+            (DRAIN_TIMEOUT, "soon"),
+            (DRAIN_TIMEOUT, "0s"),
+            (DEREGISTER_DELAY, "2h"),
+            (APP_PORT, "70000"),
+            (APP_PORT, "Not_A_Name"),
+            (GRACE_PERIOD, "maybe"),
+            (APP_CONTAINER, ""),
+        ] {
+            let err = Settings::from_annotations(&ann(&[(key, value)])).unwrap_err();
+            assert_eq!(err.key, key, "{value}");
+            assert!(
+                err.to_string().starts_with(&format!("annotation {key}:")),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            wants_injection(&ann(&[(INJECT, "yes")])).unwrap_err().key,
+            INJECT
+        );
+    }
+
+    #[test]
+    fn port_names_follow_kubernetes_rules() {
+        assert!(is_port_name("http"));
+        assert!(is_port_name("http-2"));
+        assert!(!is_port_name("8080"));
+        assert!(!is_port_name("a-very-long-port-name"));
+        assert!(!is_port_name("a--b"));
+        assert_eq!(port_ref("8080").unwrap(), PortRef::Number(8080));
+        assert_eq!(port_ref("web").unwrap(), PortRef::Name("web".into()));
+    }
+}

@@ -1,0 +1,341 @@
+//! The HTTPS server the API server calls: `POST /mutate` (AdmissionReview) and `GET /readyz`.
+//! TLS only, on its own port. The certificate is reloaded from its Secret every minute, which
+//! also puts the caBundle back if someone reset it.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Client;
+use kube::api::{Api, ListParams};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+use super::admission::{self, Lookup, Policy};
+use super::annotations;
+use super::endpoint_reader::EndpointReader;
+use super::inject::SidecarImage;
+use super::{CertSource, Error, WebhookArgs};
+use crate::certs::{self, TlsMaterial};
+
+pub const MUTATE_PATH: &str = "/mutate";
+const READYZ_PATH: &str = "/readyz";
+/// AdmissionReviews of big pods stay far below this.
+const MAX_BODY: usize = 4 << 20;
+/// Lookups must end well inside the API server's webhook timeout.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CERT_REFRESH: Duration = Duration::from_secs(60);
+const CERT_RETRY: Duration = Duration::from_secs(2);
+
+struct State {
+    client: Client,
+    policy: Policy,
+    reader: Option<EndpointReader>,
+}
+
+/// Serves the webhook until `shutdown` resolves, then finishes the reviews in flight.
+pub async fn serve(
+    client: Client,
+    args: WebhookArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let material = loop {
+        match load_tls(&client, &args).await {
+            Ok(m) => break m,
+            Err(e) => {
+                warn!(error = %e, "webhook certificate not ready; retrying");
+                tokio::time::sleep(CERT_RETRY).await;
+            }
+        }
+    };
+    let (tls_tx, tls_rx) = watch::channel(certs::server_config(&material)?);
+    tokio::spawn(refresh_tls(client.clone(), args.clone(), material, tls_tx));
+
+    let reader = if args.grant_endpointslice_read {
+        Some(EndpointReader::new(
+            client.clone(),
+            config_owner(&client, &args.webhook_config).await,
+        ))
+    } else {
+        None
+    };
+    let state = Arc::new(State {
+        client,
+        policy: Policy {
+            sidecar: SidecarImage {
+                image: args.sidecar_image.clone(),
+                pull_policy: args.sidecar_image_pull_policy.clone(),
+            },
+            excluded_namespaces: vec![args.operator_namespace.clone()],
+        },
+        reader,
+    });
+
+    let listener = TcpListener::bind(args.webhook_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: args.webhook_addr,
+            source,
+        })?;
+    info!(addr = %args.webhook_addr, "injection webhook serving");
+    let graceful = GracefulShutdown::new();
+    let http = hyper::server::conn::http1::Builder::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = TlsAcceptor::from(tls_rx.borrow().clone());
+        let state = state.clone();
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+            };
+            let service = service_fn(move |req| handle(req, state.clone()));
+            let conn = http.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    info!("injection webhook draining");
+    graceful.shutdown().await;
+    Ok(())
+}
+
+async fn load_tls(client: &Client, args: &WebhookArgs) -> Result<TlsMaterial, certs::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.operator_namespace);
+    match args.webhook_cert_source {
+        CertSource::External => certs::read_external(&secrets, &args.webhook_secret).await,
+        CertSource::Generate => {
+            let names = certs::dns_names(&args.webhook_service, &args.operator_namespace);
+            let material = certs::ensure_generated(&secrets, &args.webhook_secret, &names).await?;
+            let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+            certs::patch_ca_bundle(&configs, &args.webhook_config, &material.ca_pem).await?;
+            Ok(material)
+        }
+    }
+}
+
+async fn refresh_tls(
+    client: Client,
+    args: WebhookArgs,
+    mut current: TlsMaterial,
+    tx: watch::Sender<Arc<rustls::ServerConfig>>,
+) {
+    loop {
+        tokio::time::sleep(CERT_REFRESH).await;
+        match load_tls(&client, &args).await {
+            Ok(m) if m == current => {}
+            Ok(m) => match certs::server_config(&m) {
+                Ok(config) => {
+                    info!("webhook certificate changed; serving the new one");
+                    tx.send_replace(config);
+                    current = m;
+                }
+                Err(e) => {
+                    error!(error = %e, "new webhook certificate unusable; keeping the old one")
+                }
+            },
+            Err(e) => warn!(error = %e, "webhook certificate refresh failed"),
+        }
+    }
+}
+
+/// The MutatingWebhookConfiguration as owner of the RBAC the webhook creates.
+async fn config_owner(client: &Client, name: &str) -> Option<OwnerReference> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    match configs.get(name).await {
+        Ok(c) => Some(OwnerReference {
+            api_version: "admissionregistration.k8s.io/v1".to_owned(),
+            kind: "MutatingWebhookConfiguration".to_owned(),
+            name: name.to_owned(),
+            uid: c.metadata.uid.unwrap_or_default(),
+            ..Default::default()
+        }),
+        Err(e) => {
+            warn!(config = name, error = %e, "no owner for EndpointSlice grants; they outlive uninstall");
+            None
+        }
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, READYZ_PATH) => Ok(reply(StatusCode::OK, b"{\"ready\":true}".to_vec())),
+        (&Method::POST, MUTATE_PATH) => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
+            };
+            let response = mutate(&body, &state).await;
+            let review = response.into_review();
+            match serde_json::to_vec(&review) {
+                Ok(json) => Ok(reply(StatusCode::OK, json)),
+                Err(e) => Ok(reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string().into_bytes(),
+                )),
+            }
+        }
+        _ => Ok(reply(StatusCode::NOT_FOUND, b"{}".to_vec())),
+    }
+}
+
+async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")),
+    };
+    let req: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            return AdmissionResponse::invalid(format!("AdmissionReview without request: {e}"));
+        }
+    };
+    if !admission::in_scope(&req, &state.policy) {
+        return AdmissionResponse::from(&req);
+    }
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let lookup = match tokio::time::timeout(
+        LOOKUP_TIMEOUT,
+        look_up(&state.client, &namespace, &req),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(_) => {
+            warn!(
+                namespace,
+                "lookups timed out; deciding on the pod's own annotations"
+            );
+            Lookup::default()
+        }
+    };
+    let mut response = admission::review(&req, &lookup, &state.policy, &prestop_token());
+    if response.allowed
+        && response.patch.is_some()
+        && !req.dry_run
+        && let Some(reader) = &state.reader
+    {
+        let pod = req.object.as_ref().and_then(|p| p.spec.as_ref());
+        let account = pod
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        if let Err(e) = reader.grant(&namespace, &account).await {
+            warn!(namespace, account, error = %e, "EndpointSlice read not granted");
+            response.warnings.get_or_insert_with(Vec::new).push(format!(
+                "graceful: could not let ServiceAccount {account} read EndpointSlices ({e}); the sidecar \
+                 falls back to its deregister delay"
+            ));
+        }
+    }
+    response
+}
+
+/// The owning Deployment's annotations (pod -> ReplicaSet -> Deployment), and the namespace's
+/// Services when the pod is to be injected. A failed lookup decides on what is known.
+async fn look_up(client: &Client, namespace: &str, req: &AdmissionRequest<Pod>) -> Lookup {
+    let mut lookup = Lookup::default();
+    let Some(pod) = req.object.as_ref() else {
+        return lookup;
+    };
+    if let Some(rs) = controller(pod.metadata.owner_references.as_deref(), "ReplicaSet") {
+        match owner_annotations(client, namespace, &rs).await {
+            Ok(a) => lookup.owner_annotations = a,
+            Err(e) => warn!(namespace, replicaset = rs, error = %e, "owner lookup failed"),
+        }
+    }
+    let empty = BTreeMap::new();
+    let all = annotations::merged(
+        &lookup.owner_annotations,
+        pod.metadata.annotations.as_ref().unwrap_or(&empty),
+    );
+    if annotations::wants_injection(&all) == Ok(true) {
+        let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+        match services.list(&ListParams::default()).await {
+            Ok(list) => lookup.services = list.items,
+            Err(e) => {
+                warn!(namespace, error = %e, "listing Services failed; no targetPort warnings")
+            }
+        }
+    }
+    lookup
+}
+
+async fn owner_annotations(
+    client: &Client,
+    namespace: &str,
+    replicaset: &str,
+) -> Result<BTreeMap<String, String>, kube::Error> {
+    let Some(rs) = Api::<ReplicaSet>::namespaced(client.clone(), namespace)
+        .get_opt(replicaset)
+        .await?
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let Some(deploy) = controller(rs.metadata.owner_references.as_deref(), "Deployment") else {
+        return Ok(BTreeMap::new());
+    };
+    let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get_opt(&deploy)
+        .await?;
+    Ok(deployment
+        .and_then(|d| d.metadata.annotations)
+        .unwrap_or_default())
+}
+
+fn controller(owners: Option<&[OwnerReference]>, kind: &str) -> Option<String> {
+    owners?
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == kind)
+        .map(|o| o.name.clone())
+}
+
+/// 256 random bits, hex: the pod's preStop credential.
+fn prestop_token() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
