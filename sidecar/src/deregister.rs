@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn absent_ready_condition_means_ready() {
         let s = slice(serde_json::json!([{"addresses": [ME]}]));
-        assert!(listed_ready(&[s.clone()], me()));
+        assert!(listed_ready(std::slice::from_ref(&s), me()));
         let s = slice(serde_json::json!([{"addresses": [ME], "conditions": {}}]));
         assert!(listed_ready(&[s], me()));
     }

@@ -153,12 +153,11 @@ impl Proxy {
         let uri = req.uri().clone();
         let headers = req.headers_mut();
         // HTTP/2 requests carry the host as :authority; the app expects a Host field.
-        if !headers.contains_key(header::HOST) {
-            if let Some(authority) = uri.authority() {
-                let host =
-                    HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
-                headers.insert(header::HOST, host);
-            }
+        if !headers.contains_key(header::HOST)
+            && let Some(authority) = uri.authority()
+        {
+            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
+            headers.insert(header::HOST, host);
         }
         let trailers = headers.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|v| {

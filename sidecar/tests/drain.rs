@@ -19,7 +19,11 @@ async fn five_second_request_in_flight_at_sigterm_completes_then_exit_0() {
     tokio::time::sleep(secs(0.5)).await;
     sc.proc.signal("TERM");
     tokio::time::sleep(secs(0.2)).await;
-    assert_eq!(get(sc.admin, "/readyz").await.status, 503, "readiness must turn off at once");
+    assert_eq!(
+        get(sc.admin, "/readyz").await.status,
+        503,
+        "readiness must turn off at once"
+    );
 
     let resp = slow.await.unwrap();
     assert_eq!(resp.status, 200);
@@ -33,7 +37,14 @@ async fn load_through_deregistration_has_zero_failures_and_prestop_waits_for_the
     let (_demo, app) = start_demo().await;
     let sc = start_sidecar(
         app,
-        &["--deregister-delay", "3s", "--drain-timeout", "20s", "--prestop-token", TOKEN],
+        &[
+            "--deregister-delay",
+            "3s",
+            "--drain-timeout",
+            "20s",
+            "--prestop-token",
+            TOKEN,
+        ],
     )
     .await;
     let t0 = Instant::now();
@@ -47,14 +58,24 @@ async fn load_through_deregistration_has_zero_failures_and_prestop_waits_for_the
     let prestop_done = t0.elapsed();
 
     assert_eq!(report.failed(), 0, "hey saw failures:\n{}", report.raw);
-    assert!(report.ok() > 200, "too little load to show anything:\n{}", report.raw);
+    assert!(
+        report.ok() > 200,
+        "too little load to show anything:\n{}",
+        report.raw
+    );
     assert_eq!(resp.status, 200, "{}", resp.body);
-    assert!(prestop_done >= load_done, "prestop returned before the last request was answered");
+    assert!(
+        prestop_done >= load_done,
+        "prestop returned before the last request was answered"
+    );
     let summary: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
     assert_eq!(summary["forced"], false, "{summary}");
     assert_eq!(summary["deregistration"], "delay");
     let after = summary["requests_after_trigger"].as_u64().unwrap();
-    assert!(after > 100, "requests after the trigger must be served, got {after}: {summary}");
+    assert!(
+        after > 100,
+        "requests after the trigger must be served, got {after}: {summary}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -72,7 +93,10 @@ async fn http1_response_during_quiesce_says_connection_close_and_the_connection_
     let resp = c.read_response().await.unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
-    assert!(c.closed_within(secs(1.0)).await, "server kept the connection open");
+    assert!(
+        c.closed_within(secs(1.0)).await,
+        "server kept the connection open"
+    );
     assert_eq!(prestop.await.unwrap().status, 200);
 }
 
@@ -84,9 +108,15 @@ async fn idle_keepalive_connection_is_closed_at_quiesce() {
     assert_eq!(c.get("/").await.unwrap().status, 200);
     let t0 = Instant::now();
     let prestop = sc.prestop(None);
-    assert!(c.closed_within(secs(3.0)).await, "idle keep-alive connection left open");
+    assert!(
+        c.closed_within(secs(3.0)).await,
+        "idle keep-alive connection left open"
+    );
     let waited = t0.elapsed();
-    assert!(waited >= secs(0.45), "closed during deregistration ({waited:?}): stragglers need it");
+    assert!(
+        waited >= secs(0.45),
+        "closed during deregistration ({waited:?}): stragglers need it"
+    );
     assert_eq!(prestop.await.unwrap().status, 200);
 }
 
@@ -98,7 +128,9 @@ async fn http2_gets_goaway_and_its_open_stream_finishes() {
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();
     let conn = tokio::spawn(conn);
     let mut client = client.ready().await.unwrap();
-    let req = http::Request::get(format!("http://{}/slow?ms=1500", sc.listen)).body(()).unwrap();
+    let req = http::Request::get(format!("http://{}/slow?ms=1500", sc.listen))
+        .body(())
+        .unwrap();
     let (resp, _) = client.send_request(req, true).unwrap();
     tokio::time::sleep(secs(0.2)).await;
     let prestop = sc.prestop(None);
@@ -112,10 +144,20 @@ async fn http2_gets_goaway_and_its_open_stream_finishes() {
     }
     assert_eq!(bytes, b"slept 1500 ms\n");
     // The server said GOAWAY (NO_ERROR) and closed: the client connection ends cleanly.
-    let ended = tokio::time::timeout(secs(3.0), conn).await.expect("h2 connection still open");
-    ended.unwrap().expect("h2 connection must end with GOAWAY, not an error");
-    let err = client.ready().await.err().expect("no new streams after GOAWAY");
-    assert!(err.is_go_away() || err.is_io() || err.to_string().contains("closed"), "{err}");
+    let ended = tokio::time::timeout(secs(3.0), conn)
+        .await
+        .expect("h2 connection still open");
+    ended
+        .unwrap()
+        .expect("h2 connection must end with GOAWAY, not an error");
+    let err = client
+        .ready()
+        .await
+        .expect_err("no new streams after GOAWAY");
+    assert!(
+        err.is_go_away() || err.is_io() || err.to_string().contains("closed"),
+        "{err}"
+    );
     assert_eq!(prestop.await.unwrap().status, 200);
 }
 
@@ -138,7 +180,11 @@ async fn new_connections_are_served_all_through_the_drain() {
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(slow.await.unwrap().status, 200);
     let summary = prestop.await.unwrap();
-    assert!(summary.body.contains("\"forced\":false"), "{}", summary.body);
+    assert!(
+        summary.body.contains("\"forced\":false"),
+        "{}",
+        summary.body
+    );
     assert!(sc.metric("graceful_requests_after_trigger_total").await >= 2.0);
 }
 
@@ -151,7 +197,11 @@ async fn naive_app_alone_drops_requests_on_sigterm() {
     demo.signal("TERM");
     demo.exit_within(secs(0.5)).await;
     let report = load.await.unwrap();
-    assert!(report.failed() > 0, "expected failures without the sidecar:\n{}", report.raw);
+    assert!(
+        report.failed() > 0,
+        "expected failures without the sidecar:\n{}",
+        report.raw
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -172,7 +222,11 @@ async fn naive_app_behind_sidecar_in_prestop_order_drops_nothing() {
     sc.proc.signal("TERM");
     let status = sc.proc.exit_within(secs(2.0)).await;
     assert!(status.success(), "exit {status}: {}", sc.proc.stderr());
-    assert!(t.elapsed() < secs(1.0), "slow exit after a completed drain: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < secs(1.0),
+        "slow exit after a completed drain: {:?}",
+        t.elapsed()
+    );
     assert_eq!(report.failed(), 0, "{}", report.raw);
     assert!(report.ok() > 50, "{}", report.raw);
 }
@@ -180,7 +234,11 @@ async fn naive_app_behind_sidecar_in_prestop_order_drops_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_longer_than_the_drain_timeout_is_cut_counted_and_reported() {
     let (_demo, app) = start_demo().await;
-    let mut sc = start_sidecar(app, &["--deregister-delay", "500ms", "--drain-timeout", "2s"]).await;
+    let mut sc = start_sidecar(
+        app,
+        &["--deregister-delay", "500ms", "--drain-timeout", "2s"],
+    )
+    .await;
     let listen = sc.listen;
     let slow = tokio::spawn(async move {
         let mut c = H1::connect(listen).await;
@@ -191,26 +249,42 @@ async fn request_longer_than_the_drain_timeout_is_cut_counted_and_reported() {
     let t0 = Instant::now();
     let resp = sc.prestop(None).await.unwrap();
     let took = t0.elapsed();
-    assert!(took >= secs(1.9) && took < secs(4.0), "drain took {took:?}, deadline is 2s");
+    assert!(
+        took >= secs(1.9) && took < secs(4.0),
+        "drain took {took:?}, deadline is 2s"
+    );
     let summary: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
     assert_eq!(summary["forced"], true, "{summary}");
     assert_eq!(summary["requests_cut"], 1, "{summary}");
     assert_eq!(summary["connections_cut"], 1, "{summary}");
-    assert!(slow.await.unwrap().is_err(), "the cut request cannot have a response");
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the cut request cannot have a response"
+    );
     assert_eq!(sc.metric("graceful_requests_force_closed_total").await, 1.0);
-    assert_eq!(sc.metric("graceful_connections_force_closed_total").await, 1.0);
+    assert_eq!(
+        sc.metric("graceful_connections_force_closed_total").await,
+        1.0
+    );
 
     sc.proc.signal("TERM");
     let status = sc.proc.exit_within(secs(2.0)).await;
     assert!(!status.success(), "a forced drain must not exit 0");
     let log = sc.proc.stderr();
-    assert!(log.contains("drain forced: cut 1 requests and 1 connections"), "{log}");
+    assert!(
+        log.contains("drain forced: cut 1 requests and 1 connections"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn second_sigterm_forces_the_close_at_once() {
     let (_demo, app) = start_demo().await;
-    let mut sc = start_sidecar(app, &["--deregister-delay", "300ms", "--drain-timeout", "30s"]).await;
+    let mut sc = start_sidecar(
+        app,
+        &["--deregister-delay", "300ms", "--drain-timeout", "30s"],
+    )
+    .await;
     let listen = sc.listen;
     let slow = tokio::spawn(async move {
         let mut c = H1::connect(listen).await;
@@ -223,19 +297,40 @@ async fn second_sigterm_forces_the_close_at_once() {
     let t = Instant::now();
     sc.proc.signal("TERM");
     let status = sc.proc.exit_within(secs(3.0)).await;
-    assert!(t.elapsed() < secs(2.0), "second SIGTERM took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < secs(2.0),
+        "second SIGTERM took {:?}",
+        t.elapsed()
+    );
     assert!(!status.success());
     assert!(slow.await.unwrap().is_err());
-    assert!(sc.proc.stderr().contains("cut 1 requests"), "{}", sc.proc.stderr());
+    assert!(
+        sc.proc.stderr().contains("cut 1 requests"),
+        "{}",
+        sc.proc.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prestop_needs_the_token_when_one_is_set() {
     let (_demo, app) = start_demo().await;
-    let sc = start_sidecar(app, &["--deregister-delay", "100ms", "--prestop-token", TOKEN]).await;
+    let sc = start_sidecar(
+        app,
+        &["--deregister-delay", "100ms", "--prestop-token", TOKEN],
+    )
+    .await;
     assert_eq!(get(sc.admin, "/prestop").await.status, 401);
-    assert_eq!(get_with(sc.admin, "/prestop", "Authorization: Bearer nope\r\n").await.status, 401);
-    assert_eq!(get(sc.admin, "/readyz").await.status, 200, "a refused /prestop must not drain");
+    assert_eq!(
+        get_with(sc.admin, "/prestop", "Authorization: Bearer nope\r\n")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        get(sc.admin, "/readyz").await.status,
+        200,
+        "a refused /prestop must not drain"
+    );
     let ok = sc.prestop(Some(TOKEN)).await.unwrap();
     assert_eq!(ok.status, 200);
     assert_eq!(get(sc.admin, "/readyz").await.status, 503);

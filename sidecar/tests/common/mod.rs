@@ -34,7 +34,9 @@ pub fn demo_bin() -> PathBuf {
 pub fn hey_bin() -> PathBuf {
     let cache = std::env::var("GRACEFUL_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/graceful"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/graceful")
+        });
     let p = cache.join("bin/hey");
     if p.exists() {
         return p;
@@ -45,7 +47,10 @@ pub fn hey_bin() -> PathBuf {
             return PathBuf::from(s);
         }
     }
-    panic!("hey not found in {} or PATH: run `scripts/deps.sh --host` (make test does)", p.display());
+    panic!(
+        "hey not found in {} or PATH: run `scripts/deps.sh --host` (make test does)",
+        p.display()
+    );
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -76,7 +81,9 @@ impl Proc {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         Proc { child, stderr }
@@ -129,14 +136,22 @@ async fn wait_listening(addr: SocketAddr, what: &str, proc: &mut Proc) {
         if let Some(status) = proc.child.try_wait().unwrap() {
             panic!("{what} exited early ({status}): {}", proc.stderr());
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{what} not listening on {addr}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} not listening on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 pub async fn start_demo() -> (Proc, SocketAddr) {
     let addr = free_addr();
-    let mut p = Proc::spawn(Command::new(demo_bin()).args(["--listen", &addr.to_string(), "--workers", "2"]));
+    let mut p = Proc::spawn(Command::new(demo_bin()).args([
+        "--listen",
+        &addr.to_string(),
+        "--workers",
+        "2",
+    ]));
     wait_listening(addr, "graceful-demo", &mut p).await;
     (p, addr)
 }
@@ -151,7 +166,12 @@ pub async fn start_sidecar(upstream: SocketAddr, args: &[&str]) -> Sidecar {
     let (listen, admin) = (free_addr(), free_addr());
     let mut p = Proc::spawn(
         Command::new(sidecar_bin())
-            .args(["--listen", &listen.to_string(), "--admin", &admin.to_string()])
+            .args([
+                "--listen",
+                &listen.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
             .args(["--upstream", &upstream.to_string(), "--workers", "2"])
             .args(args)
             .env_remove("GRACEFUL_POD_IP")
@@ -159,14 +179,20 @@ pub async fn start_sidecar(upstream: SocketAddr, args: &[&str]) -> Sidecar {
     );
     wait_listening(admin, "graceful-sidecar admin", &mut p).await;
     wait_listening(listen, "graceful-sidecar traffic", &mut p).await;
-    Sidecar { proc: p, listen, admin }
+    Sidecar {
+        proc: p,
+        listen,
+        admin,
+    }
 }
 
 impl Sidecar {
     /// Calls /prestop in the background; resolves to its response when the drain is done.
     pub fn prestop(&self, token: Option<&str>) -> tokio::task::JoinHandle<Response> {
         let admin = self.admin;
-        let header = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let header = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         tokio::spawn(async move { get_with(admin, "/prestop", &header).await })
     }
 
@@ -184,7 +210,10 @@ impl Sidecar {
         let start = Instant::now();
         let needle = format!("graceful_drain_phase{{phase=\"{phase}\"}} 1");
         while !get(self.admin, "/metrics").await.body.contains(&needle) {
-            assert!(start.elapsed() < Duration::from_secs(10), "never reached phase {phase}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "never reached phase {phase}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -215,7 +244,10 @@ pub struct H1 {
 
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> H1 {
-        H1 { stream: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+        H1 {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
     }
 
     pub async fn send(&mut self, path: &str, extra_headers: &str) {
@@ -233,7 +265,14 @@ impl H1 {
         let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
         self.buf.drain(..head_end + 4);
         let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -247,7 +286,11 @@ impl H1 {
         }
         let body = String::from_utf8_lossy(&self.buf[..len]).to_string();
         self.buf.drain(..len);
-        Ok(Response { status, headers, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 
     pub async fn get(&mut self, path: &str) -> std::io::Result<Response> {
@@ -258,7 +301,10 @@ impl H1 {
     /// True when the server closed the connection (EOF or reset) within `limit`.
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
         let mut b = [0u8; 64];
-        matches!(tokio::time::timeout(limit, self.stream.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(limit, self.stream.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 
     async fn fill(&mut self) -> std::io::Result<()> {
@@ -283,7 +329,8 @@ pub async fn get(addr: SocketAddr, path: &str) -> Response {
 
 pub async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Response {
     let mut c = H1::connect(addr).await;
-    c.send(path, &format!("{headers}Connection: close\r\n")).await;
+    c.send(path, &format!("{headers}Connection: close\r\n"))
+        .await;
     c.read_response().await.unwrap()
 }
 
@@ -300,11 +347,23 @@ impl HeyReport {
         self.codes.get(&200).copied().unwrap_or(0)
     }
     pub fn failed(&self) -> u64 {
-        let non_200: u64 = self.codes.iter().filter(|(c, _)| **c != 200).map(|(_, n)| n).sum();
+        let non_200: u64 = self
+            .codes
+            .iter()
+            .filter(|(c, _)| **c != 200)
+            .map(|(_, n)| n)
+            .sum();
         let errors: u64 = self
             .errors
             .iter()
-            .filter_map(|l| l.trim().strip_prefix('[')?.split(']').next()?.parse::<u64>().ok())
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix('[')?
+                    .split(']')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .sum();
         non_200 + errors
     }
@@ -316,23 +375,43 @@ pub fn hey(url: &str, conns: u32, duration: Duration) -> tokio::task::JoinHandle
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {
         let out = Command::new(bin)
-            .args(["-z", &format!("{}ms", duration.as_millis()), "-c", &conns.to_string(), "-t", "20"])
+            .args([
+                "-z",
+                &format!("{}ms", duration.as_millis()),
+                "-c",
+                &conns.to_string(),
+                "-t",
+                "20",
+            ])
             .arg(&url)
             .output()
             .expect("run hey");
         let raw = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "hey failed: {raw}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "hey failed: {raw}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         parse_hey(&raw)
     })
 }
 
 pub fn parse_hey(raw: &str) -> HeyReport {
-    let mut r = HeyReport { raw: raw.to_owned(), ..Default::default() };
+    let mut r = HeyReport {
+        raw: raw.to_owned(),
+        ..Default::default()
+    };
     let mut section = "";
     for line in raw.lines() {
         let t = line.trim();
         if t.ends_with("distribution:") {
-            section = if t.starts_with("Status code") { "codes" } else if t.starts_with("Error") { "errors" } else { "" };
+            section = if t.starts_with("Status code") {
+                "codes"
+            } else if t.starts_with("Error") {
+                "errors"
+            } else {
+                ""
+            };
             continue;
         }
         if t.is_empty() {
