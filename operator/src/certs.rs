@@ -9,6 +9,7 @@ use std::sync::Arc;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, PostParams};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
@@ -125,11 +126,13 @@ pub fn server_config(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>
 }
 
 /// The shared Secret's material; created when missing or made for other names. Two replicas
-/// racing to create it both end up with the winner's.
+/// racing to create it both end up with the winner's. `owner` (the webhook configuration) makes
+/// the Secret go away with the chart.
 pub async fn ensure_generated(
     secrets: &Api<Secret>,
     name: &str,
     dns_names: &[String],
+    owner: Option<OwnerReference>,
 ) -> Result<TlsMaterial, Error> {
     let wanted = dns_names.join(",");
     if let Some(secret) = secrets.get_opt(name).await? {
@@ -148,7 +151,7 @@ pub async fn ensure_generated(
             "webhook certificate made for other names; replacing it"
         );
         let material = generate(dns_names)?;
-        let mut replacement = to_secret(name, &wanted, &material);
+        let mut replacement = to_secret(name, &wanted, &material, owner);
         replacement.metadata.resource_version = secret.metadata.resource_version.clone();
         secrets
             .replace(name, &PostParams::default(), &replacement)
@@ -157,7 +160,10 @@ pub async fn ensure_generated(
     }
     let material = generate(dns_names)?;
     match secrets
-        .create(&PostParams::default(), &to_secret(name, &wanted, &material))
+        .create(
+            &PostParams::default(),
+            &to_secret(name, &wanted, &material, owner),
+        )
         .await
     {
         Ok(_) => {
@@ -203,7 +209,7 @@ pub async fn patch_ca_bundle(
     Ok(changed)
 }
 
-fn to_secret(name: &str, dns: &str, m: &TlsMaterial) -> Secret {
+fn to_secret(name: &str, dns: &str, m: &TlsMaterial, owner: Option<OwnerReference>) -> Secret {
     let data = BTreeMap::from([
         (CA_CRT.to_owned(), ByteString(m.ca_pem.clone().into_bytes())),
         (
@@ -226,6 +232,7 @@ fn to_secret(name: &str, dns: &str, m: &TlsMaterial) -> Secret {
                 "app.kubernetes.io/managed-by".to_owned(),
                 "graceful-operator".to_owned(),
             )])),
+            owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
         type_: Some("kubernetes.io/tls".to_owned()),
@@ -260,14 +267,14 @@ mod tests {
         assert!(m.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_ne!(m.ca_pem, m.cert_pem);
         server_config(&m).unwrap();
-        let again = from_secret(&to_secret("s", "x", &m), "s").unwrap();
+        let again = from_secret(&to_secret("s", "x", &m, None), "s").unwrap();
         assert!(again == m);
     }
 
     #[test]
     fn an_incomplete_secret_names_the_missing_key() {
         let m = generate(&dns_names("a", "b")).unwrap();
-        let mut s = to_secret("s", "x", &m);
+        let mut s = to_secret("s", "x", &m, None);
         s.data.as_mut().unwrap().remove(TLS_KEY);
         assert!(matches!(
             from_secret(&s, "s"),

@@ -85,7 +85,7 @@ pub fn review(
                     return allow.deny(format!("graceful: cannot serialize the pod: {e}"));
                 }
             };
-            info!(pod = %who, ops = patch.0.len(), warnings = warnings.len(), "sidecar injected");
+            info!(pod = %who, ops = patch.0.len(), ?warnings, "sidecar injected");
             match allow.with_patch(patch) {
                 Ok(mut response) => {
                     if !warnings.is_empty() {

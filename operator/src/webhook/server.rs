@@ -138,7 +138,9 @@ async fn load_tls(client: &Client, args: &WebhookArgs) -> Result<TlsMaterial, ce
         CertSource::External => certs::read_external(&secrets, &args.webhook_secret).await,
         CertSource::Generate => {
             let names = certs::dns_names(&args.webhook_service, &args.operator_namespace);
-            let material = certs::ensure_generated(&secrets, &args.webhook_secret, &names).await?;
+            let owner = config_owner(client, &args.webhook_config).await;
+            let material =
+                certs::ensure_generated(&secrets, &args.webhook_secret, &names, owner).await?;
             let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
             certs::patch_ca_bundle(&configs, &args.webhook_config, &material.ca_pem).await?;
             Ok(material)
