@@ -19,25 +19,12 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "GracefulRolloutStatus",
     doc = "Sequences a Deployment's rollouts so that no request is dropped",
-    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Updated", type_ = "string", json_path = ".status.progress"),
-    printcolumn(
-        name = "Step",
-        type_ = "string",
-        json_path = ".status.currentStep",
-        priority = "1"
-    ),
-    printcolumn(
-        name = "Last-Rollout",
-        type_ = "string",
-        json_path = ".status.lastRollout.summary"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Target", "type": "string", "jsonPath": ".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Updated", "type": "string", "jsonPath": ".status.progress"}"#,
+    printcolumn = r#"{"name": "Step", "type": "string", "jsonPath": ".status.currentStep", "priority": 1}"#,
+    printcolumn = r#"{"name": "Last-Rollout", "type": "string", "jsonPath": ".status.lastRollout.summary"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GracefulRolloutSpec {

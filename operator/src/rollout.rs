@@ -713,7 +713,7 @@ fn track_drains(ctx: &Context, gr: &GracefulRollout, seen: &Observed) {
         .unwrap_or_default();
     let mut drains = ctx.drains.lock().expect("drains lock");
     let present: std::collections::HashSet<String> =
-        seen.pods.iter().map(|p| takeover::uid_of(p)).collect();
+        seen.pods.iter().map(takeover::uid_of).collect();
     for pod in &seen.pods {
         let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else {
             continue;
