@@ -8,7 +8,7 @@ use graceful_sidecar::defaults;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HTTPHeader,
     Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service,
+    SeccompProfile, SecurityContext, Service, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -25,6 +25,8 @@ const DEFAULT_GRACE_PERIOD_SECS: i64 = 30;
 /// Name of the sidecar's traffic port when the app port had no name to take over.
 const FALLBACK_TRAFFIC_PORT_NAME: &str = "graceful-http";
 const ADMIN_PORT_NAME: &str = "graceful-admin";
+/// Where the ServiceAccount admission plugin mounts the API token.
+const SERVICE_ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The distroless "nonroot" user: the sidecar needs no identity on the node.
 const SIDECAR_UID: i64 = 65532;
 
@@ -132,7 +134,19 @@ fn build(
     replace_prestop(app, ctx.prestop_token, &mut warnings)?;
     let app_name = app.name.clone();
 
-    let sidecar = sidecar_container(settings, &port, ctx);
+    let mut sidecar = sidecar_container(settings, &port, ctx);
+    // The ServiceAccount admission plugin ran before this webhook and mounted the API token
+    // only into the containers that existed then: the sidecar needs it to watch EndpointSlices.
+    let token_mounts: Vec<VolumeMount> = app
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.mount_path == SERVICE_ACCOUNT_PATH)
+        .cloned()
+        .collect();
+    if !token_mounts.is_empty() {
+        sidecar.volume_mounts = Some(token_mounts);
+    }
     spec.init_containers
         .get_or_insert_with(Vec::new)
         .push(sidecar);

@@ -196,6 +196,14 @@ fn annotated_pod_gets_a_native_sidecar_in_the_traffic_path() {
         );
     }
 
+    // The API token the ServiceAccount plugin mounted into the app, for the EndpointSlice watch.
+    let mounts = side.volume_mounts.clone().unwrap_or_default();
+    assert!(
+        mounts.iter().any(|m| m.name == "kube-api-access-7xq2d"
+            && m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount"),
+        "{mounts:?}"
+    );
+
     // Restrictive by default, with requests.
     let sc = side.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
