@@ -302,3 +302,104 @@ async fn install_then_uninstall_leaves_only_the_crd() {
         "the CRD must stay"
     );
 }
+
+/// Applies helm-rendered YAML with kubectl; returns (success, output).
+fn kubectl_apply(yaml: &str, extra: &[&str]) -> (bool, String) {
+    use std::io::Write as _;
+    let mut child = kubectl()
+        .unwrap()
+        .args(["apply", "-f", "-"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// What pod creation does while no operator replica answers: the chart's webhook configuration
+/// and Service, with no operator behind them, limited to one labelled test namespace. With the
+/// default `Ignore` an annotated pod is still created; with `Fail` it is refused.
+#[tokio::test]
+#[ignore = "needs helm and the e2e cluster (make e2e)"]
+async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "webhook-down")
+        .await
+        .unwrap();
+    cluster::kubectl_output(&[
+        "label",
+        "namespace",
+        &ns.name,
+        &format!("graceful.dev/down-test={}", ns.name),
+    ])
+    .unwrap();
+    let chart = chart();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    for (policy, pod_name) in [("Ignore", "created-anyway"), ("Fail", "refused")] {
+        let release = format!("z-down-{}", policy.to_lowercase());
+        let selector = format!(
+            "webhook.namespaceSelector.matchLabels.graceful\\.dev/down-test={}",
+            ns.name
+        );
+        let rendered = helm_ok(&[
+            "template",
+            &release,
+            chart.to_str().unwrap(),
+            KUBE_VERSION,
+            "-n",
+            &ns.name,
+            "--show-only",
+            "templates/mutatingwebhookconfiguration.yaml",
+            "--show-only",
+            "templates/service.yaml",
+            "--set",
+            &format!("webhook.failurePolicy={policy}"),
+            "--set",
+            "webhook.timeoutSeconds=5",
+            "--set",
+            &selector,
+        ]);
+        let (ok, text) = kubectl_apply(&rendered, &["-n", &ns.name]);
+        assert!(ok, "{text}");
+        let mut pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod_name, "labels": {"app": pod_name},
+                         "annotations": {"graceful.dev/inject": "true"}},
+            "spec": {"terminationGracePeriodSeconds": 40, "containers": [demo::container("down")]},
+        }))
+        .unwrap();
+        pod.metadata.namespace = Some(ns.name.clone());
+        let created = ns.apply(&pod).await;
+        let config = format!("{release}-sidecar-injector");
+        configs.delete(&config, &Default::default()).await.unwrap();
+        match policy {
+            "Ignore" => {
+                let created =
+                    created.unwrap_or_else(|e| panic!("Ignore must let the pod through: {e}"));
+                eprintln!("failurePolicy Ignore, operator down: pod {pod_name} created");
+                assert_eq!(created.metadata.name.as_deref(), Some(pod_name));
+            }
+            _ => {
+                let err = created
+                    .expect_err("Fail must refuse the pod while the webhook is down")
+                    .to_string();
+                eprintln!("failurePolicy Fail, operator down: {err}");
+                assert!(err.contains("inject.graceful.dev"), "{err}");
+            }
+        }
+    }
+}
