@@ -138,10 +138,13 @@ async fn load_tls(client: &Client, args: &WebhookArgs) -> Result<TlsMaterial, ce
         CertSource::External => certs::read_external(&secrets, &args.webhook_secret).await,
         CertSource::Generate => {
             let names = certs::dns_names(&args.webhook_service, &args.operator_namespace);
-            let owner = config_owner(client, &args.webhook_config).await;
-            let material =
-                certs::ensure_generated(&secrets, &args.webhook_secret, &names, owner).await?;
+            // The configuration first: it owns the Secret (uninstall removes both), and without
+            // it there is no caBundle to write (Helm may still be creating it).
             let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+            let owner = owner_ref(&configs.get(&args.webhook_config).await?);
+            let material =
+                certs::ensure_generated(&secrets, &args.webhook_secret, &names, Some(owner))
+                    .await?;
             certs::patch_ca_bundle(&configs, &args.webhook_config, &material.ca_pem).await?;
             Ok(material)
         }
@@ -177,17 +180,21 @@ async fn refresh_tls(
 async fn config_owner(client: &Client, name: &str) -> Option<OwnerReference> {
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     match configs.get(name).await {
-        Ok(c) => Some(OwnerReference {
-            api_version: "admissionregistration.k8s.io/v1".to_owned(),
-            kind: "MutatingWebhookConfiguration".to_owned(),
-            name: name.to_owned(),
-            uid: c.metadata.uid.unwrap_or_default(),
-            ..Default::default()
-        }),
+        Ok(c) => Some(owner_ref(&c)),
         Err(e) => {
             warn!(config = name, error = %e, "no owner for EndpointSlice grants; they outlive uninstall");
             None
         }
+    }
+}
+
+fn owner_ref(config: &MutatingWebhookConfiguration) -> OwnerReference {
+    OwnerReference {
+        api_version: "admissionregistration.k8s.io/v1".to_owned(),
+        kind: "MutatingWebhookConfiguration".to_owned(),
+        name: config.metadata.name.clone().unwrap_or_default(),
+        uid: config.metadata.uid.clone().unwrap_or_default(),
+        ..Default::default()
     }
 }
 
