@@ -29,16 +29,23 @@ import (
 var commands = map[string]func() *cobra.Command{
 	"kube-apiserver":          apiserver.NewAPIServerCommand,
 	"kube-controller-manager": controllermanager.NewControllerManagerCommand,
-	"kube-scheduler":          scheduler.NewSchedulerCommand,
+	"kube-scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
 	"kube-proxy":              proxy.NewProxyCommand,
 	"kubelet":                 kubelet.NewKubeletCommand,
 }
 
 func main() {
 	name := filepath.Base(os.Args[0])
-	if _, ok := commands[name]; !ok && name != "kubectl" && len(os.Args) > 1 {
+	if _, ok := commands[name]; !ok && name != "kubectl" && name != "cri-reset" && len(os.Args) > 1 {
 		name = os.Args[1]
 		os.Args = os.Args[1:]
+	}
+	if name == "cri-reset" {
+		if err := criReset(os.Args[1:]); err != nil {
+			fmt.Fprintf(os.Stderr, "cri-reset: %v\n", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if name == "kubectl" {
 		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
@@ -48,7 +55,7 @@ func main() {
 	}
 	newCommand, ok := commands[name]
 	if !ok {
-		fmt.Fprintf(os.Stderr, "usage: kube {kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubelet|kubectl} [flags]\n")
+		fmt.Fprintf(os.Stderr, "usage: kube {kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubelet|kubectl|cri-reset} [flags]\n")
 		os.Exit(2)
 	}
 	os.Exit(cli.Run(newCommand()))

@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 kube_src="$REPO/e2e/kube"
-stamp=$(cat "$kube_src/go.mod" "$kube_src/go.sum" "$kube_src/main.go" | sha256sum | cut -c1-16)
+stamp=$(cat "$kube_src/go.mod" "$kube_src/go.sum" "$kube_src"/*.go | sha256sum | cut -c1-16)
 kube_bin="$BIN/kube"
 
 if [[ -x $kube_bin && $(cat "$BIN/kube.stamp" 2>/dev/null) == "$stamp" ]]; then
@@ -34,6 +34,9 @@ if [[ -x $BIN/helm && $("$BIN/helm" version --template '{{.Version}}' 2>/dev/nul
   log "helm $HELM_VERSION: cached"
 else
   step "go install helm $HELM_VERSION"
-  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  # Without -X helm reports only "v3.21" and this check would never match.
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   done_step
 fi

@@ -93,6 +93,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   enable_unprivileged_ports = true
+  # This VM withholds CAP_SYS_RESOURCE even from root: a negative oom_score_adj (the kubelet
+  # asks -998 for sandboxes) makes runc init fail. Clamp to containerd's own value instead.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$CNI_BIN"
     conf_dir = "$STATE/cni/net.d"

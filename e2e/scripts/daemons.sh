@@ -10,13 +10,17 @@ daemon_start() { # name program args...
   echo "$1" > "$PIDS/$name.cmd"
 }
 
+# Exited but not yet reaped: our daemons outlive the script that started them, so their parent
+# is init, which may reap late.
+daemon_zombie() { [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == Z ]]; }
+
 # SIGTERM, then SIGKILL after a timeout; only the pid we recorded, and only if it still runs
 # the program we started.
 daemon_stop() { # name [timeout-seconds]
   local name=$1 timeout=${2:-20} pid start=$SECONDS
   if pid=$(daemon_pid "$name"); then
     kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do
+    while kill -0 "$pid" 2>/dev/null && ! daemon_zombie "$pid"; do
       if (( SECONDS - start >= timeout )); then
         log "   $name ($pid) ignored SIGTERM for ${timeout}s: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true

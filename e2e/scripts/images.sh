@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs the static release binaries (make build-static) as single-file OCI images and imports
 # them into the cluster's containerd (namespace k8s.io) as localhost/<name>:$IMAGE_TAG
-# (GRACEFUL_IMAGE_TAG overrides "dev"). An image whose binary did not change is not re-imported.
+# (GRACEFUL_IMAGE_TAG overrides "dev"), plus localhost/hey for in-cluster clients. An image whose
+# binary did not change is not re-imported.
 set -euo pipefail
 here=$(dirname "$0")
 source "$here/common.sh"
@@ -19,4 +20,7 @@ for name in graceful-sidecar graceful-operator graceful-demo; do
   fi
   image_import "$release/$name" "localhost/$name:$IMAGE_TAG"
 done
+# A load generator for pods (requests from inside the cluster): hey is a static Go binary.
+[[ -x $BIN/hey ]] || die "hey missing in $BIN: run scripts/deps.sh"
+image_import "$BIN/hey" "localhost/hey:$IMAGE_TAG"
 done_step

@@ -1,0 +1,91 @@
+//! Where the e2e cluster is and how to reach it: the kubeconfig cluster-up wrote, kubectl and
+//! the tools scripts/deps.sh installed. Nothing needs exporting: the defaults match
+//! e2e/scripts/common.sh, and KUBECONFIG, GRACEFUL_STATE and GRACEFUL_CACHE override them.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::{Error, Result};
+
+/// The admin kubeconfig of the e2e cluster.
+pub fn kubeconfig_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let state =
+        std::env::var_os("GRACEFUL_STATE").unwrap_or_else(|| "/var/lib/graceful-e2e".into());
+    PathBuf::from(state).join("admin.kubeconfig")
+}
+
+pub async fn client() -> Result<Client> {
+    let path = kubeconfig_path();
+    let kubeconfig_error = |message: String| Error::Kubeconfig {
+        path: path.display().to_string(),
+        message,
+    };
+    let kubeconfig = Kubeconfig::read_from(&path).map_err(|e| kubeconfig_error(e.to_string()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| kubeconfig_error(e.to_string()))?;
+    Ok(Client::try_from(config)?)
+}
+
+/// A tool installed by scripts/deps.sh or build-kube.sh into $GRACEFUL_CACHE/bin. Missing is an
+/// error, never a reason to skip.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let cache = std::env::var_os("GRACEFUL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/graceful")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/graceful"));
+    let path = cache.join("bin").join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::MissingTool {
+            tool: name.into(),
+            path: path.display().to_string(),
+        })
+    }
+}
+
+/// kubectl (the cluster's own build) pointed at the e2e cluster.
+pub fn kubectl() -> Result<Command> {
+    let mut cmd = Command::new(tool("kubectl")?);
+    cmd.arg("--kubeconfig").arg(kubeconfig_path());
+    Ok(cmd)
+}
+
+/// Runs kubectl and returns its stdout; a non-zero exit is an error carrying stderr.
+pub fn kubectl_output(args: &[&str]) -> Result<String> {
+    let out = kubectl()?
+        .args(args)
+        .output()
+        .map_err(Error::io("running kubectl"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("kubectl {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The node's InternalIP: the host's address on the pod bridge, where pods and the kubelet
+/// can reach a server the test runs on the host.
+pub async fn node_ip(client: &Client) -> Result<String> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    nodes
+        .items
+        .iter()
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.clone())
+        .ok_or_else(|| Error::Cluster("no node with an InternalIP".into()))
+}

@@ -1,0 +1,240 @@
+//! Scenario pieces for graceful itself: the demo with the sidecar injected and managed by a
+//! GracefulRollout, triggering and awaiting its rollouts, and sampling how many pods serve.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use graceful_operator::crd::{GracefulRollout, Phase};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::namespace::TestNamespace;
+use crate::{Error, Result, demo, wait};
+
+/// Namespace and labels of the operator installed by `make deploy`.
+pub const OPERATOR_NAMESPACE: &str = "graceful-system";
+pub const OPERATOR_SELECTOR: &str =
+    "app.kubernetes.io/name=graceful,app.kubernetes.io/component=operator";
+
+/// The demo with `graceful.dev/inject: "true"` on its pod template, behind a Service that
+/// targets the named port (which the sidecar takes over).
+pub fn injected_deployment(name: &str, replicas: i32, version: &str) -> Deployment {
+    let mut d = demo::deployment(name, replicas, version);
+    let template = &mut d.spec.as_mut().expect("spec").template;
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("graceful.dev/inject".into(), "true".into());
+    d
+}
+
+pub fn named_port_service(name: &str) -> Service {
+    let mut s = demo::service(name);
+    if let Some(port) = s
+        .spec
+        .as_mut()
+        .and_then(|s| s.ports.as_mut())
+        .and_then(|p| p.first_mut())
+    {
+        port.target_port =
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()));
+    }
+    s
+}
+
+pub fn graceful_rollout(name: &str, strategy: serde_json::Value) -> GracefulRollout {
+    serde_json::from_value(json!({
+        "apiVersion": "graceful.dev/v1alpha1",
+        "kind": "GracefulRollout",
+        "metadata": {"name": name},
+        "spec": {"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}, "strategy": strategy},
+    }))
+    .expect("GracefulRollout manifest")
+}
+
+/// Injected demo + Service + GracefulRollout, settled (Healthy, every pod serving); returns the
+/// Service URL for the load generator.
+pub async fn deploy_managed_demo(
+    ns: &TestNamespace,
+    name: &str,
+    replicas: i32,
+    strategy: serde_json::Value,
+) -> Result<String> {
+    ns.apply(&injected_deployment(name, replicas, "v1")).await?;
+    ns.apply(&named_port_service(name)).await?;
+    wait::rollout(&ns.api(), name, Duration::from_secs(120)).await?;
+    ns.apply(&graceful_rollout(name, strategy)).await?;
+    wait_phase(ns, name, Phase::Healthy, Duration::from_secs(60)).await?;
+    let ip = wait::cluster_ip(&ns.api(), name).await?;
+    Ok(format!("http://{ip}/"))
+}
+
+pub async fn wait_phase(
+    ns: &TestNamespace,
+    name: &str,
+    phase: Phase,
+    timeout: Duration,
+) -> Result<GracefulRollout> {
+    let api = ns.api::<GracefulRollout>();
+    wait::until(
+        &format!("GracefulRollout {name} phase {phase:?}"),
+        timeout,
+        || async {
+            let gr = api.get(name).await?;
+            Ok(gr
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == phase)
+                .then_some(gr))
+        },
+    )
+    .await
+}
+
+/// Changes the pod template (works on a paused Deployment, unlike `kubectl rollout restart`);
+/// returns the moment of the change.
+pub async fn trigger(ns: &TestNamespace, name: &str) -> Result<Timestamp> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"graceful.dev/restartedAt": now.to_string()}}}}});
+    let since = Timestamp::now();
+    ns.api::<Deployment>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(since)
+}
+
+/// Waits until a rollout that started after `since` finished successfully.
+pub async fn wait_rollout_finished(
+    ns: &TestNamespace,
+    name: &str,
+    since: Timestamp,
+    timeout: Duration,
+) -> Result<GracefulRollout> {
+    let api = ns.api::<GracefulRollout>();
+    wait::until(
+        &format!("GracefulRollout {name} to finish a rollout"),
+        timeout,
+        || async {
+            let gr = api.get(name).await?;
+            let done = gr.status.as_ref().is_some_and(|s| {
+                s.phase == Phase::Healthy
+                    && s.last_rollout.as_ref().is_some_and(|r| {
+                        r.started_at.0
+                            >= since
+                                .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(2))
+                                .unwrap_or(since)
+                    })
+            });
+            Ok(done.then_some(gr))
+        },
+    )
+    .await
+}
+
+pub async fn patch_spec(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
+    ns.api::<GracefulRollout>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": spec})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// ReplicaSet name -> spec.replicas, sorted by name.
+pub async fn replica_set_sizes(ns: &TestNamespace) -> Result<Vec<(String, i32)>> {
+    let mut sizes: Vec<(String, i32)> = ns
+        .api::<ReplicaSet>()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|rs| {
+            (
+                rs.name_any(),
+                rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+            )
+        })
+        .collect();
+    sizes.sort();
+    Ok(sizes)
+}
+
+/// Deletes every operator pod at once, without grace (a crash, as far as the rollout can tell).
+pub async fn kill_operator_pods(client: &Client) -> Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let names: Vec<String> = pods
+        .list(&ListParams::default().labels(OPERATOR_SELECTOR))
+        .await?
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    if names.is_empty() {
+        return Err(Error::Report(format!(
+            "no operator pods ({OPERATOR_SELECTOR}) in {OPERATOR_NAMESPACE}: is the chart deployed?"
+        )));
+    }
+    for n in &names {
+        pods.delete(
+            n,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    Ok(names)
+}
+
+/// Samples, every 200 ms, how many endpoints of a Service's slices are ready; `stop` returns the
+/// fewest seen.
+pub struct ServingSampler {
+    stop: Arc<AtomicBool>,
+    fewest: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServingSampler {
+    pub fn start(ns: &TestNamespace, service: &str) -> Self {
+        let api: Api<EndpointSlice> = ns.api();
+        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let fewest = Arc::new(AtomicUsize::new(usize::MAX));
+        let (s, f) = (stop.clone(), fewest.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(list) = api.list(&lp).await {
+                    let ready = list
+                        .items
+                        .iter()
+                        .flat_map(|sl| sl.endpoints.iter())
+                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                        .count();
+                    f.fetch_min(ready, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self { stop, fewest, task }
+    }
+
+    pub async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.fewest.load(Ordering::Relaxed)
+    }
+}

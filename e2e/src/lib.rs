@@ -1,0 +1,17 @@
+//! The e2e harness: everything a scenario on the real cluster needs, so each test reads like the
+//! behaviour it checks. A kube client from the e2e kubeconfig ([`cluster`]), a namespace per test
+//! that is deleted afterwards and dumps pod logs and events when the test fails
+//! ([`namespace`]), the demo app's manifests ([`demo`]), waits with timeouts ([`wait`]), steady
+//! load from oha with failed requests counted by oha itself ([`load`]), and rollouts measured
+//! under that load ([`rollout`]).
+
+pub mod cluster;
+pub mod demo;
+pub mod error;
+pub mod graceful;
+pub mod load;
+pub mod namespace;
+pub mod rollout;
+pub mod wait;
+
+pub use error::{Error, Result};

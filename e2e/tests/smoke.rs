@@ -1,0 +1,276 @@
+//! Smoke test of the e2e cluster itself (issue 3): what every later scenario takes for granted.
+//! Needs the cluster and the images: `make e2e` (or e2e/run.sh after make cluster-up images).
+
+use std::time::{Duration, Instant};
+
+use graceful_e2e::cluster::{self, kubectl_output};
+use graceful_e2e::demo;
+use graceful_e2e::load::Load;
+use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::wait;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const ROLLOUT: Duration = Duration::from_secs(120);
+
+async fn demo_behind_service(ns: &TestNamespace, version: &str) -> String {
+    ns.apply(&demo::deployment("demo", 3, version))
+        .await
+        .unwrap();
+    ns.apply(&demo::service("demo")).await.unwrap();
+    wait::rollout(&ns.api(), "demo", ROLLOUT).await.unwrap();
+    wait::cluster_ip(&ns.api(), "demo").await.unwrap()
+}
+
+/// One HTTP/1.0 GET, answered body. A plain socket: no client library between us and the wire.
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn cluster_ip_answers_from_the_host_and_from_a_pod() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "smoke-svc").await.unwrap();
+    let ip = demo_behind_service(&ns, "smoke-v1").await;
+
+    // From the host: the body is the demo's version text, and 300 requests over keep-alive
+    // from oha all succeed.
+    assert_eq!(http_get(&format!("{ip}:80"), "/").await, "smoke-v1\n");
+    let load = Load {
+        rate: 100,
+        lead_in: Duration::ZERO,
+        tail: Duration::ZERO,
+        ..Load::default()
+    };
+    let ((), report) = load
+        .during(
+            &format!("http://{ip}/"),
+            tokio::time::sleep(Duration::from_secs(3)),
+        )
+        .await
+        .unwrap();
+    eprintln!("host -> ClusterIP: {report}");
+    assert!(report.sent >= 200, "oha sent too few requests: {report}");
+    assert_eq!(report.failed, 0, "{report}");
+
+    // From a pod: hey (packed by make images) against the same ClusterIP; its report through
+    // `kubectl logs`.
+    let url = format!("http://{ip}/");
+    ns.apply(&demo::pod(
+        "hey",
+        &demo::image("hey"),
+        &["-n", "100", "-c", "2", &url],
+    ))
+    .await
+    .unwrap();
+    let phase = wait::pod_finished(&ns.api(), "hey", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let logs = kubectl_output(&["logs", "hey", "-n", &ns.name]).unwrap();
+    eprintln!("hey in a pod:\n{logs}");
+    assert_eq!(phase, "Succeeded");
+    assert!(
+        logs.contains("[200]\t100 responses"),
+        "not 100 answers of 200: {logs}"
+    );
+    assert!(
+        !logs.contains("Error distribution"),
+        "hey saw errors: {logs}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn kubectl_rollout_restart_logs_and_exec_work() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "smoke-kubectl")
+        .await
+        .unwrap();
+    demo_behind_service(&ns, "smoke-v1").await;
+    let pods: kube::Api<Pod> = ns.api();
+    let before: Vec<String> = pods
+        .list(&ListParams::default().labels("app=demo"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+
+    kubectl_output(&["rollout", "restart", "deployment/demo", "-n", &ns.name]).unwrap();
+    let status = kubectl_output(&[
+        "rollout",
+        "status",
+        "deployment/demo",
+        "-n",
+        &ns.name,
+        "--timeout=120s",
+    ])
+    .unwrap();
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let d = ns.api::<Deployment>().get("demo").await.unwrap();
+    assert!(wait::rollout_complete(&d));
+    let after = wait::until("old pods gone", Duration::from_secs(60), || async {
+        let names: Vec<String> = pods
+            .list(&ListParams::default().labels("app=demo"))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        Ok((names.len() == 3 && names.iter().all(|n| !before.contains(n))).then_some(names))
+    })
+    .await
+    .unwrap();
+
+    // logs: the demo's startup line; exec: a second process in the running container.
+    let logs = kubectl_output(&["logs", &after[0], "-n", &ns.name]).unwrap();
+    assert!(logs.contains("listening on"), "{logs}");
+    let help = kubectl_output(&[
+        "exec",
+        &after[0],
+        "-n",
+        &ns.name,
+        "--",
+        "/graceful-demo",
+        "--help",
+    ])
+    .unwrap();
+    assert!(help.contains("graceful-demo"), "{help}");
+}
+
+/// A host-side server the kubelet calls as the preStop hook: it reports each call and answers
+/// `/fast/...` at once but never answers `/hold/...`.
+async fn hook_server(ip: &str) -> (u16, mpsc::UnboundedReceiver<(String, Instant)>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send((path.clone(), Instant::now()));
+                if path.starts_with("/fast/") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+fn pod_with_hook(name: &str, host: &str, port: u16, path: &str, grace: i64) -> Pod {
+    let mut container = demo::container("hook");
+    container["lifecycle"] =
+        json!({"preStop": {"httpGet": {"host": host, "port": port, "path": path}}});
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"terminationGracePeriodSeconds": grace, "containers": [container]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn prestop_hook_runs_and_grace_period_is_honoured() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "smoke-prestop")
+        .await
+        .unwrap();
+    let node_ip = cluster::node_ip(&client).await.unwrap();
+    let (port, mut calls) = hook_server(&node_ip).await;
+    const GRACE: i64 = 6;
+    let pods: kube::Api<Pod> = ns.api();
+    ns.apply(&pod_with_hook("hold", &node_ip, port, "/hold/hold", GRACE))
+        .await
+        .unwrap();
+    ns.apply(&pod_with_hook("fast", &node_ip, port, "/fast/fast", GRACE))
+        .await
+        .unwrap();
+    for name in ["hold", "fast"] {
+        wait::pod_ready(&pods, name, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+
+    let deleted = Instant::now();
+    for name in ["hold", "fast"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let (fast_gone, hold_gone) = tokio::join!(
+        async {
+            wait::pod_deleted(&pods, "fast", Duration::from_secs(60))
+                .await
+                .unwrap();
+            deleted.elapsed()
+        },
+        async {
+            wait::pod_deleted(&pods, "hold", Duration::from_secs(60))
+                .await
+                .unwrap();
+            deleted.elapsed()
+        }
+    );
+    let mut seen = Vec::new();
+    while let Ok((path, at)) = calls.try_recv() {
+        seen.push((path, at.duration_since(deleted)));
+    }
+    eprintln!(
+        "hook calls {seen:?}; fast pod gone after {fast_gone:?}, hold pod after {hold_gone:?}"
+    );
+
+    // Each hook ran once, right after the delete.
+    for path in ["/fast/fast", "/hold/hold"] {
+        let calls: Vec<_> = seen.iter().filter(|(p, _)| p == path).collect();
+        assert_eq!(calls.len(), 1, "{path}: {seen:?}");
+        assert!(
+            calls[0].1 < Duration::from_secs(3),
+            "{path} called late: {seen:?}"
+        );
+    }
+    // A hook that answers lets the pod go at once; one that never answers holds it for the
+    // whole grace period, and not much longer (the kubelet adds 2s after a hook overran).
+    let grace = Duration::from_secs(GRACE as u64);
+    assert!(fast_gone < grace, "fast pod took {fast_gone:?}");
+    assert!(
+        hold_gone >= grace,
+        "hold pod gone after {hold_gone:?}, before its grace period"
+    );
+    assert!(
+        hold_gone < grace + Duration::from_secs(8),
+        "hold pod took {hold_gone:?}"
+    );
+}
