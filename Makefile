@@ -13,12 +13,12 @@ RELEASE_DIR := target/$(TARGET)/release
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
-	deploy demo test e2e bench-sidecar
+	deploy demo test e2e baseline bench-sidecar
 
 help:
 	@echo "make demo           real cluster, chart, rollouts under load, dropped-request report"
 	@echo "make test           lint, unit and process tests, then the e2e suite on the real cluster"
-	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | bench-sidecar"
+	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar"
 
 deps:
 	scripts/deps.sh
@@ -60,6 +60,10 @@ demo: deps
 
 e2e: cluster-up images
 	e2e/run.sh
+
+# What every graceful figure is compared with: plain RollingUpdate rollouts under oha's load.
+baseline: cluster-up images
+	e2e/run.sh baseline
 
 test: deps lint unit e2e
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs on the e2e cluster (make cluster-up images first; make e2e does both):
+#   e2e/run.sh [cargo test args]    the e2e suite: every ignored test of graceful-e2e, one at a time
+#   e2e/run.sh baseline [args]      the baseline measurement (--rollouts N --rate R --connections C)
+set -euo pipefail
+here=$(dirname "$0")
+source "$here/scripts/common.sh"
+source "$here/scripts/daemons.sh"
+
+export KUBECONFIG=${KUBECONFIG:-$KUBECONFIG_ADMIN}
+cluster_healthy || die "the e2e cluster is not up or not healthy: make cluster-up (make cluster-status tells more)"
+for t in oha kubectl; do [[ -x $BIN/$t ]] || die "$t missing in $BIN: run make deps / make cluster-up"; done
+cd "$REPO"
+if [[ ${1:-} == baseline ]]; then
+  shift
+  exec cargo run --locked -q -p graceful-e2e --bin baseline -- "$@"
+fi
+exec cargo test --locked -p graceful-e2e -- --ignored --test-threads=1 "$@"
