@@ -330,13 +330,48 @@ fn kubectl_apply(yaml: &str, extra: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Deletes a cluster-scoped webhook configuration when dropped, also when the test panics.
+struct ConfigGuard(String);
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        let _ = kubectl()
+            .unwrap()
+            .args([
+                "delete",
+                "mutatingwebhookconfiguration",
+                &self.0,
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
+
+/// The API server's count of webhook calls that failed open, for our webhook.
+fn fail_open_count() -> f64 {
+    let metrics = cluster::kubectl_output(&["get", "--raw", "/metrics"]).unwrap();
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_admission_webhook_fail_open_count{")
+                && l.contains("inject.graceful.dev")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// What pod creation does while no operator replica answers: the chart's webhook configuration
-/// and Service, with no operator behind them, limited to one labelled test namespace. With the
-/// default `Ignore` an annotated pod is still created; with `Fail` it is refused.
+/// and Service with no operator behind them, limited to one labelled test namespace. With
+/// `Fail` an annotated pod is refused; with the default `Ignore` it is created (and the API
+/// server counts the call as failed open).
 #[tokio::test]
 #[ignore = "needs helm and the e2e cluster (make e2e)"]
 async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
     let client = cluster::client().await.unwrap();
+    // The release's own namespace is never injected: the Service goes to `home`, pods to `ns`.
+    let home = TestNamespace::create(&client, "webhook-down-home")
+        .await
+        .unwrap();
     let ns = TestNamespace::create(&client, "webhook-down")
         .await
         .unwrap();
@@ -348,20 +383,20 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
     ])
     .unwrap();
     let chart = chart();
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    for (policy, pod_name) in [("Ignore", "created-anyway"), ("Fail", "refused")] {
-        let release = format!("z-down-{}", policy.to_lowercase());
-        let selector = format!(
-            "webhook.namespaceSelector.matchLabels.graceful\\.dev/down-test={}",
-            ns.name
-        );
+    let release = "z-graceful-down";
+    let _guard = ConfigGuard(format!("{release}-sidecar-injector"));
+    let selector = format!(
+        "webhook.namespaceSelector.matchLabels.graceful\\.dev/down-test={}",
+        ns.name
+    );
+    let install = |policy: &str| {
         let rendered = helm_ok(&[
             "template",
-            &release,
+            release,
             chart.to_str().unwrap(),
             KUBE_VERSION,
             "-n",
-            &ns.name,
+            &home.name,
             "--show-only",
             "templates/mutatingwebhookconfiguration.yaml",
             "--show-only",
@@ -373,33 +408,57 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
             "--set",
             &selector,
         ]);
-        let (ok, text) = kubectl_apply(&rendered, &["-n", &ns.name]);
+        let (ok, text) = kubectl_apply(&rendered, &["-n", &home.name]);
         assert!(ok, "{text}");
-        let mut pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod_name, "labels": {"app": pod_name},
-                         "annotations": {"graceful.dev/inject": "true"}},
-            "spec": {"terminationGracePeriodSeconds": 40, "containers": [demo::container("down")]},
-        }))
-        .unwrap();
-        pod.metadata.namespace = Some(ns.name.clone());
-        let created = ns.apply(&pod).await;
-        let config = format!("{release}-sidecar-injector");
-        configs.delete(&config, &Default::default()).await.unwrap();
-        match policy {
-            "Ignore" => {
-                let created =
-                    created.unwrap_or_else(|e| panic!("Ignore must let the pod through: {e}"));
-                eprintln!("failurePolicy Ignore, operator down: pod {pod_name} created");
-                assert_eq!(created.metadata.name.as_deref(), Some(pod_name));
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "annotated", "labels": {"app": "annotated"},
+                     "annotations": {"graceful.dev/inject": "true"}},
+        "spec": {"terminationGracePeriodSeconds": 40, "containers": [demo::container("down")]},
+    }))
+    .unwrap();
+    let pods: Api<Pod> = ns.api();
+    let dry_run = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+
+    install("Fail");
+    // The API server picks a new configuration up asynchronously: wait until it is in force.
+    let refused = wait::until(
+        "failurePolicy Fail in force",
+        Duration::from_secs(30),
+        || async {
+            match pods.create(&dry_run, &pod).await {
+                Err(kube::Error::Api(status)) => Ok(Some(status.message)),
+                // Created, or the request never reached the API server: not in force yet.
+                _ => Ok(None),
             }
-            _ => {
-                let err = created
-                    .expect_err("Fail must refuse the pod while the webhook is down")
-                    .to_string();
-                eprintln!("failurePolicy Fail, operator down: {err}");
-                assert!(err.contains("inject.graceful.dev"), "{err}");
-            }
-        }
-    }
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("failurePolicy Fail, operator down: {refused}");
+    assert!(refused.contains("inject.graceful.dev"), "{refused}");
+
+    install("Ignore");
+    wait::until(
+        "failurePolicy Ignore in force",
+        Duration::from_secs(30),
+        || async { Ok(pods.create(&dry_run, &pod).await.ok().map(|_| ())) },
+    )
+    .await
+    .unwrap();
+    let before = fail_open_count();
+    let created = pods.create(&Default::default(), &pod).await.unwrap();
+    let after = fail_open_count();
+    eprintln!(
+        "failurePolicy Ignore, operator down: pod created; fail-open calls {before} -> {after}"
+    );
+    assert_eq!(created.metadata.name.as_deref(), Some("annotated"));
+    assert!(
+        after > before,
+        "the webhook was not called (fail-open count {before} -> {after})"
+    );
 }
