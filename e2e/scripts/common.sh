@@ -77,7 +77,7 @@ daemon_pid() { # name -> prints the live pid, or fails
   local name=$1 pid exe
   pid=$(cat "$PIDS/$name.pid" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  exe=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
+  exe=$({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null) || return 1
   [[ $exe == *"$(cat "$PIDS/$name.cmd" 2>/dev/null)"* && -n $exe ]] || return 1
   echo "$pid"
 }
