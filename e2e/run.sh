@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the e2e cluster (make cluster-up images first; make e2e does both):
 #   e2e/run.sh [cargo test args]    the e2e suite: every ignored test of graceful-e2e, one at a time
+#                                   (e2e/run.sh --test smoke: one file; a name filters tests)
 #   e2e/run.sh baseline [args]      the baseline measurement (--rollouts N --rate R --connections C)
 set -euo pipefail
 here=$(dirname "$0")
@@ -15,4 +16,4 @@ if [[ ${1:-} == baseline ]]; then
   shift
   exec cargo run --locked -q -p graceful-e2e --bin baseline -- "$@"
 fi
-exec cargo test --locked -p graceful-e2e -- --ignored --test-threads=1 "$@"
+exec cargo test --locked -p graceful-e2e "$@" -- --ignored --test-threads=1

@@ -106,6 +106,7 @@ pub async fn baseline(ns: &TestNamespace, load: &Load, count: usize) -> Result<R
     ns.apply(&demo::service(name)).await?;
     wait::rollout(&ns.api(), name, Duration::from_secs(120)).await?;
     let ip = wait::cluster_ip(&ns.api(), name).await?;
+    wait::service_serving(&ns.api(), name, &ip, 80, 3, Duration::from_secs(60)).await?;
     let url = format!("http://{ip}/");
     eprintln!(
         "baseline: {count} rollouts of deployment {name}, {} req/s over {} keep-alive connections to {url}",

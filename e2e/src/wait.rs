@@ -6,7 +6,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::api::ListParams;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::{Error, Result};
 
@@ -108,4 +112,70 @@ pub async fn cluster_ip(api: &Api<Service>, name: &str) -> Result<String> {
         .and_then(|s| s.cluster_ip)
         .filter(|ip| !ip.is_empty() && ip != "None")
         .ok_or_else(|| Error::Cluster(format!("service {name} has no ClusterIP")))
+}
+
+/// One HTTP/1.0 GET on a plain socket (no client library between the test and the wire):
+/// the status line and the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
+    let io = |what: &str| Error::io(format!("GET http://{addr}{path}: {what}"));
+    let mut stream = TcpStream::connect(addr).await.map_err(io("connect"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io("write"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .map_err(io("read"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
+}
+
+/// Waits until Service `name` serves from this host: its EndpointSlices list `ready` ready
+/// endpoints and `GET /` on the ClusterIP answers 2xx ten times in a row. Pods being Ready is
+/// not enough: kube-proxy programs the new endpoints a moment later, and a measurement started
+/// in between counts refusals that no rollout caused.
+pub async fn service_serving(
+    slices: &Api<EndpointSlice>,
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    ready: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let selector = format!("kubernetes.io/service-name={name}");
+    let addr = format!("{cluster_ip}:{port}");
+    until(
+        &format!("service {name} serving {ready} endpoints at {addr}"),
+        timeout,
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels(&selector))
+                .await?;
+            let listed = list
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+                .count();
+            if listed != ready {
+                return Ok(None);
+            }
+            for _ in 0..10 {
+                match http_get(&addr, "/").await {
+                    Ok((status, _))
+                        if status
+                            .split_whitespace()
+                            .nth(1)
+                            .is_some_and(|c| c.starts_with('2')) => {}
+                    _ => return Ok(None),
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await
 }

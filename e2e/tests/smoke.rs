@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const ROLLOUT: Duration = Duration::from_secs(120);
@@ -24,25 +24,11 @@ async fn demo_behind_service(ns: &TestNamespace, version: &str) -> String {
         .unwrap();
     ns.apply(&demo::service("demo")).await.unwrap();
     wait::rollout(&ns.api(), "demo", ROLLOUT).await.unwrap();
-    wait::cluster_ip(&ns.api(), "demo").await.unwrap()
-}
-
-/// One HTTP/1.0 GET, answered body. A plain socket: no client library between us and the wire.
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
+    let ip = wait::cluster_ip(&ns.api(), "demo").await.unwrap();
+    wait::service_serving(&ns.api(), "demo", &ip, 80, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    ip
 }
 
 #[tokio::test]
@@ -54,7 +40,9 @@ async fn cluster_ip_answers_from_the_host_and_from_a_pod() {
 
     // From the host: the body is the demo's version text, and 300 requests over keep-alive
     // from oha all succeed.
-    assert_eq!(http_get(&format!("{ip}:80"), "/").await, "smoke-v1\n");
+    let (status, body) = wait::http_get(&format!("{ip}:80"), "/").await.unwrap();
+    assert!(status.contains(" 200"), "{status}");
+    assert_eq!(body, "smoke-v1\n");
     let load = Load {
         rate: 100,
         lead_in: Duration::ZERO,
