@@ -14,6 +14,8 @@ started=$SECONDS
 
 if cluster_healthy; then
   log "cluster already up ($(daemons_running | tr '\n' ' '))"
+  host_network_up # idempotent: puts back a route or guard someone removed
+  host_check_routes
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
   exit 0
 fi
@@ -222,6 +224,7 @@ done_step
 step "ready for traffic: service account, kube-proxy rules, ClusterIP reachable from the host"
 wait_for 60 "default service account" kubectl_admin get serviceaccount default -n default
 wait_for 60 "kube-proxy healthz" curl -fsS --max-time 1 "http://$KUBE_PROXY_HEALTHZ/healthz"
+host_network_up # kube-proxy has inserted its FORWARD rules: the egress guard goes back on top
 host_check_routes
 # The apiserver through its ClusterIP: proves the DNAT path the tests' traffic takes.
 wait_for 60 "https://$SERVICE_IP_APISERVER/readyz through kube-proxy" curl -fsS --max-time 1 \

@@ -44,8 +44,13 @@ host_network_up() {
   # Pods may talk to each other and to this host, never through it to anywhere else.
   iptables -w -N "$EGRESS_CHAIN" 2>/dev/null || iptables -w -F "$EGRESS_CHAIN"
   iptables -w -A "$EGRESS_CHAIN" -i "$BRIDGE" -o "$BRIDGE" -j RETURN
+  # To the sink it goes nowhere anyway; kube-proxy's REJECT of a service without endpoints
+  # (later in FORWARD) must still answer pods with "refused", not a silent drop.
+  iptables -w -A "$EGRESS_CHAIN" -i "$BRIDGE" -o "$SVC_SINK" -j RETURN
   iptables -w -A "$EGRESS_CHAIN" -i "$BRIDGE" -j DROP
-  iptables -w -C FORWARD -j "$EGRESS_CHAIN" 2>/dev/null || iptables -w -I FORWARD 1 -j "$EGRESS_CHAIN"
+  # First in FORWARD, ahead of kube-proxy's accepts: re-inserted on every call.
+  while iptables -w -D FORWARD -j "$EGRESS_CHAIN" 2>/dev/null; do :; done
+  iptables -w -I FORWARD 1 -j "$EGRESS_CHAIN"
 }
 
 # The network rule, checked before any traffic: service addresses resolve to the sink, pod
@@ -55,7 +60,8 @@ host_check_routes() {
   svc=$(ip -o route get "$SERVICE_IP_APISERVER") pod=$(ip -o route get "${NODE_IP%.*}.200")
   [[ $svc == *" dev $SVC_SINK "* ]] || die "service route wrong: $svc"
   [[ $pod == *" dev $BRIDGE "* ]] || die "pod route wrong: $pod"
-  iptables -w -C FORWARD -j "$EGRESS_CHAIN" 2>/dev/null || die "egress guard missing"
+  [[ $(iptables -w -S FORWARD | sed -n 2p) == "-A FORWARD -j $EGRESS_CHAIN" ]] \
+    || die "egress guard is not the first rule of FORWARD"
   log "   routes: $SERVICE_CIDR -> $SVC_SINK, $POD_CIDR -> $BRIDGE, pod egress off the host dropped"
 }
 
