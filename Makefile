@@ -56,7 +56,7 @@ deploy: images
 	e2e/scripts/deploy.sh
 
 demo: deps
-	e2e/demo.sh
+	e2e/demo.sh $(ARGS)
 
 e2e: cluster-up images
 	e2e/run.sh

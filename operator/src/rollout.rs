@@ -743,7 +743,7 @@ fn force_closed_reported(pod: &Pod) -> Option<i64> {
     statuses.iter().find_map(|s| {
         let msg = s.state.as_ref()?.terminated.as_ref()?.message.as_ref()?;
         let v: serde_json::Value = serde_json::from_str(msg).ok()?;
-        v.get("connections_force_closed").and_then(|n| n.as_i64())
+        v.get("connections_cut").and_then(|n| n.as_i64())
     })
 }
 
