@@ -58,7 +58,7 @@ deploy: images
 demo: deps
 	e2e/demo.sh $(ARGS)
 
-e2e: cluster-up images
+e2e: cluster-up deploy
 	e2e/run.sh
 
 # What every graceful figure is compared with: plain RollingUpdate rollouts under oha's load.
