@@ -166,6 +166,25 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
     }
 }
 
+/// Uninstalls a release when dropped, so a failed test leaves no cluster-scoped objects behind.
+struct ReleaseGuard {
+    release: &'static str,
+    namespace: String,
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        // After a successful uninstall this finds nothing, which is fine.
+        let _ = helm(&[
+            "uninstall",
+            self.release,
+            "-n",
+            &self.namespace,
+            "--ignore-not-found",
+        ]);
+    }
+}
+
 /// A second release, webhook only, in its own namespace: it installs, serves, injects, and on
 /// uninstall takes everything with it (also what the operator made at run time: the TLS Secret
 /// and the EndpointSlice grants, through their owner reference); the CRD stays.
@@ -177,10 +196,25 @@ async fn install_then_uninstall_leaves_only_the_crd() {
         .await
         .unwrap();
     let apps = TestNamespace::create(&client, "chart-apps").await.unwrap();
-    // Sorts before the main release's configuration, so this release's webhook is called first.
+    // Only this release may inject in `apps`: the main release skips a namespace labelled
+    // graceful.dev/injection=disabled, this one selects it by its own label instead.
+    cluster::kubectl_output(&[
+        "label",
+        "namespace",
+        &apps.name,
+        "graceful.dev/injection=disabled",
+        &format!("graceful.dev/e2e-release={}", home.name),
+    ])
+    .unwrap();
     let release = "a-graceful";
     let chart = chart();
     let dev = chart.join("ci/dev-values.yaml");
+    let selector =
+        json!({"matchLabels": {"graceful.dev/e2e-release": home.name}, "matchExpressions": []});
+    let _release = ReleaseGuard {
+        release,
+        namespace: home.name.clone(),
+    };
     helm_ok(&[
         "install",
         release,
@@ -191,6 +225,8 @@ async fn install_then_uninstall_leaves_only_the_crd() {
         dev.to_str().unwrap(),
         "--set",
         "operator.replicas=1,controller.enabled=false",
+        "--set-json",
+        &format!("webhook.namespaceSelector={selector}"),
         "--wait",
         "--timeout",
         "180s",
@@ -222,6 +258,29 @@ async fn install_then_uninstall_leaves_only_the_crd() {
     }))
     .unwrap();
     pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(40);
+    // The API server takes up the new configuration (and its caBundle) asynchronously: dry runs
+    // (no side effects) until the webhook injects.
+    let dry_run = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait::until(
+        "the new release's webhook in force",
+        Duration::from_secs(60),
+        || async {
+            let answer = apps.api::<Pod>().create(&dry_run, &pod).await?;
+            let inits = answer
+                .spec
+                .and_then(|s| s.init_containers)
+                .unwrap_or_default();
+            Ok(inits
+                .iter()
+                .any(|c| c.name == "graceful-sidecar")
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
     apps.apply(&pod).await.unwrap();
     let created = apps.api::<Pod>().get("app").await.unwrap();
     let inits = created.spec.unwrap().init_containers.unwrap_or_default();
@@ -275,24 +334,36 @@ async fn install_then_uninstall_leaves_only_the_crd() {
     )
     .await
     .unwrap();
-    let out = kubectl()
-        .unwrap()
-        .args([
-            "get",
-            "all,sa,role,rolebinding,secret,lease,pdb",
-            "-n",
-            &home.name,
-            "-o",
-            "name",
-        ])
-        .output()
-        .unwrap();
-    let left = String::from_utf8_lossy(&out.stdout);
-    let left: Vec<&str> = left
-        .lines()
-        .filter(|l| !l.starts_with("serviceaccount/default") && !l.contains("kube-root-ca"))
-        .collect();
-    assert!(left.is_empty(), "left in {}: {left:?}", home.name);
+    // The operator pod takes its preStop sleep to go; then the namespace holds only defaults.
+    let namespace = home.name.clone();
+    wait::until(
+        "the release namespace empty",
+        Duration::from_secs(60),
+        || {
+            let namespace = namespace.clone();
+            async move {
+                let out = cluster::kubectl_output(&[
+                    "get",
+                    "all,sa,role,rolebinding,secret,lease,pdb",
+                    "-n",
+                    &namespace,
+                    "-o",
+                    "name",
+                ])?;
+                let left: Vec<String> = out
+                    .lines()
+                    .filter(|l| !l.starts_with("serviceaccount/default"))
+                    .map(str::to_owned)
+                    .collect();
+                if !left.is_empty() {
+                    eprintln!("left in {namespace}: {left:?}");
+                }
+                Ok(left.is_empty().then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     assert!(
         crds.get_opt("gracefulrollouts.graceful.dev")
