@@ -45,6 +45,7 @@ wait_port() { # port
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.05
   done
+  tail -n 5 "$TMP"/*.log "$TMP"/nginx/*.log >&2 2>/dev/null || true
   die "nothing listening on 127.0.0.1:$1"
 }
 
@@ -88,7 +89,7 @@ PIDS+=($NGINX_PID)
 cat > "$TMP/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
-  maxconn 20000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s

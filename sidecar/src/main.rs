@@ -35,8 +35,13 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .init();
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.workers > 0 {
+    // One worker: a single-threaded scheduler, no cross-thread synchronization at all.
+    let mut rt = if cfg.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cfg.workers > 1 {
         rt.worker_threads(cfg.workers);
     }
     let rt = match rt.enable_all().build() {

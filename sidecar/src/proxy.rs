@@ -2,9 +2,11 @@
 //! as RFC 9110 section 7.6.1 says, X-Forwarded-For/Proto added, Upgrade (WebSocket) tunnelled,
 //! and a short 502 when the app cannot be reached.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,11 +15,14 @@ use http::{Request, Response, StatusCode, Uri, Version, uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::drain::{Drain, Phase};
@@ -51,8 +56,60 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Drives one upstream connection; run by the task of the client connection it serves.
+pub type UpstreamConn = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client connection a request arrived on, as the proxy needs it.
+pub struct Downstream {
+    forwarded_for: HeaderValue,
+    /// HTTP/1.1 requests on one client connection come one at a time, so that connection gets
+    /// an upstream connection of its own: no shared pool, no lock contention, and both sides
+    /// are driven by one task, so no hop between tasks per request.
+    upstream: Mutex<Option<http1::SendRequest<Incoming>>>,
+    drive: mpsc::UnboundedSender<UpstreamConn>,
+}
+
+impl Downstream {
+    /// The receiver yields the upstream connections the caller's task must drive.
+    pub fn new(peer: SocketAddr) -> (Self, mpsc::UnboundedReceiver<UpstreamConn>) {
+        let (drive, driven) = mpsc::unbounded_channel();
+        let ip = peer.ip().to_canonical().to_string();
+        let down = Self {
+            forwarded_for: HeaderValue::from_str(&ip).expect("an IP is a valid header value"),
+            upstream: Mutex::new(None),
+            drive,
+        };
+        (down, driven)
+    }
+
+    fn take_upstream(&self) -> Option<http1::SendRequest<Incoming>> {
+        self.upstream.lock().expect("not poisoned").take()
+    }
+
+    fn keep_upstream(&self, sender: http1::SendRequest<Incoming>) {
+        *self.upstream.lock().expect("not poisoned") = Some(sender);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("cannot connect to the app: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("cannot connect to the app: timed out")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+}
+
 pub struct Proxy {
+    /// Pooled client for HTTP/2 clients, h2c upstreams and upgrades.
     client: Client<HttpConnector, Incoming>,
+    upstream: SocketAddr,
+    h2c: bool,
     authority: uri::Authority,
     upstream_version: Version,
     drain: Arc<Drain>,
@@ -74,6 +131,8 @@ impl Proxy {
             .build(connector);
         Self {
             client,
+            upstream,
+            h2c,
             authority: upstream
                 .to_string()
                 .parse()
@@ -92,7 +151,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
     ) -> Response<ProxyBody> {
         let metrics = &self.drain.metrics;
         metrics.requests.inc();
@@ -104,11 +163,17 @@ impl Proxy {
 
         let upgrade = wants_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if let Err(e) = self.prepare(&mut req, peer, upgrade) {
+        let paired = downstream <= Version::HTTP_11 && !upgrade && !self.h2c;
+        if let Err(e) = self.prepare(&mut req, down, upgrade, !paired) {
             return short(StatusCode::BAD_REQUEST, e);
         }
 
-        let mut resp = match self.client.request(req).await {
+        let result = if paired {
+            self.send_paired(req, down).await
+        } else {
+            self.client.request(req).await.map_err(UpstreamError::from)
+        };
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => return self.bad_gateway(e),
         };
@@ -147,8 +212,9 @@ impl Proxy {
     fn prepare(
         &self,
         req: &mut Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
         upgrade: bool,
+        absolute_uri: bool,
     ) -> Result<(), &'static str> {
         let uri = req.uri().clone();
         let headers = req.headers_mut();
@@ -157,6 +223,11 @@ impl Proxy {
             && let Some(authority) = uri.authority()
         {
             let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
+            headers.insert(header::HOST, host);
+        }
+        if !headers.contains_key(header::HOST) {
+            let host =
+                HeaderValue::from_str(self.authority.as_str()).map_err(|_| "bad authority")?;
             headers.insert(header::HOST, host);
         }
         let trailers = headers.get_all(header::TE).iter().any(|v| {
@@ -179,23 +250,84 @@ impl Proxy {
             headers.insert(header::UPGRADE, protocol);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        forwarded_for(headers, peer);
+        forwarded_for(headers, &down.forwarded_for);
         if !headers.contains_key("x-forwarded-proto") {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
 
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        *req.uri_mut() = Uri::builder()
-            .scheme(uri::Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| "bad request target")?;
+        if absolute_uri {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = Uri::builder()
+                .scheme(uri::Scheme::HTTP)
+                .authority(self.authority.clone())
+                .path_and_query(path)
+                .build()
+                .map_err(|_| "bad request target")?;
+        } else if uri.scheme().is_some() || uri.authority().is_some() {
+            // An HTTP/1.1 connection sends origin-form: the path only.
+            let path = uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| "/".parse().expect("valid"));
+            *req.uri_mut() = Uri::from(path);
+        }
         *req.version_mut() = self.upstream_version;
         Ok(())
     }
 
-    fn bad_gateway(&self, e: hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+    /// Sends on this client connection's own upstream connection; a request that was never
+    /// written because a kept-alive connection was closing goes once more on a new one.
+    async fn send_paired(
+        &self,
+        mut req: Request<Incoming>,
+        down: &Downstream,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(mut sender) = down.take_upstream().filter(|s| !s.is_closed())
+            && sender.ready().await.is_ok()
+        {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    down.keep_upstream(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        let mut sender = self.connect_paired(down).await?;
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        down.keep_upstream(sender);
+        Ok(resp)
+    }
+
+    async fn connect_paired(
+        &self,
+        down: &Downstream,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.upstream))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        let conn: UpstreamConn = Box::pin(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        // The client connection's task drives it; if that task is gone, a task of its own.
+        if let Err(mpsc::error::SendError(conn)) = down.drive.send(conn) {
+            tokio::spawn(conn);
+        }
+        Ok(sender)
+    }
+
+    fn bad_gateway(&self, e: UpstreamError) -> Response<ProxyBody> {
         self.drain.metrics.upstream_errors.inc();
         self.failures.fetch_add(1, Ordering::Relaxed);
         if !self.upstream_down.swap(true, Ordering::Relaxed) {
@@ -247,15 +379,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_canonical().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+fn forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let combined = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prior}, {}", ip.to_str().unwrap_or_default())).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert("x-forwarded-for", combined.unwrap_or_else(|| ip.clone()));
 }
 
 /// Copies bytes both ways between the client and the app once both sides switched protocols.
@@ -306,9 +437,10 @@ mod tests {
     #[test]
     fn forwarded_for_appends_the_peer() {
         let mut h = HeaderMap::new();
-        forwarded_for(&mut h, "10.0.0.9:5555".parse().unwrap());
+        let ip = |a: &str| Downstream::new(a.parse().unwrap()).0.forwarded_for;
+        forwarded_for(&mut h, &ip("10.0.0.9:5555"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
-        forwarded_for(&mut h, "[::ffff:10.0.0.10]:5555".parse().unwrap());
+        forwarded_for(&mut h, &ip("[::ffff:10.0.0.10]:5555"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9, 10.0.0.10");
     }
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,7 +21,7 @@ use tracing::{debug, warn};
 use crate::defaults;
 use crate::drain::{self, Drain, Phase};
 use crate::metrics::Protocol;
-use crate::proxy::{GaugeGuard, Proxy};
+use crate::proxy::{Downstream, GaugeGuard, Proxy};
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -85,14 +87,18 @@ async fn connection(
         first_request: Notify::new(),
         open: Mutex::new(GaugeGuard::new(drain.metrics.open(Protocol::pending))),
     });
+    let (down, mut driven) = Downstream::new(peer);
+    let down = Arc::new(down);
     let service = {
         let (state, drain) = (state.clone(), drain.clone());
         service_fn(move |req| {
             state.on_request(req.version(), &drain);
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let (proxy, down) = (proxy.clone(), down.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, &down).await) }
         })
     };
+    // Upstream connections of this client connection, driven here, in the same task.
+    let mut upstreams = FuturesUnordered::new();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
 
@@ -124,6 +130,8 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
+            Some(upstream) = driven.recv() => upstreams.push(upstream),
+            Some(()) = upstreams.next(), if !upstreams.is_empty() => {}
             _ = drain::forced(&mut force) => break,
         }
     }
