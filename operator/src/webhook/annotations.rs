@@ -12,6 +12,10 @@ pub const INJECT: &str = "graceful.dev/inject";
 pub const DEREGISTER_DELAY: &str = "graceful.dev/deregister-delay";
 /// From the drain trigger to the forced close of what is still open (e.g. `30s`).
 pub const DRAIN_TIMEOUT: &str = "graceful.dev/drain-timeout";
+/// After no EndpointSlice lists the pod as ready: how long kube-proxy and other consumers of
+/// the slices get to apply that before the drain proceeds (e.g. `4s`; the sidecar's default
+/// when unset).
+pub const PROPAGATION_MARGIN: &str = "graceful.dev/propagation-margin";
 /// The app's port the sidecar takes over: a port name of the app container, or a number.
 pub const APP_PORT: &str = "graceful.dev/app-port";
 /// The container the sidecar fronts, when the pod has more than one.
@@ -64,6 +68,7 @@ pub enum GracePolicy {
 pub struct Settings {
     pub deregister_delay: Duration,
     pub drain_timeout: Duration,
+    pub propagation_margin: Option<Duration>,
     pub app_port: Option<PortRef>,
     pub app_container: Option<String>,
     pub grace_policy: GracePolicy,
@@ -111,6 +116,9 @@ impl Settings {
                 "must be more than zero",
             ));
         }
+        let propagation_margin = get(PROPAGATION_MARGIN)
+            .map(|v| duration(PROPAGATION_MARGIN, v))
+            .transpose()?;
         let app_port = get(APP_PORT).map(port_ref).transpose()?;
         let app_container = match get(APP_CONTAINER) {
             Some("") => {
@@ -137,6 +145,7 @@ impl Settings {
         Ok(Self {
             deregister_delay,
             drain_timeout,
+            propagation_margin,
             app_port,
             app_container,
             grace_policy,

@@ -135,6 +135,12 @@ fn build(
     let app_name = app.name.clone();
 
     let mut sidecar = sidecar_container(settings, &port, ctx);
+    if let (Some(margin), Some(args)) = (settings.propagation_margin, sidecar.args.as_mut()) {
+        args.extend([
+            "--propagation-margin".to_owned(),
+            format!("{}ms", margin.as_millis()),
+        ]);
+    }
     // The ServiceAccount admission plugin ran before this webhook and mounted the API token
     // only into the containers that existed then: the sidecar needs it to watch EndpointSlices.
     let token_mounts: Vec<VolumeMount> = app

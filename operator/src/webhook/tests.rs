@@ -280,6 +280,7 @@ fn bad_annotation_values_are_rejected_by_name() {
     for (key, value) in [
         (ann::DRAIN_TIMEOUT, "forever"),
         (ann::DEREGISTER_DELAY, "-3s"),
+        (ann::PROPAGATION_MARGIN, "2 parsecs"),
         (ann::APP_PORT, "99999"),
         (ann::GRACE_PERIOD, "sometimes"),
         (ann::INJECT, "yes"),
@@ -308,6 +309,20 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
     let args = sidecar(&pod).args.clone().unwrap().join(" ");
     assert!(args.contains("--deregister-delay 1500ms"), "{args}");
     assert!(args.contains("--drain-timeout 50000ms"), "{args}");
+    assert!(
+        !args.contains("--propagation-margin"),
+        "the sidecar's default unless asked: {args}"
+    );
+
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"][ann::PROPAGATION_MARGIN] = json!("4s");
+    let r = run(&review_json);
+    let args = sidecar(&patched(&review_json, &r))
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(args.contains("--propagation-margin 4000ms"), "{args}");
     // 1.5 + 50 + 5 = 56.5 -> 57 whole seconds.
     assert_eq!(pod.spec.unwrap().termination_grace_period_seconds, Some(57));
 }
