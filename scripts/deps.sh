@@ -8,7 +8,7 @@ source "$(dirname "$0")/../e2e/scripts/common.sh"
 
 host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2)
 cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
-  ethtool socat kmod util-linux mount)
+  ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
 [[ ${1:-} == --host ]] || pkgs+=("${cluster_pkgs[@]}")
 
