@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::Result;
-use crate::cluster::kubectl;
+use crate::cluster::{kubectl, kubectl_output};
+use crate::{Error, Result};
 
 /// Field manager of everything the harness applies.
 pub const FIELD_MANAGER: &str = "graceful-e2e";
@@ -75,45 +75,40 @@ impl TestNamespace {
     pub fn print_diagnostics(&self) {
         let ns = self.name.as_str();
         eprintln!("===== diagnostics of namespace {ns} =====");
-        let runs: [&[&str]; 3] = [
-            &[
-                "get",
-                "deploy,rs,pods,svc,endpointslices",
-                "-o",
-                "wide",
-                "-n",
-                ns,
-            ],
-            &["get", "events", "--sort-by=.lastTimestamp", "-n", ns],
-            &[
+        kubectl_print(&[
+            "get",
+            "deploy,rs,pods,svc,endpointslices",
+            "-o",
+            "wide",
+            "-n",
+            ns,
+        ]);
+        kubectl_print(&["get", "events", "--sort-by=.lastTimestamp", "-n", ns]);
+        let pods = kubectl_output(&["get", "pods", "-o", "name", "-n", ns]).unwrap_or_default();
+        for pod in pods.lines().filter(|l| !l.is_empty()) {
+            kubectl_print(&[
                 "logs",
+                pod,
                 "--all-containers",
                 "--prefix",
                 "--tail=200",
-                "--max-log-requests=20",
-                "-l",
-                "app",
                 "-n",
                 ns,
-            ],
-        ];
-        for args in runs {
-            match kubectl().and_then(|mut c| {
-                c.args(args)
-                    .output()
-                    .map_err(crate::Error::io("running kubectl"))
-            }) {
-                Ok(out) => {
-                    eprintln!("--- kubectl {}", args.join(" "));
-                    eprintln!(
-                        "{}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                Err(e) => eprintln!("--- kubectl {}: {e}", args.join(" ")),
-            }
+            ]);
         }
+    }
+}
+
+/// One kubectl command and its output (or why it could not run), on stderr.
+fn kubectl_print(args: &[&str]) {
+    eprintln!("--- kubectl {}", args.join(" "));
+    match kubectl().and_then(|mut c| c.args(args).output().map_err(Error::io("running kubectl"))) {
+        Ok(out) => eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("{e}"),
     }
 }
 
@@ -130,7 +125,7 @@ impl Drop for TestNamespace {
         let deleted = kubectl().and_then(|mut c| {
             c.args(["delete", "namespace", &self.name, "--wait=false"])
                 .output()
-                .map_err(crate::Error::io("running kubectl"))
+                .map_err(Error::io("running kubectl"))
         });
         if let Err(e) = deleted {
             eprintln!("could not delete namespace {}: {e}", self.name);
