@@ -417,11 +417,7 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
         .iter()
         .any(|rs| rs.revision != target && rs.replicas > 0);
     if target_exists && !others_active && counts.draining == 0 {
-        for rs in &seen.replica_sets {
-            if takeover::controlled_by(rs, &gr_uid) {
-                takeover::hand_back(&rs_api, rs, &seen.deploy).await?;
-            }
-        }
+        takeover::hand_back_all(&rs_api, &seen.replica_sets, &gr_uid, &seen.deploy).await?;
         if let Some(started) = status.rollout_started_at.take() {
             let outcome = match (rolling_back, gr.spec.abort) {
                 (false, _) => "Succeeded",
@@ -487,11 +483,7 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
 
     // A rollout is needed: take every ReplicaSet of the Deployment, so the paused Deployment owns
     // none it could scale.
-    for rs in &seen.replica_sets {
-        if !takeover::controlled_by(rs, &gr_uid) {
-            takeover::adopt(&rs_api, rs, &gr, &seen.deploy).await?;
-        }
-    }
+    takeover::adopt_all(&rs_api, &seen.replica_sets, &gr, &seen.deploy).await?;
     let now = now_time();
     if status.rollout_started_at.is_none() {
         status.rollout_started_at = Some(now.clone());
@@ -724,7 +716,13 @@ fn track_drains(ctx: &Context, gr: &GracefulRollout, seen: &Observed) {
                 rollout: rollout.clone(),
                 ..Default::default()
             });
-        entry.started.get_or_insert(deleted.0);
+        // deletionTimestamp is the deadline (deletion + grace period), not the deletion itself.
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+        let began = deleted
+            .0
+            .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+            .unwrap_or(deleted.0);
+        entry.started.get_or_insert(began);
         if let Some(n) = force_closed_reported(pod) {
             entry.force_closed = n;
         }
@@ -871,15 +869,19 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
     let gr_uid = takeover::uid_of(gr.as_ref());
     let deploy = deploys.get_opt(&gr.spec.target_ref.name).await?;
-    for rs in rs_api.list(&ListParams::default()).await?.items {
-        if !takeover::owned_by(&rs, &gr_uid) {
-            continue;
-        }
-        match &deploy {
-            Some(d) => {
-                takeover::hand_back(&rs_api, &rs, d).await?;
+    let ours: Vec<ReplicaSet> = rs_api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|rs| takeover::owned_by(rs, &gr_uid))
+        .collect();
+    match &deploy {
+        Some(d) => takeover::hand_back_all(&rs_api, &ours, &gr_uid, d).await?,
+        None => {
+            for rs in &ours {
+                takeover::disown(&rs_api, rs, &gr_uid).await?;
             }
-            None => takeover::disown(&rs_api, &rs, &gr_uid).await?,
         }
     }
     if let Some(d) = &deploy
@@ -1096,6 +1098,10 @@ mod tests {
 
         let handed: Vec<Write> = api.writes_to("/replicasets/");
         assert_eq!(handed.len(), 2);
+        assert!(
+            handed[0].path.ends_with(&format!("web-{new_hash}")),
+            "the active ReplicaSet goes back first"
+        );
         for w in &handed {
             assert_eq!(
                 w.body["metadata"]["ownerReferences"],

@@ -139,6 +139,44 @@ async fn set_owners(
         .await?)
 }
 
+fn size(rs: &ReplicaSet) -> i32 {
+    rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
+}
+
+/// Take every ReplicaSet not yet ours, the empty ones first: a paused Deployment left owning
+/// only empty ReplicaSets would scale the newest of them up to its replicas, so it must keep
+/// its active one until the very last adoption.
+pub async fn adopt_all(
+    api: &Api<ReplicaSet>,
+    sets: &[ReplicaSet],
+    gr: &GracefulRollout,
+    deploy: &Deployment,
+) -> Result<()> {
+    let uid = uid_of(gr);
+    let mut todo: Vec<&ReplicaSet> = sets.iter().filter(|rs| !controlled_by(rs, &uid)).collect();
+    todo.sort_by_key(|rs| size(rs));
+    for rs in todo {
+        adopt(api, rs, gr, deploy).await?;
+    }
+    Ok(())
+}
+
+/// Give every ReplicaSet we control back, the largest first, for the same reason: at no moment
+/// may the Deployment own only empty ReplicaSets.
+pub async fn hand_back_all(
+    api: &Api<ReplicaSet>,
+    sets: &[ReplicaSet],
+    gr_uid: &str,
+    deploy: &Deployment,
+) -> Result<()> {
+    let mut todo: Vec<&ReplicaSet> = sets.iter().filter(|rs| controlled_by(rs, gr_uid)).collect();
+    todo.sort_by_key(|rs| std::cmp::Reverse(size(rs)));
+    for rs in todo {
+        hand_back(api, rs, deploy).await?;
+    }
+    Ok(())
+}
+
 /// Make the GracefulRollout the controller of a ReplicaSet of its Deployment.
 pub async fn adopt(
     api: &Api<ReplicaSet>,
