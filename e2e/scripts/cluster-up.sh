@@ -182,7 +182,7 @@ done_step
 
 step "kube-apiserver ($APISERVER_URL, advertised as $NODE_IP)"
 daemon_start kube-apiserver "$BIN/kube-apiserver" \
-  --advertise-address="$NODE_IP" --bind-address=0.0.0.0 --secure-port="$APISERVER_PORT" \
+  --advertise-address="$NODE_IP" --bind-address="$NODE_IP" --secure-port="$APISERVER_PORT" \
   --etcd-servers="$ETCD_CLIENT" --service-cluster-ip-range="$SERVICE_CIDR" \
   --client-ca-file="$PKI/ca.crt" \
   --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \

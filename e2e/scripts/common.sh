@@ -42,7 +42,8 @@ SERVICE_IP_APISERVER=10.96.0.1
 CNI_NETWORK=graceful
 
 APISERVER_PORT=6443
-APISERVER_URL=https://127.0.0.1:$APISERVER_PORT
+# The apiserver listens on the node IP only (nothing of the cluster listens on eth0).
+APISERVER_URL=https://$NODE_IP:$APISERVER_PORT
 ETCD_CLIENT=http://127.0.0.1:2379
 ETCD_PEER=http://127.0.0.1:2380
 KUBELET_HEALTHZ=127.0.0.1:10248
