@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the e2e cluster (make cluster-up images first; make e2e does both):
 #   e2e/run.sh [cargo test args]    the e2e suite: every ignored test of graceful-e2e, one at a time
-#                                   (e2e/run.sh --test smoke: one file; a name filters tests)
+#                                   (e2e/run.sh --test smoke prestop -- --nocapture: one file,
+#                                   tests whose name has "prestop", their output shown)
 #   e2e/run.sh baseline [args]      the baseline measurement (--rollouts N --rate R --connections C)
 set -euo pipefail
 here=$(dirname "$0")
@@ -16,4 +17,10 @@ if [[ ${1:-} == baseline ]]; then
   shift
   exec cargo run --locked -q -p graceful-e2e --bin baseline -- "$@"
 fi
-exec cargo test --locked -p graceful-e2e "$@" -- --ignored --test-threads=1
+# cargo's arguments first, the test binary's after a `--` (e2e/run.sh --test smoke -- --nocapture).
+cargo_args=() test_args=()
+while (($#)); do
+  if [[ $1 == -- ]]; then shift; test_args=("$@"); break; fi
+  cargo_args+=("$1"); shift
+done
+exec cargo test --locked -p graceful-e2e "${cargo_args[@]}" -- --ignored --test-threads=1 "${test_args[@]}"

@@ -200,7 +200,8 @@ async fn prestop_hook_runs_and_grace_period_is_honoured() {
         .unwrap();
     let node_ip = cluster::node_ip(&client).await.unwrap();
     let (port, mut calls) = hook_server(&node_ip).await;
-    const GRACE: i64 = 6;
+    // Long enough that a loaded machine cannot make the fast pod look like a grace-period wait.
+    const GRACE: i64 = 10;
     let pods: kube::Api<Pod> = ns.api();
     ns.apply(&pod_with_hook("hold", &node_ip, port, "/hold/hold", GRACE))
         .await
@@ -240,12 +241,12 @@ async fn prestop_hook_runs_and_grace_period_is_honoured() {
         "hook calls {seen:?}; fast pod gone after {fast_gone:?}, hold pod after {hold_gone:?}"
     );
 
-    // Each hook ran once, right after the delete.
+    // Each hook ran once, soon after the delete (the kubelet takes ~2 s to act on it here).
     for path in ["/fast/fast", "/hold/hold"] {
         let calls: Vec<_> = seen.iter().filter(|(p, _)| p == path).collect();
         assert_eq!(calls.len(), 1, "{path}: {seen:?}");
         assert!(
-            calls[0].1 < Duration::from_secs(3),
+            calls[0].1 < Duration::from_secs(8),
             "{path} called late: {seen:?}"
         );
     }
