@@ -158,12 +158,12 @@ daemon_start etcd "$(command -v etcd)" --name graceful --data-dir "$STATE/etcd" 
   --listen-peer-urls "$ETCD_PEER" --initial-advertise-peer-urls "$ETCD_PEER" \
   --initial-cluster "graceful=$ETCD_PEER" --initial-cluster-state new \
   --listen-metrics-urls http://127.0.0.1:2381 --logger zap --log-outputs stderr
-wait_for 30 "etcd health" curl -fsS --max-time 1 "$ETCD_CLIENT/health"
+wait_daemon etcd 30 "health" curl -fsS --max-time 1 "$ETCD_CLIENT/health"
 done_step
 
 step "containerd ($CONTAINERD_SOCK)"
 daemon_start containerd "$(command -v containerd)" --config "$STATE/containerd.toml"
-wait_for 30 "containerd" ctr --address "$CONTAINERD_SOCK" version
+wait_daemon containerd 30 "socket" ctr --address "$CONTAINERD_SOCK" version
 # A killed cluster's pods are still in containerd's store: remove them (CNI DEL included).
 "$BIN/kube" cri-reset "unix://$CONTAINERD_SOCK"
 done_step
@@ -193,7 +193,7 @@ daemon_start kube-apiserver "$BIN/kube-apiserver" \
   --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
   --allow-privileged=true --profiling=false
-wait_for 90 "kube-apiserver /readyz" apiserver_ready
+wait_daemon kube-apiserver 90 "/readyz" apiserver_ready
 done_step
 
 step "kube-controller-manager, kube-scheduler"
@@ -218,12 +218,12 @@ daemon_start kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
   --kubeconfig="$STATE/kubelet.kubeconfig" --hostname-override="$NODE_NAME" \
   --node-ip="$NODE_IP" --root-dir="$STATE/kubelet"
 daemon_start kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
-wait_for 120 "node $NODE_NAME Ready" node_ready
+wait_daemon kubelet 120 "node $NODE_NAME Ready" node_ready
 done_step
 
 step "ready for traffic: service account, kube-proxy rules, ClusterIP reachable from the host"
 wait_for 60 "default service account" kubectl_admin get serviceaccount default -n default
-wait_for 60 "kube-proxy healthz" curl -fsS --max-time 1 "http://$KUBE_PROXY_HEALTHZ/healthz"
+wait_daemon kube-proxy 60 "healthz" curl -fsS --max-time 1 "http://$KUBE_PROXY_HEALTHZ/healthz"
 host_network_up # kube-proxy has inserted its FORWARD rules: the egress guard goes back on top
 host_check_routes
 # The apiserver through its ClusterIP: proves the DNAT path the tests' traffic takes.

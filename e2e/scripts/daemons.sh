@@ -34,6 +34,19 @@ daemon_stop() { # name [timeout-seconds]
   rm -f "$PIDS/$name.pid" "$PIDS/$name.cmd"
 }
 
+# Waits like wait_for, but fails at once when the daemon exits, and shows the end of its log.
+wait_daemon() { # name timeout description cmd...
+  local name=$1 timeout=$2 what=$3 start=$SECONDS; shift 3
+  until "$@" >/dev/null 2>&1; do
+    if ! daemon_pid "$name" >/dev/null || (( SECONDS - start >= timeout )); then
+      log "$name: $(daemon_pid "$name" >/dev/null && echo "no $what after ${timeout}s" || echo "exited")"
+      tail -n 20 "$LOGS/$name.log" >&2 || true
+      die "$name failed (log: $LOGS/$name.log)"
+    fi
+    sleep 0.5
+  done
+}
+
 daemons_running() { # prints "name pid" per running daemon; fails when any is down
   local name pid ok=0
   for name in "${DAEMONS[@]}"; do
