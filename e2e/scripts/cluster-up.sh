@@ -22,12 +22,19 @@ fi
 
 step "binaries: kubernetes $KUBE_VERSION, helm (build-kube.sh)"
 "$here/build-kube.sh"
-missing=()
-for tool in etcd containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-[[ -x $CNI_BIN/bridge && -x $CNI_BIN/host-local && -x $CNI_BIN/portmap ]] || missing+=("CNI plugins in $CNI_BIN")
-((${#missing[@]} == 0)) || die "missing: ${missing[*]} (run scripts/deps.sh or make deps)"
+host_tools_missing() {
+  local tool missing=()
+  for tool in etcd containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  [[ -x $CNI_BIN/bridge && -x $CNI_BIN/host-local && -x $CNI_BIN/portmap ]] || missing+=("CNI plugins")
+  echo "${missing[*]}"
+}
+if [[ -n $(host_tools_missing) ]]; then
+  log "missing: $(host_tools_missing): installing (scripts/deps.sh)"
+  "$REPO/scripts/deps.sh"
+  [[ -z $(host_tools_missing) ]] || die "still missing after scripts/deps.sh: $(host_tools_missing)"
+fi
 done_step
 
 # Anything left by an earlier cluster (stopped or killed) goes first: stale pids, sandboxes,
