@@ -13,9 +13,11 @@ pub const DEREGISTER_DELAY: &str = "graceful.dev/deregister-delay";
 /// From the drain trigger to the forced close of what is still open (e.g. `30s`).
 pub const DRAIN_TIMEOUT: &str = "graceful.dev/drain-timeout";
 /// After no EndpointSlice lists the pod as ready: how long kube-proxy and other consumers of
-/// the slices get to apply that before the drain proceeds (e.g. `4s`; the sidecar's default
-/// when unset).
+/// the slices get to apply that before the drain proceeds (e.g. `4s`).
 pub const PROPAGATION_MARGIN: &str = "graceful.dev/propagation-margin";
+/// Injected pods wait longer than the sidecar's own 2s default: on the busy 2-core e2e node
+/// kube-proxy took up to 3s to program a change, and 2s dropped requests (docs/injection.md).
+pub const DEFAULT_PROPAGATION_MARGIN: Duration = Duration::from_secs(5);
 /// The app's port the sidecar takes over: a port name of the app container, or a number.
 pub const APP_PORT: &str = "graceful.dev/app-port";
 /// The container the sidecar fronts, when the pod has more than one.
@@ -68,7 +70,7 @@ pub enum GracePolicy {
 pub struct Settings {
     pub deregister_delay: Duration,
     pub drain_timeout: Duration,
-    pub propagation_margin: Option<Duration>,
+    pub propagation_margin: Duration,
     pub app_port: Option<PortRef>,
     pub app_container: Option<String>,
     pub grace_policy: GracePolicy,
@@ -116,9 +118,10 @@ impl Settings {
                 "must be more than zero",
             ));
         }
-        let propagation_margin = get(PROPAGATION_MARGIN)
-            .map(|v| duration(PROPAGATION_MARGIN, v))
-            .transpose()?;
+        let propagation_margin = match get(PROPAGATION_MARGIN) {
+            Some(v) => duration(PROPAGATION_MARGIN, v)?,
+            None => DEFAULT_PROPAGATION_MARGIN,
+        };
         let app_port = get(APP_PORT).map(port_ref).transpose()?;
         let app_container = match get(APP_CONTAINER) {
             Some("") => {

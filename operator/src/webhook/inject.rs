@@ -135,12 +135,6 @@ fn build(
     let app_name = app.name.clone();
 
     let mut sidecar = sidecar_container(settings, &port, ctx);
-    if let (Some(margin), Some(args)) = (settings.propagation_margin, sidecar.args.as_mut()) {
-        args.extend([
-            "--propagation-margin".to_owned(),
-            format!("{}ms", margin.as_millis()),
-        ]);
-    }
     // The ServiceAccount admission plugin ran before this webhook and mounted the API token
     // only into the containers that existed then: the sidecar needs it to watch EndpointSlices.
     let token_mounts: Vec<VolumeMount> = app
@@ -420,6 +414,8 @@ fn sidecar_container(settings: &Settings, port: &AppPort, ctx: &Context<'_>) -> 
             format!("{}ms", settings.deregister_delay.as_millis()),
             "--drain-timeout".into(),
             format!("{}ms", settings.drain_timeout.as_millis()),
+            "--propagation-margin".into(),
+            format!("{}ms", settings.propagation_margin.as_millis()),
         ]),
         env: Some(vec![
             env_from(defaults::ENV_POD_IP, "status.podIP"),

@@ -309,10 +309,7 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
     let args = sidecar(&pod).args.clone().unwrap().join(" ");
     assert!(args.contains("--deregister-delay 1500ms"), "{args}");
     assert!(args.contains("--drain-timeout 50000ms"), "{args}");
-    assert!(
-        !args.contains("--propagation-margin"),
-        "the sidecar's default unless asked: {args}"
-    );
+    assert!(args.contains("--propagation-margin 5000ms"), "{args}");
 
     let mut review_json = fixture();
     object(&mut review_json)["metadata"]["annotations"][ann::PROPAGATION_MARGIN] = json!("4s");
