@@ -105,11 +105,11 @@ async fn annotated_demo_rolls_out_without_dropping_requests() {
                 .list(&ListParams::default().labels("app=demo"))
                 .await?
                 .items;
-            let live: Vec<&Pod> = list
-                .iter()
+            let live: Vec<Pod> = list
+                .into_iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .collect();
-            Ok((live.len() == 3 && live.iter().all(|p| sidecar_ready(p))).then_some(list))
+            Ok((live.len() == 3 && live.iter().all(sidecar_ready)).then_some(live))
         },
     )
     .await
@@ -150,12 +150,27 @@ async fn annotated_demo_rolls_out_without_dropping_requests() {
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .all(sidecar_ready)
     );
+    // oha reports the requests it aborts itself when the harness stops it (SIGINT) as
+    // "operation was canceled": the baseline shows them too. Those are the measurement's own
+    // end, not requests the cluster dropped; every other failure counts.
+    let total = graceful.total();
+    let stopped = total.errors.get(OHA_STOP).copied().unwrap_or(0);
+    eprintln!(
+        "failed: baseline {} of {}, injected {} of {} ({stopped} aborted by oha's stop)",
+        baseline.total().failed,
+        baseline.total().sent,
+        total.failed,
+        total.sent
+    );
     assert_eq!(
-        graceful.total().failed,
+        total.failed - stopped,
         0,
         "injected rollouts dropped requests:\n{graceful}"
     );
 }
+
+/// How oha reports a request it aborted itself when it was stopped.
+const OHA_STOP: &str = "operation was canceled";
 
 /// Pod `name` from the demo container, optionally annotated for injection, behind a Service.
 fn idle_pod(name: &str, inject: bool, prestop_sleep: Option<i64>) -> Pod {
