@@ -142,6 +142,29 @@ pub async fn wait_rollout_finished(
     .await
 }
 
+/// Waits until the rollout started by a template change has at least one pod of the new revision.
+pub async fn wait_first_new_pod(
+    ns: &TestNamespace,
+    name: &str,
+    timeout: Duration,
+) -> Result<GracefulRollout> {
+    let api = ns.api::<GracefulRollout>();
+    wait::until(
+        &format!("first pod of the new revision of {name}"),
+        timeout,
+        || async {
+            let gr = api.get(name).await?;
+            let started = gr.status.as_ref().is_some_and(|s| {
+                s.rollout_started_at.is_some()
+                    && s.updated_revision != s.stable_revision
+                    && s.updated >= 1
+            });
+            Ok(started.then_some(gr))
+        },
+    )
+    .await
+}
+
 pub async fn patch_spec(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
     ns.api::<GracefulRollout>()
         .patch(
