@@ -3,16 +3,18 @@
 # graceful-sidecar, through nginx and through haproxy, side by side in one run on loopback.
 # Full-speed req/s by wrk, p50/p99 at a fixed rate by oha, VmRSS of each proxy idle and under
 # load from /proc. Rounds are interleaved and the table shows medians.
-#   ROUNDS=3 DURATION=5 RATE=2000 CONNS=32 WORKERS=1 sidecar/bench/run.sh
+#   ROUNDS=7 DURATION=3 RATE=2000 CONNS=32 WORKERS=$(nproc) sidecar/bench/run.sh
+# Many short interleaved rounds and medians: a burst of noise from other work on the machine
+# hits one round of one path, not the result.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${GRACEFUL_CACHE:-$HOME/.cache/graceful}
 export PATH="$CACHE/bin:$PATH"
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5}     # seconds per measurement
+ROUNDS=${ROUNDS:-7}
+DURATION=${DURATION:-3}     # seconds per measurement
 RATE=${RATE:-2000}          # req/s for the latency measurement
 CONNS=${CONNS:-32}          # client connections (keep-alive)
-WORKERS=${WORKERS:-1}       # worker processes/threads of every proxy and of the app
+WORKERS=${WORKERS:-$(nproc)} # worker processes/threads of every proxy and of the app
 RELEASE=${RELEASE:-$REPO/target/x86_64-unknown-linux-gnu/release}
 OUT=${OUT:-$REPO/target/bench/sidecar.md}
 
@@ -33,12 +35,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Free loopback ports, asked from the kernel.
+# Free loopback ports below the ephemeral range, so no outgoing connection takes one meanwhile.
 read -r APP SIDECAR ADMIN NGINX HAPROXY < <(python3 -c '
-import socket
-ss=[socket.socket() for _ in range(5)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])')
+import random, socket
+ports = []
+while len(ports) < 5:
+    p = random.randint(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); ports.append(p)
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(*ports)')
 
 wait_port() { # port
   for _ in $(seq 100); do

@@ -370,6 +370,13 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no hashing, no allocation.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();

@@ -116,9 +116,13 @@ async fn connection(
     };
     tokio::pin!(quiesce);
     let mut force = drain.forced();
+    // Built once: this loop runs on every wake-up of the connection.
+    let forced = drain::forced(&mut force);
+    tokio::pin!(forced);
     let mut closing = false;
     loop {
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     debug!(error = %e, %peer, "connection ended with an error");
@@ -132,7 +136,7 @@ async fn connection(
             }
             Some(upstream) = driven.recv() => upstreams.push(upstream),
             Some(()) = upstreams.next(), if !upstreams.is_empty() => {}
-            _ = drain::forced(&mut force) => break,
+            _ = &mut forced => break,
         }
     }
 }
