@@ -46,7 +46,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into());
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only on a terminal: `kubectl logs` shows escape codes verbatim.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if args.log_json {
         fmt.json().init();
     } else {
