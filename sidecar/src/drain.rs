@@ -76,7 +76,10 @@ pub struct Drain {
     phase: watch::Sender<Phase>,
     /// Mirror of `phase` for the request path: one atomic load, no lock.
     phase_now: AtomicU8,
+    /// Broadcast to connections and tunnels: drop now. Only `run` sends it, after counting.
     force: watch::Sender<bool>,
+    /// A second SIGTERM asks `run` to force; connections must not see it before the count.
+    force_requested: watch::Sender<bool>,
     trigger: OnceLock<(Trigger, Instant)>,
     entered: Mutex<[Option<Instant>; 4]>,
     /// Every open connection and tunnel holds a receiver; `closed()` means none is left.
@@ -94,6 +97,7 @@ impl Drain {
             phase: watch::Sender::new(Phase::Serving),
             phase_now: AtomicU8::new(Phase::Serving as u8),
             force: watch::Sender::new(false),
+            force_requested: watch::Sender::new(false),
             trigger: OnceLock::new(),
             entered: Mutex::new([Some(Instant::now()), None, None, None]),
             connections: watch::Sender::new(()),
@@ -135,7 +139,7 @@ impl Drain {
 
     /// Closes everything at once (second SIGTERM).
     pub fn force(&self) {
-        if !self.force.send_replace(true) {
+        if !self.force_requested.send_replace(true) {
             warn!("forced close requested");
         }
     }
@@ -185,7 +189,7 @@ impl Drain {
         reached(&mut phase, Phase::Deregistering).await;
         let (trigger, t0) = *self.trigger.get().expect("phase left Serving on a trigger");
         let deadline = t0 + drain_timeout;
-        let mut force = self.forced();
+        let mut force = self.force_requested.subscribe();
 
         // Deregister: everything that still arrives is served meanwhile.
         let deregistration = tokio::select! {
@@ -199,9 +203,11 @@ impl Drain {
 
         // Quiesce: connections close themselves once their last response is out.
         let quiet = tokio::select! {
+            // A forced close wins over connections that are closing because of it.
+            biased;
+            _ = forced(&mut force) => false,
             _ = self.connections.closed() => true,
             _ = sleep_until(deadline) => false,
-            _ = forced(&mut force) => false,
         };
         let (requests_cut, connections_cut) = if quiet {
             (0, 0)
