@@ -25,6 +25,15 @@ kubectl apply --server-side --force-conflicts -f "$CHART/crds/" >/dev/null
 kubectl wait --for condition=Established --timeout 60s -f "$CHART/crds/" >/dev/null
 done_step
 
+# Releases before the chart held the leader Lease left it to the operator: adopt it, or Helm
+# refuses to create what already exists.
+lease=$(kubectl -n "$NAMESPACE" get lease graceful-operator -o name 2>/dev/null || true)
+if [[ -n $lease ]] && ! kubectl -n "$NAMESPACE" get "$lease" -o jsonpath='{.metadata.annotations}' | grep -q meta.helm.sh; then
+  kubectl -n "$NAMESPACE" annotate "$lease" --overwrite \
+    "meta.helm.sh/release-name=$RELEASE" "meta.helm.sh/release-namespace=$NAMESPACE" >/dev/null
+  kubectl -n "$NAMESPACE" label "$lease" --overwrite app.kubernetes.io/managed-by=Helm >/dev/null
+fi
+
 step "helm upgrade --install $RELEASE ($NAMESPACE, images :$IMAGE_TAG)"
 helm upgrade --install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --create-namespace \
   -f "$CHART/ci/dev-values.yaml" \

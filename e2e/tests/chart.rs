@@ -161,6 +161,7 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
         "deployment.apps/",
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/",
         "poddisruptionbudget.policy/",
+        "lease.coordination.k8s.io/",
     ] {
         assert!(text.contains(kind), "{kind} not applied: {text}");
     }
