@@ -324,7 +324,7 @@ async fn owner_annotations(
     else {
         return Ok(BTreeMap::new());
     };
-    let Some(deploy) = controller(rs.metadata.owner_references.as_deref(), "Deployment") else {
+    let Some(deploy) = deployment_of(rs.metadata.owner_references.as_deref()) else {
         return Ok(BTreeMap::new());
     };
     let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
@@ -342,9 +342,74 @@ fn controller(owners: Option<&[OwnerReference]>, kind: &str) -> Option<String> {
         .map(|o| o.name.clone())
 }
 
+/// The Deployment a ReplicaSet belongs to. While a GracefulRollout runs, it is the ReplicaSet's
+/// controller and the Deployment only an owner (operator/src/takeover.rs): either counts.
+fn deployment_of(owners: Option<&[OwnerReference]>) -> Option<String> {
+    let deployments = || {
+        owners
+            .into_iter()
+            .flatten()
+            .filter(|o| o.kind == "Deployment")
+    };
+    deployments()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| deployments().next())
+        .map(|o| o.name.clone())
+}
+
 /// 256 random bits, hex: the pod's preStop credential.
 fn prestop_token() -> String {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(kind: &str, name: &str, controller: bool) -> OwnerReference {
+        OwnerReference {
+            kind: kind.into(),
+            name: name.into(),
+            controller: Some(controller),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replicaset_belongs_to_its_deployment_also_during_a_graceful_rollout() {
+        let native = [owner("Deployment", "web", true)];
+        assert_eq!(deployment_of(Some(&native)).as_deref(), Some("web"));
+        let taken_over = [
+            owner("GracefulRollout", "web-rollout", true),
+            owner("Deployment", "web", false),
+        ];
+        assert_eq!(deployment_of(Some(&taken_over)).as_deref(), Some("web"));
+        assert_eq!(
+            deployment_of(Some(&[owner("GracefulRollout", "x", true)])),
+            None
+        );
+        assert_eq!(deployment_of(None), None);
+    }
+
+    #[test]
+    fn only_the_controlling_replicaset_of_a_pod_counts() {
+        let owners = [
+            owner("ReplicaSet", "other", false),
+            owner("ReplicaSet", "web-1", true),
+        ];
+        assert_eq!(
+            controller(Some(&owners), "ReplicaSet").as_deref(),
+            Some("web-1")
+        );
+    }
+
+    #[test]
+    fn prestop_tokens_are_long_and_differ() {
+        let (a, b) = (prestop_token(), prestop_token());
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 }
