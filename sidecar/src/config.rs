@@ -64,7 +64,8 @@ pub struct Config {
     #[arg(long, env = defaults::ENV_POD_NAMESPACE, value_name = "NS")]
     pub pod_namespace: Option<String>,
 
-    /// Runtime worker threads; 0 means one per available core.
+    /// Traffic threads, each with its own event loop and listening socket (SO_REUSEPORT);
+    /// 0 means one per available core.
     #[arg(long, env = "GRACEFUL_WORKERS", value_name = "N", default_value_t = 0)]
     pub workers: usize,
 

@@ -37,6 +37,8 @@ pub enum Error {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start a traffic thread: {0}")]
+    Thread(std::io::Error),
 }
 
 async fn bind(option: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -47,9 +49,41 @@ async fn bind(option: &'static str, addr: SocketAddr) -> Result<TcpListener, Err
     })
 }
 
+/// One listening socket per traffic thread on the same address (SO_REUSEPORT): the kernel
+/// spreads connections over them, and no thread ever waits on another, as with nginx's workers.
+fn bind_shards(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, Error> {
+    let err = |source| Error::Bind {
+        option: "listen",
+        addr,
+        source,
+    };
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.set_reuseport(true).map_err(err)?;
+        socket.bind(addr).map_err(err)?;
+        let listener = socket.listen(1024).map_err(err)?;
+        // Port 0: the others join the port the first one got.
+        addr = listener.local_addr().map_err(err)?;
+        listeners.push(listener.into_std().map_err(err)?);
+    }
+    Ok(listeners)
+}
+
 /// Serves until the drain is done and it is time to exit; returns the drain's summary.
 pub async fn run(cfg: Config) -> Result<Summary, Error> {
-    let traffic_listener = bind("listen", cfg.listen).await?;
+    let shards = match cfg.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let traffic_listeners = bind_shards(cfg.listen, shards)?;
     let admin_listener = bind("admin", cfg.admin).await?;
     let mut signals = Signals::new().map_err(Error::Signals)?;
 
@@ -66,7 +100,13 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         cfg.deregister_delay,
         cfg.propagation_margin,
     );
-    tokio::spawn(traffic::serve(traffic_listener, proxy, drain.clone()));
+    for (i, listener) in traffic_listeners.into_iter().enumerate() {
+        let (proxy, drain) = (proxy.clone(), drain.clone());
+        std::thread::Builder::new()
+            .name(format!("traffic-{i}"))
+            .spawn(move || traffic::shard(listener, proxy, drain))
+            .map_err(Error::Thread)?;
+    }
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin::new(

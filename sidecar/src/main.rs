@@ -35,16 +35,11 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .init();
 
-    // One worker: a single-threaded scheduler, no cross-thread synchronization at all.
-    let mut rt = if cfg.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if cfg.workers > 1 {
-        rt.worker_threads(cfg.workers);
-    }
-    let rt = match rt.enable_all().build() {
+    // Admin, signals and the drain; traffic runs on threads of its own (see `run`).
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -23,6 +23,28 @@ use crate::drain::{self, Drain, Phase};
 use crate::metrics::Protocol;
 use crate::proxy::{Downstream, GaugeGuard, Proxy};
 
+/// One traffic thread: its own single-threaded event loop and listening socket, until the
+/// drain is done.
+pub fn shard(listener: std::net::TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            // Without this thread the others still serve; the log says why it is missing.
+            tracing::error!(error = %e, "cannot start a traffic thread");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => serve(listener, proxy, drain).await,
+            Err(e) => tracing::error!(error = %e, "cannot register a traffic listener"),
+        }
+    });
+}
+
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).keep_alive(true);
