@@ -165,6 +165,28 @@ pub async fn wait_first_new_pod(
     .await
 }
 
+/// Waits until exactly `n` pods of `app` exist and none is terminating (old pods drained).
+pub async fn wait_pods_settled(
+    ns: &TestNamespace,
+    app: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let api = ns.api::<Pod>();
+    let lp = ListParams::default().labels(&format!("app={app}"));
+    wait::until(
+        &format!("{n} pods of {app}, none terminating"),
+        timeout,
+        || async {
+            let pods = api.list(&lp).await?.items;
+            let settled =
+                pods.len() == n && pods.iter().all(|p| p.metadata.deletion_timestamp.is_none());
+            Ok(settled.then_some(()))
+        },
+    )
+    .await
+}
+
 pub async fn patch_spec(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
     ns.api::<GracefulRollout>()
         .patch(

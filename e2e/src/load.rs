@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::cluster::tool;
@@ -29,6 +28,8 @@ pub struct Load {
     pub tail: Duration,
     /// Upper bound of one run, whatever the action does.
     pub max_duration: Duration,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub http2: bool,
 }
 
 impl Default for Load {
@@ -40,6 +41,7 @@ impl Default for Load {
             lead_in: Duration::from_secs(2),
             tail: Duration::from_secs(3),
             max_duration: Duration::from_secs(300),
+            http2: false,
         }
     }
 }
@@ -145,12 +147,44 @@ impl Load {
     /// Runs `action` under this load against `url` and returns its output with oha's counts.
     pub async fn during<F: Future>(&self, url: &str, action: F) -> Result<(F::Output, LoadReport)> {
         let oha = tool("oha")?;
-        let mut child = Command::new(&oha)
-            .args(["--no-tui", "--output-format", "json", "--no-color"])
+        let started = Instant::now();
+        let action_done: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let act = async {
+            tokio::time::sleep(self.lead_in).await;
+            let output = action.await;
+            *action_done.lock().expect("not poisoned") = Some(Instant::now());
+            output
+        };
+        let load = async {
+            let mut total = LoadReport::default();
+            loop {
+                total.merge(&self.chunk(&oha, url).await?);
+                let done = *action_done.lock().expect("not poisoned");
+                if done.is_some_and(|t| t.elapsed() >= self.tail)
+                    || started.elapsed() >= self.max_duration
+                {
+                    return Ok::<_, Error>(total);
+                }
+            }
+        };
+        let (output, total) = tokio::join!(act, load);
+        let mut total = total?;
+        total.duration = started.elapsed();
+        Ok((output, total))
+    }
+
+    /// One oha run of `CHUNK`. It ends by its own deadline with `-w`, so requests in flight at
+    /// the end complete: stopping oha any other way aborts them, and oha reports those as
+    /// failed ("operation was canceled"), which would blame the server for the client's stop.
+    async fn chunk(&self, oha: &std::path::Path, url: &str) -> Result<LoadReport> {
+        let started = Instant::now();
+        let child = Command::new(oha)
+            .args(["--no-tui", "--output-format", "json", "--no-color", "-w"])
             .args(["-q", &self.rate.to_string()])
             .args(["-c", &self.connections.to_string()])
-            .args(["-z", &format!("{}s", self.max_duration.as_secs())])
+            .args(["-z", &format!("{}s", CHUNK.as_secs())])
             .args(["-t", &format!("{}ms", self.request_timeout.as_millis())])
+            .args(self.http2.then_some("--http2"))
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -158,44 +192,28 @@ impl Load {
             .kill_on_drop(true)
             .spawn()
             .map_err(Error::io(format!("starting {}", oha.display())))?;
-        let started = Instant::now();
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let report = tokio::spawn(async move {
-            let mut out = String::new();
-            stdout.read_to_string(&mut out).await.map(|_| out)
-        });
-
-        tokio::time::sleep(self.lead_in).await;
-        let output = action.await;
-        tokio::time::sleep(self.tail).await;
-
-        // oha prints its report and exits on SIGINT (Ctrl-C).
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status();
-        }
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .map_err(|_| Error::Report("oha did not exit 30s after SIGINT".into()))?
-            .map_err(Error::io("waiting for oha"))?;
-        let duration = started.elapsed();
-        let json = report
-            .await
-            .map_err(|e| Error::Report(e.to_string()))?
-            .map_err(Error::io("reading oha's report"))?;
+        let out = tokio::time::timeout(
+            CHUNK + self.request_timeout + Duration::from_secs(30),
+            child.wait_with_output(),
+        )
+        .await
+        .map_err(|_| Error::Report("oha ran far past its duration".into()))?
+        .map_err(Error::io("waiting for oha"))?;
+        let json = String::from_utf8_lossy(&out.stdout);
         if json.trim().is_empty() {
-            let mut err = String::new();
-            if let Some(mut stderr) = child.stderr.take() {
-                let _ = stderr.read_to_string(&mut err).await;
-            }
             return Err(Error::Report(format!(
-                "oha exited with {status} and no report: {err}"
+                "oha exited with {} and no report: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
             )));
         }
-        Ok((output, LoadReport::from_oha_json(&json, duration)?))
+        LoadReport::from_oha_json(&json, started.elapsed())
     }
 }
+
+/// Length of one oha run. Longer than a pod's drain, so keep-alive connections live through
+/// drains as a real client's would; each run's in-flight requests complete at its end.
+const CHUNK: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,280 @@
+//! The zero-drop claims of `make demo`, on the real cluster: slow requests in flight when their
+//! pod is replaced, HTTP/2 and WebSocket clients across a rollout, and many rollouts in a row.
+//! Counts come from oha (HTTP) or from a WebSocket client that checks every echo.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use graceful_e2e::cluster::{self, tool};
+use graceful_e2e::graceful;
+use graceful_e2e::load::{Load, LoadReport};
+use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::{rollout, wait};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const APP: &str = "web";
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn fail(ns: &TestNamespace, msg: String) -> ! {
+    ns.print_diagnostics();
+    panic!("{msg}")
+}
+
+async fn injected_demo(ns: &TestNamespace, annotations: serde_json::Value) -> String {
+    let mut d = graceful::injected_deployment(APP, 3, "v1");
+    let meta = d
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .metadata
+        .get_or_insert_with(Default::default);
+    for (k, v) in annotations.as_object().unwrap() {
+        meta.annotations
+            .get_or_insert_with(Default::default)
+            .insert(k.clone(), v.as_str().unwrap().into());
+    }
+    ns.apply(&d).await.expect("deployment");
+    ns.apply(&graceful::named_port_service(APP))
+        .await
+        .expect("service");
+    wait::rollout(&ns.api(), APP, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| fail(ns, e.to_string()));
+    format!(
+        "http://{}",
+        wait::cluster_ip(&ns.api(), APP).await.expect("cluster ip")
+    )
+}
+
+/// `n` requests over `n` connections at once, each allowed `timeout`; oha's counts.
+async fn burst(url: &str, n: u32, timeout: Duration) -> LoadReport {
+    let started = Instant::now();
+    let out = tokio::process::Command::new(tool("oha").expect("oha"))
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "-n",
+            &n.to_string(),
+            "-c",
+            &n.to_string(),
+        ])
+        .args(["-t", &format!("{}s", timeout.as_secs())])
+        .arg(url)
+        .output()
+        .await
+        .expect("oha runs");
+    LoadReport::from_oha_json(&String::from_utf8_lossy(&out.stdout), started.elapsed())
+        .expect("oha report")
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn a_five_second_request_in_flight_when_its_pod_is_replaced_completes() {
+    let client = cluster::client().await.expect("cluster");
+    let ns = TestNamespace::create(&client, "slow")
+        .await
+        .expect("namespace");
+    let base = injected_demo(&ns, json!({})).await;
+    // Six 5-second requests spread over the three pods, then the rollout replaces every pod
+    // while they are in flight (the first old pod goes about two seconds in).
+    let url = format!("{base}/slow?ms=5000");
+    let slow = tokio::spawn(async move { burst(&url, 6, Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    rollout::restart(&ns, APP).await.expect("restart");
+    let report = slow.await.expect("burst task");
+    eprintln!("6 slow requests across a rollout: {report}");
+    wait::rollout(&ns.api(), APP, ROLLOUT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| fail(&ns, e.to_string()));
+    eprintln!("rollout done in {:.1}s", started.elapsed().as_secs_f64());
+    if report.sent != 6 || report.failed != 0 {
+        fail(
+            &ns,
+            format!("slow requests across a pod replacement: {report} (want 6 sent, 0 failed)"),
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn http2_clients_across_a_rollout_fail_nothing() {
+    let client = cluster::client().await.expect("cluster");
+    let ns = TestNamespace::create(&client, "h2")
+        .await
+        .expect("namespace");
+    let url = graceful::deploy_managed_demo(&ns, APP, 3, json!({}))
+        .await
+        .unwrap_or_else(|e| fail(&ns, e.to_string()));
+    let load = Load {
+        http2: true,
+        ..Load::default()
+    };
+    let (done, report) = load
+        .during(&url, async {
+            let since = graceful::trigger(&ns, APP).await?;
+            graceful::wait_rollout_finished(&ns, APP, since, ROLLOUT_TIMEOUT).await
+        })
+        .await
+        .expect("load run");
+    done.unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
+    eprintln!("HTTP/2 (h2c) across a rollout: {report}");
+    if report.failed != 0 || report.sent < 1000 {
+        fail(
+            &ns,
+            format!("HTTP/2 across a rollout: {report} (want 0 failed)"),
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn ten_consecutive_rollouts_fail_nothing() {
+    let client = cluster::client().await.expect("cluster");
+    let ns = TestNamespace::create(&client, "ten")
+        .await
+        .expect("namespace");
+    let url = graceful::deploy_managed_demo(&ns, APP, 3, json!({"minServingSeconds": 2}))
+        .await
+        .unwrap_or_else(|e| fail(&ns, e.to_string()));
+    let mut total = LoadReport::default();
+    let started = Instant::now();
+    for i in 1..=10 {
+        let (done, report) = Load::default()
+            .during(&url, async {
+                let since = graceful::trigger(&ns, APP).await?;
+                graceful::wait_rollout_finished(&ns, APP, since, ROLLOUT_TIMEOUT).await
+            })
+            .await
+            .expect("load run");
+        done.unwrap_or_else(|e| fail(&ns, format!("rollout {i}: {e}")));
+        eprintln!("rollout {i}/10: {report}");
+        total.merge(&report);
+    }
+    eprintln!(
+        "10 rollouts in {:.0}s: {total}",
+        started.elapsed().as_secs_f64()
+    );
+    if total.failed != 0 {
+        fail(
+            &ns,
+            format!("10 consecutive rollouts: {total} (want 0 failed)"),
+        );
+    }
+}
+
+/// What a WebSocket client saw: every message must come back, on the first connection or,
+/// when a drain closed it, resent on the next one.
+#[derive(Debug, Default)]
+struct WsTally {
+    sent: u64,
+    echoed: u64,
+    reconnects: u64,
+    failed_connects: u64,
+    lost: u64,
+}
+
+async fn websocket_client(url: String, until: tokio::sync::watch::Receiver<bool>) -> WsTally {
+    let mut tally = WsTally::default();
+    let mut pending: Option<String> = None;
+    let mut seq = 0u64;
+    'connect: while !*until.borrow() {
+        let mut ws = match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => ws,
+            Err(e) => {
+                eprintln!("websocket connect failed: {e}");
+                tally.failed_connects += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            let msg = pending.take().unwrap_or_else(|| {
+                seq += 1;
+                tally.sent += 1;
+                format!("msg-{seq}")
+            });
+            if ws.send(Message::text(msg.clone())).await.is_err() {
+                pending = Some(msg);
+                tally.reconnects += 1;
+                continue 'connect;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str() == msg => tally.echoed += 1,
+                // Closed (a drained pod going away) or broken: resend on a new connection.
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                    pending = Some(msg);
+                    tally.reconnects += 1;
+                    continue 'connect;
+                }
+                Ok(Some(Ok(other))) => {
+                    eprintln!("unexpected websocket frame {other:?}");
+                    tally.lost += 1;
+                }
+                Err(_) => {
+                    tally.lost += 1;
+                    continue 'connect;
+                }
+            }
+            if *until.borrow() {
+                let _ = ws.close(None).await;
+                break 'connect;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if pending.is_some() {
+        tally.lost += 1;
+    }
+    tally
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn websocket_clients_across_a_rollout_lose_no_message() {
+    let client = cluster::client().await.expect("cluster");
+    let ns = TestNamespace::create(&client, "ws")
+        .await
+        .expect("namespace");
+    // Long-lived tunnels keep a drain open until its timeout: keep that short here.
+    let base = injected_demo(&ns, json!({"graceful.dev/drain-timeout": "8s"})).await;
+    let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let (stop, until) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(websocket_client(url.clone(), until.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rollout::restart(&ns, APP).await.expect("restart");
+    wait::rollout(&ns.api(), APP, ROLLOUT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| fail(&ns, e.to_string()));
+    // Let the last old pods finish draining, so every client has been moved at least once.
+    graceful::wait_pods_settled(&ns, APP, 3, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| fail(&ns, e.to_string()));
+    let _ = stop.send(true);
+    let mut total = WsTally::default();
+    for c in clients {
+        let t = c.await.expect("client task");
+        total.sent += t.sent;
+        total.echoed += t.echoed;
+        total.reconnects += t.reconnects;
+        total.failed_connects += t.failed_connects;
+        total.lost += t.lost;
+    }
+    eprintln!("websocket clients across a rollout: {total:?}");
+    if total.lost != 0
+        || total.failed_connects != 0
+        || total.echoed != total.sent
+        || total.sent < 100
+    {
+        fail(&ns, format!("websocket across a rollout: {total:?}"));
+    }
+    assert!(
+        total.reconnects >= 1,
+        "no client was moved by the rollout: the test proved nothing: {total:?}"
+    );
+}
