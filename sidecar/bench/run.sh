@@ -19,7 +19,7 @@ RELEASE=${RELEASE:-$REPO/target/x86_64-unknown-linux-gnu/release}
 OUT=${OUT:-$REPO/target/bench/sidecar.md}
 
 die() { echo "bench: $*" >&2; exit 1; }
-for tool in wrk oha nginx haproxy jq; do
+for tool in wrk oha nginx haproxy jq ss; do
   command -v "$tool" >/dev/null || die "$tool not found: run scripts/deps.sh --host (make bench-sidecar does)"
 done
 for bin in graceful-sidecar graceful-demo; do
@@ -36,19 +36,15 @@ cleanup() {
 trap cleanup EXIT
 
 # Free loopback ports below the ephemeral range, so no outgoing connection takes one meanwhile.
-read -r APP SIDECAR ADMIN NGINX HAPROXY < <(python3 -c '
-import random, socket
-ports = []
-while len(ports) < 5:
-    p = random.randint(20000, 32000)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); ports.append(p)
-    except OSError:
-        pass
-    finally:
-        s.close()
-print(*ports)')
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
+  done
+}
+APP=$(free_port); SIDECAR=$(free_port); ADMIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
+[[ $(printf '%s\n' "$APP" "$SIDECAR" "$ADMIN" "$NGINX" "$HAPROXY" | sort -u | wc -l) == 5 ]] || die "port clash, run again"
 
 wait_port() { # port
   for _ in $(seq 100); do
