@@ -36,6 +36,10 @@ pub const ENV_PRESTOP_TOKEN: &str = "GRACEFUL_PRESTOP_TOKEN";
 pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
 /// How often the EndpointSlices are listed while deregistering.
 pub const ENDPOINTSLICE_POLL: Duration = Duration::from_millis(500);
-/// A connection accepted during quiesce gets this long to send its first request before it
-/// is closed like any idle one (closing it at once could drop a request already on the wire).
-pub const QUIESCE_FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// During quiesce an HTTP/1.1 connection is closed once it has sent no request for this long
+/// (a busy one closes itself after its next response, which says `Connection: close`): closing
+/// it at once could cross a request already on the wire, which the client sees as a failure.
+pub const QUIESCE_IDLE_GRACE: Duration = Duration::from_secs(1);
+/// Quiesce ends only when no connection is open and none was accepted for this long: while
+/// kube-proxy (or any balancer) still sends new connections here, the drain keeps serving them.
+pub const QUIET_PERIOD: Duration = Duration::from_secs(1);

@@ -2,7 +2,7 @@
 //! The phase is a `watch` broadcast: the accept loops, every connection and the admin API
 //! listen to it, so each one reacts to the same transition at the same time.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -84,6 +84,9 @@ pub struct Drain {
     entered: Mutex<[Option<Instant>; 4]>,
     /// Every open connection and tunnel holds a receiver; `closed()` means none is left.
     connections: watch::Sender<()>,
+    /// When the last traffic connection was accepted, in ms since `born`.
+    last_accept_ms: AtomicU64,
+    born: Instant,
     summary: OnceLock<Summary>,
     pub metrics: Metrics,
 }
@@ -101,6 +104,8 @@ impl Drain {
             trigger: OnceLock::new(),
             entered: Mutex::new([Some(Instant::now()), None, None, None]),
             connections: watch::Sender::new(()),
+            last_accept_ms: AtomicU64::new(0),
+            born: Instant::now(),
             summary: OnceLock::new(),
             metrics,
         })
@@ -117,6 +122,27 @@ impl Drain {
     /// Becomes true when whatever is still open must be closed now.
     pub fn forced(&self) -> watch::Receiver<bool> {
         self.force.subscribe()
+    }
+
+    /// Called for every accepted traffic connection: the drain's quiet period counts from it.
+    pub fn note_accept(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_accept_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves when no connection is open and none arrived for `QUIET_PERIOD`: whoever still
+    /// routes new connections here (a lagging kube-proxy) keeps being served until it stops.
+    async fn settled(&self) {
+        loop {
+            self.connections.closed().await;
+            let last =
+                self.born + Duration::from_millis(self.last_accept_ms.load(Ordering::Relaxed));
+            let quiet_until = last + defaults::QUIET_PERIOD;
+            if Instant::now() >= quiet_until && self.connections.receiver_count() == 0 {
+                return;
+            }
+            sleep_until(quiet_until).await;
+        }
     }
 
     pub fn connection(&self) -> ConnectionGuard {
@@ -201,12 +227,13 @@ impl Drain {
         info!(deregistration, "out of the load-balancing path: quiescing");
         self.enter(Phase::Quiescing);
 
-        // Quiesce: connections close themselves once their last response is out.
+        // Quiesce: connections close themselves once their last response is out; new ones are
+        // served until none has come for a quiet period.
         let quiet = tokio::select! {
             // A forced close wins over connections that are closing because of it.
             biased;
             _ = forced(&mut force) => false,
-            _ = self.connections.closed() => true,
+            _ = self.settled() => true,
             _ = sleep_until(deadline) => false,
         };
         let (requests_cut, connections_cut) = if quiet {

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, warn};
 
@@ -55,6 +54,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) 
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    drain.note_accept();
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(connection(stream, peer, proxy.clone(), drain.clone(), builder.clone()));
                 }
@@ -73,25 +73,36 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) 
 /// What one client connection has shown so far.
 struct ConnState {
     seen_request: AtomicBool,
-    first_request: Notify,
+    http2: AtomicBool,
+    accepted: Instant,
+    /// When the last request started, in ms since `accepted`.
+    last_request_ms: AtomicU64,
     /// Counts the connection under its protocol once the first request tells which.
     open: Mutex<GaugeGuard>,
 }
 
 impl ConnState {
     fn on_request(&self, version: Version, drain: &Drain) {
+        let ms = self.accepted.elapsed().as_millis() as u64;
+        self.last_request_ms.fetch_max(ms, Ordering::Relaxed);
         if self.seen_request.load(Ordering::Relaxed)
             || self.seen_request.swap(true, Ordering::Relaxed)
         {
             return;
         }
         let protocol = if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
             Protocol::http2
         } else {
             Protocol::http1
         };
         *self.open.lock().expect("not poisoned") = GaugeGuard::new(drain.metrics.open(protocol));
-        self.first_request.notify_one();
+    }
+
+    /// When this connection will have been without a new request for `QUIESCE_IDLE_GRACE`.
+    fn idle_deadline(&self) -> Instant {
+        let last = Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed));
+        self.accepted + last + defaults::QUIESCE_IDLE_GRACE
     }
 }
 
@@ -103,10 +114,11 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
     let _open = drain.connection();
-    let accepted = Instant::now();
     let state = Arc::new(ConnState {
         seen_request: AtomicBool::new(false),
-        first_request: Notify::new(),
+        http2: AtomicBool::new(false),
+        accepted: Instant::now(),
+        last_request_ms: AtomicU64::new(0),
         open: Mutex::new(GaugeGuard::new(drain.metrics.open(Protocol::pending))),
     });
     let (down, mut driven) = Downstream::new(peer);
@@ -127,13 +139,16 @@ async fn connection(
     let mut phase = drain.subscribe();
     let quiesce = async {
         drain::reached(&mut phase, Phase::Quiescing).await;
-        // Closing a connection that has not sent its first request yet could drop one that
-        // is already on the wire: give it a moment.
-        if !state.seen_request.load(Ordering::Relaxed) {
-            tokio::select! {
-                _ = state.first_request.notified() => {}
-                _ = sleep_until(accepted + defaults::QUIESCE_FIRST_REQUEST_GRACE) => {}
+        // HTTP/2: GOAWAY at once (the client learns which streams were served and retries the
+        // rest elsewhere). HTTP/1.1 has no such signal: a busy connection closes itself after
+        // its next response (Connection: close), an idle one once it has stayed idle a moment,
+        // since closing it at once could cross a request already on the wire.
+        while !state.http2.load(Ordering::Relaxed) {
+            let deadline = state.idle_deadline();
+            if Instant::now() >= deadline {
+                break;
             }
+            sleep_until(deadline).await;
         }
     };
     tokio::pin!(quiesce);
@@ -151,7 +166,8 @@ async fn connection(
                 }
                 break;
             }
-            // HTTP/1.1: keep-alive off, idle connections close now; HTTP/2: GOAWAY.
+            // HTTP/1.1: keep-alive off, the connection closes after any response in flight;
+            // HTTP/2: GOAWAY.
             _ = &mut quiesce, if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;

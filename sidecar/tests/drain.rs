@@ -121,6 +121,52 @@ async fn idle_keepalive_connection_is_closed_at_quiesce() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keepalive_request_sent_just_after_quiesce_begins_is_served_with_connection_close() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    let mut c = H1::connect(sc.listen).await;
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    let prestop = sc.prestop(None);
+    // Quiesce begins 300 ms after the trigger. A client that reuses its idle connection just
+    // after that must not see it torn down under its request.
+    tokio::time::sleep(secs(0.45)).await;
+    let resp = c
+        .get("/")
+        .await
+        .expect("request on a connection idle when quiesce began");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert_eq!(prestop.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_connections_during_quiesce_keep_the_drain_serving_until_they_stop() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "200ms"]).await;
+    let prestop = sc.prestop(None);
+    // Quiesce begins 200 ms after the trigger, with no connection open.
+    tokio::time::sleep(secs(0.3)).await;
+    // A lagging load balancer keeps sending new connections for 2 s: every one is served,
+    // and the drain does not end while they come.
+    let t0 = Instant::now();
+    while t0.elapsed() < secs(2.0) {
+        let resp = get(sc.listen, "/").await;
+        assert_eq!(resp.status, 200);
+        assert!(
+            !prestop.is_finished(),
+            "drain ended while new connections still arrived"
+        );
+        tokio::time::sleep(secs(0.2)).await;
+    }
+    let summary = prestop.await.unwrap();
+    assert_eq!(summary.status, 200);
+    assert!(
+        t0.elapsed() >= secs(2.5),
+        "quiet period not waited after the last connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_gets_goaway_and_its_open_stream_finishes() {
     let (_demo, app) = start_demo().await;
     let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
