@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name": "Updated", "type": "string", "jsonPath": ".status.progress"}"#,
     printcolumn = r#"{"name": "Step", "type": "string", "jsonPath": ".status.currentStep", "priority": 1}"#,
     printcolumn = r#"{"name": "Last-Rollout", "type": "string", "jsonPath": ".status.lastRollout.summary"}"#,
-    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GracefulRolloutSpec {
