@@ -9,7 +9,6 @@ export PATH := $(CACHE)/bin:$(HOME)/.cargo/bin:$(PATH)
 # Static release binaries (crt-static) for the images and the benchmark. The explicit --target
 # keeps RUSTFLAGS off build scripts and proc macros, which cannot be linked statically.
 TARGET := x86_64-unknown-linux-gnu
-RELEASE_DIR := target/$(TARGET)/release
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \

@@ -26,7 +26,7 @@ step "[4/5] build the demo driver"
 done_step
 
 step "[5/5] roll out graceful-demo three ways under load (about 5 min)"
-"$REPO/target/debug/demo" "$@" | tee "$STATE/demo-report.md"
+"${CARGO_TARGET_DIR:-$REPO/target}/debug/demo" "$@" | tee "$STATE/demo-report.md"
 done_step
 
 cat <<MSG

@@ -15,7 +15,7 @@ DURATION=${DURATION:-3}     # seconds per measurement
 RATE=${RATE:-2000}          # req/s for the latency measurement
 CONNS=${CONNS:-32}          # client connections (keep-alive)
 WORKERS=${WORKERS:-$(nproc)} # worker processes/threads of every proxy and of the app
-RELEASE=${RELEASE:-$REPO/target/x86_64-unknown-linux-gnu/release}
+RELEASE=${RELEASE:-${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release}
 OUT=${OUT:-$REPO/target/bench/sidecar.md}
 
 die() { echo "bench: $*" >&2; exit 1; }
