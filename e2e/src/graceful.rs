@@ -14,6 +14,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+use crate::load::{Load, LoadReport};
 use crate::namespace::TestNamespace;
 use crate::{Error, Result, demo, wait};
 
@@ -140,6 +141,27 @@ pub async fn wait_rollout_finished(
         },
     )
     .await
+}
+
+/// One GracefulRollout rollout (a template change, then its end) under `load` against `url`:
+/// the finished GracefulRollout, oha's counts, and the wall time from the change to the end.
+pub async fn rollout_under_load(
+    ns: &TestNamespace,
+    name: &str,
+    url: &str,
+    load: &Load,
+    timeout: Duration,
+) -> Result<(GracefulRollout, LoadReport, Duration)> {
+    let (done, report) = load
+        .during(url, async {
+            let started = std::time::Instant::now();
+            let since = trigger(ns, name).await?;
+            let gr = wait_rollout_finished(ns, name, since, timeout).await?;
+            Ok::<_, Error>((gr, started.elapsed()))
+        })
+        .await?;
+    let (gr, wall) = done?;
+    Ok((gr, report, wall))
 }
 
 /// Waits until the rollout started by a template change has at least one pod of the new revision.

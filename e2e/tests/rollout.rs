@@ -5,7 +5,7 @@
 //!
 //! Needs the cluster, the images and the chart (`make e2e` does all three).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use graceful_e2e::graceful::{self, ServingSampler};
 use graceful_e2e::load::Load;
@@ -47,19 +47,14 @@ fn fail(ns: &TestNamespace, msg: String) -> ! {
 async fn three_replica_rollout_drops_nothing_and_keeps_three_serving() {
     let (ns, url) = setup("grro-basic", json!({})).await;
     let sampler = ServingSampler::start(&ns, APP);
-    let started = Instant::now();
-    let (done, report) = Load::default()
-        .during(&url, async {
-            let since = graceful::trigger(&ns, APP).await?;
-            graceful::wait_rollout_finished(&ns, APP, since, ROLLOUT_TIMEOUT).await
-        })
-        .await
-        .expect("load run");
-    let gr = done.unwrap_or_else(|e| fail(&ns, format!("rollout did not finish: {e}")));
+    let (gr, report, wall) =
+        graceful::rollout_under_load(&ns, APP, &url, &Load::default(), ROLLOUT_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| fail(&ns, format!("rollout did not finish: {e}")));
     let min_serving = sampler.stop().await;
     eprintln!(
         "rollout in {:.1}s: {report}; fewest serving pods sampled: {min_serving}",
-        started.elapsed().as_secs_f64()
+        wall.as_secs_f64()
     );
     let last = gr
         .status

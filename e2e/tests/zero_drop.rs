@@ -113,14 +113,9 @@ async fn http2_clients_across_a_rollout_fail_nothing() {
         http2: true,
         ..Load::default()
     };
-    let (done, report) = load
-        .during(&url, async {
-            let since = graceful::trigger(&ns, APP).await?;
-            graceful::wait_rollout_finished(&ns, APP, since, ROLLOUT_TIMEOUT).await
-        })
+    let (_, report, _) = graceful::rollout_under_load(&ns, APP, &url, &load, ROLLOUT_TIMEOUT)
         .await
-        .expect("load run");
-    done.unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
+        .unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
     eprintln!("HTTP/2 (h2c) across a rollout: {report}");
     if report.failed != 0 || report.sent < 1000 {
         fail(
@@ -143,14 +138,10 @@ async fn ten_consecutive_rollouts_fail_nothing() {
     let mut total = LoadReport::default();
     let started = Instant::now();
     for i in 1..=10 {
-        let (done, report) = Load::default()
-            .during(&url, async {
-                let since = graceful::trigger(&ns, APP).await?;
-                graceful::wait_rollout_finished(&ns, APP, since, ROLLOUT_TIMEOUT).await
-            })
-            .await
-            .expect("load run");
-        done.unwrap_or_else(|e| fail(&ns, format!("rollout {i}: {e}")));
+        let (_, report, _) =
+            graceful::rollout_under_load(&ns, APP, &url, &Load::default(), ROLLOUT_TIMEOUT)
+                .await
+                .unwrap_or_else(|e| fail(&ns, format!("rollout {i}: {e}")));
         eprintln!("rollout {i}/10: {report}");
         total.merge(&report);
     }

@@ -1012,22 +1012,30 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_proven_new_pod_drains_one_old_pod() {
-        let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(30), "lastProgressAt": ago(20)})));
+    /// A rollout one step in: three old pods serving, one new pod ready for 20 s, listed in
+    /// the EndpointSlices or not.
+    fn one_new_pod_ready(api: &FakeApi, listed: bool) {
+        api.put(rollout(
+            json!({}),
+            json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(30), "lastProgressAt": ago(20)}),
+        ));
         api.put(deployment("v2", 3, true));
         api.put(replica_set("v1", "aaaaa", 3, true, 900));
-        old_pods(&api, "aaaaa");
+        old_pods(api, "aaaaa");
         let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
         api.put(replica_set("v2", &new_hash, 1, true, 30));
         api.put(pod("new-1", &new_hash, Some(20)));
-        api.put(slice(&[
-            ("old-1", true),
-            ("old-2", true),
-            ("old-3", true),
-            ("new-1", true),
-        ]));
+        let mut listed_pods = vec![("old-1", true), ("old-2", true), ("old-3", true)];
+        if listed {
+            listed_pods.push(("new-1", true));
+        }
+        api.put(slice(&listed_pods));
+    }
+
+    #[tokio::test]
+    async fn a_proven_new_pod_drains_one_old_pod() {
+        let api = FakeApi::default();
+        one_new_pod_ready(&api, true);
 
         apply(gr(&api), ctx(&api)).await.unwrap();
 
@@ -1039,14 +1047,7 @@ mod tests {
     #[tokio::test]
     async fn a_ready_pod_not_yet_in_the_endpointslices_does_not_count() {
         let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(30), "lastProgressAt": ago(20)})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, true, 900));
-        old_pods(&api, "aaaaa");
-        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
-        api.put(replica_set("v2", &new_hash, 1, true, 30));
-        api.put(pod("new-1", &new_hash, Some(20)));
-        api.put(slice(&[("old-1", true), ("old-2", true), ("old-3", true)]));
+        one_new_pod_ready(&api, false);
 
         apply(gr(&api), ctx(&api)).await.unwrap();
 

@@ -67,15 +67,7 @@ async fn managed(ns: &TestNamespace, load: &Load, n: usize) -> Result<Vec<(LoadR
     let url = graceful::deploy_managed_demo(ns, APP, 3, serde_json::json!({})).await?;
     let mut out = Vec::new();
     for i in 1..=n {
-        let (wall, report) = load
-            .during(&url, async {
-                let started = Instant::now();
-                let since = graceful::trigger(ns, APP).await?;
-                graceful::wait_rollout_finished(ns, APP, since, TIMEOUT).await?;
-                Ok::<_, graceful_e2e::Error>(started.elapsed())
-            })
-            .await?;
-        let wall = wall?;
+        let (_, report, wall) = graceful::rollout_under_load(ns, APP, &url, load, TIMEOUT).await?;
         eprintln!(
             "managed rollout {i}/{n}: {report}, rolled out in {:.1}s",
             wall.as_secs_f64()
