@@ -75,6 +75,15 @@ pub async fn deploy_managed_demo(
     ns.apply(&graceful_rollout(name, strategy)).await?;
     wait_phase(ns, name, Phase::Healthy, Duration::from_secs(60)).await?;
     let ip = wait::cluster_ip(&ns.api(), name).await?;
+    wait::service_serving(
+        &ns.api(),
+        name,
+        &ip,
+        80,
+        replicas as usize,
+        Duration::from_secs(60),
+    )
+    .await?;
     Ok(format!("http://{ip}/"))
 }
 

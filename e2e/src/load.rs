@@ -110,10 +110,17 @@ impl LoadReport {
             .map(|(_, n)| n)
             .sum();
         let errors: u64 = oha.errors.values().sum();
+        // oha's own deadline (the end of one of our runs), never the server's doing.
+        let client_aborts: u64 = oha
+            .errors
+            .iter()
+            .filter(|(e, _)| e.as_str() == CLIENT_DEADLINE)
+            .map(|(_, n)| n)
+            .sum();
         let sent = oha.statuses.values().sum::<u64>() + errors;
         Ok(Self {
             sent,
-            failed: non_2xx + errors,
+            failed: non_2xx + errors - client_aborts,
             p99_ms: oha.metrics.latency_ms.p99.unwrap_or(f64::NAN),
             duration,
             statuses: oha.statuses,
@@ -211,6 +218,9 @@ impl Load {
     }
 }
 
+/// How oha names requests it dropped itself when its duration ran out.
+const CLIENT_DEADLINE: &str = "aborted due to deadline";
+
 /// Length of one oha run. Longer than a pod's drain, so keep-alive connections live through
 /// drains as a real client's would; each run's in-flight requests complete at its end.
 const CHUNK: Duration = Duration::from_secs(10);
@@ -227,6 +237,15 @@ mod tests {
         let r = LoadReport::from_oha_json(json, Duration::from_secs(1)).unwrap();
         assert_eq!((r.sent, r.failed), (100, 5));
         assert_eq!(r.p99_ms, 12.5);
+    }
+
+    #[test]
+    fn the_clients_own_deadline_is_not_a_failure() {
+        let json = r#"{"metrics": {"latency_ms": {"p99": 1.0}},
+            "statusCodeDistribution": {"200": 10},
+            "errorDistribution": {"aborted due to deadline": 2, "connection refused": 1}}"#;
+        let r = LoadReport::from_oha_json(json, Duration::from_secs(1)).unwrap();
+        assert_eq!((r.sent, r.failed), (13, 1));
     }
 
     #[test]

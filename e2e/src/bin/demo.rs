@@ -58,7 +58,9 @@ async fn plain(
         ns.apply(&demo::service(APP)).await?;
     }
     wait::rollout(&ns.api(), APP, Duration::from_secs(180)).await?;
-    let url = format!("http://{}/", wait::cluster_ip(&ns.api(), APP).await?);
+    let ip = wait::cluster_ip(&ns.api(), APP).await?;
+    wait::service_serving(&ns.api(), APP, &ip, 80, 3, Duration::from_secs(60)).await?;
+    let url = format!("http://{ip}/");
     let figures = rollout::rollouts_under_load(ns, APP, &url, load, n, TIMEOUT).await?;
     Ok(figures.rollouts.into_iter().zip(figures.wall).collect())
 }
