@@ -596,7 +596,8 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
             status.current_step = Some(reason);
             recheck.min(PROGRESS_RECHECK)
         }
-        Step::Done => unreachable!("handled above"),
+        // Settled states return above; were one to slip through, look again soon.
+        Step::Done => PROGRESS_RECHECK,
     };
     if !rolling_back {
         let step = status.current_step.clone().unwrap_or_default();
