@@ -128,7 +128,15 @@ async fn annotated_demo_rolls_out_without_dropping_requests() {
         .await
         .unwrap();
 
+    // The plain pods this restart replaced died at once: measure only after they are gone and
+    // the Service serves the injected pods from this host (kube-proxy lags the EndpointSlices).
+    graceful_e2e::graceful::wait_pods_settled(&ns, "demo", 3, Duration::from_secs(120))
+        .await
+        .unwrap();
     let ip = wait::cluster_ip(&ns.api(), "demo").await.unwrap();
+    wait::service_serving(&ns.api(), "demo", &ip, 80, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
     let url = format!("http://{ip}/");
     let graceful =
         rollout::rollouts_under_load(&ns, "demo", &url, &load, ROLLOUTS, Duration::from_secs(240))
