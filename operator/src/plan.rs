@@ -167,7 +167,8 @@ impl World {
 
         // Scale down others: unready pods may go at once; ready ones only while enough proven
         // target pods keep `replicas` serving.
-        let proven = self.counts().proven;
+        let counts = self.counts();
+        let proven = counts.proven;
         let serving_others: i32 = others
             .iter()
             .flat_map(|rs| rs.pods.iter())
@@ -200,7 +201,6 @@ impl World {
             return Step::Scale(actions);
         }
 
-        let counts = self.counts();
         if others.is_empty() && target.replicas == self.replicas && counts.proven >= self.replicas {
             return if counts.draining > 0 {
                 Step::Wait {
