@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "$0")/../e2e/scripts/common.sh"
 
-host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2)
+host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config)
 cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
@@ -40,13 +40,16 @@ go_tool() { # name module@version
 }
 go_tool hey github.com/rakyll/hey@v0.1.5
 
-# oha: rate-limited load (-q) with a JSON report of status codes and errors.
-OHA_VERSION=1.16.0
-if [[ ! -x $BIN/oha || $(cat "$BIN/oha.version" 2>/dev/null) != "$OHA_VERSION" ]]; then
-  step "cargo install oha $OHA_VERSION"
-  cargo install --quiet --locked --root "$CACHE/oha" --version "$OHA_VERSION" oha
+# oha: rate-limited load (-q) with a JSON report of status codes and errors. Built against the
+# system OpenSSL (native-tls) instead of its default rustls with aws-lc: 3m53s instead of 6m07s
+# on 2 idle cores, and our load is plain HTTP anyway. Version and features are the stamp.
+OHA="1.16.0 native-tls"
+if [[ ! -x $BIN/oha || $(cat "$BIN/oha.version" 2>/dev/null) != "$OHA" ]]; then
+  step "cargo install oha $OHA"
+  cargo install --quiet --locked --root "$CACHE/oha" --version "${OHA% *}" \
+    --no-default-features --features "${OHA#* }" oha
   ln -sf "$CACHE/oha/bin/oha" "$BIN/oha"
-  echo "$OHA_VERSION" > "$BIN/oha.version"
+  echo "$OHA" > "$BIN/oha.version"
   done_step
 fi
 log "deps ready (tools in $BIN)"

@@ -117,9 +117,13 @@ async fn http2_clients_across_a_rollout_fail_nothing() {
         .unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
     let report = load.await.expect("oha task");
     eprintln!("HTTP/2 (h2c) across a rollout: {report}");
-    // Streams a client opened while the sidecar's GOAWAY was on its way are refused, and
-    // RFC 9113 clients retry them; oha does not, and reports them as canceled or as an http2
-    // error. Everything else (refused or reset connections, timeouts, non-2xx) is a failure.
+    // oha fails requests that never leave it: the h2 crate under its hyper client records a
+    // connection error on any GOAWAY, even the first graceful one (last stream id 2^31-1), and
+    // refuses every later request on that connection locally ("http2 error"), or cancels one
+    // already queued for it ("operation was canceled"), until oha reconnects. Pooling clients
+    // (Go, Envoy, hyper-util's) open a new connection instead. No server can avoid these short
+    // of never sending GOAWAY, so they are told apart and bounded; everything else (refused or
+    // reset connections, timeouts, non-2xx) is a failure.
     let goaway_races: u64 = report
         .errors
         .iter()
