@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the e2e cluster (make cluster-up images first; make e2e does both):
-#   e2e/run.sh [cargo test args]    the e2e suite: every ignored test of graceful-e2e, one at a time
-#                                   (e2e/run.sh --test smoke prestop -- --nocapture: one file,
-#                                   tests whose name has "prestop", their output shown)
+#   e2e/run.sh [cargo test args]    the e2e suite: every ignored test of graceful-e2e, one at a time,
+#                                   each test's figures shown (e2e/run.sh --test smoke prestop: one
+#                                   file, the tests whose name has "prestop")
 #   e2e/run.sh baseline [args]      the baseline measurement (--rollouts N --rate R --connections C)
 set -euo pipefail
 here=$(dirname "$0")
@@ -23,4 +23,7 @@ while (($#)); do
   if [[ $1 == -- ]]; then shift; test_args=("$@"); break; fi
   cargo_args+=("$1"); shift
 done
+# --nocapture: every test prints what it measured (sent, failed, p99), so a CI log carries the
+# figures, not only "ok".
+[[ " ${test_args[*]} " == *" --nocapture "* ]] || test_args+=(--nocapture)
 exec cargo test --locked -p graceful-e2e "${cargo_args[@]}" -- --ignored --test-threads=1 "${test_args[@]}"
