@@ -11,7 +11,7 @@ kube_bin="$BIN/kube"
 if [[ -x $kube_bin && $(cat "$BIN/kube.stamp" 2>/dev/null) == "$stamp" ]]; then
   log "kubernetes $KUBE_VERSION: cached ($kube_bin)"
 else
-  step "build kubernetes $KUBE_VERSION from the Go module (cold: 20-40 min on 2 cores)"
+  step "build kubernetes $KUBE_VERSION from the Go module (cold: about 8 min on 2 cores)"
   mkdir -p "$BIN"
   version_pkg=k8s.io/component-base/version
   client_pkg=k8s.io/client-go/pkg/version
