@@ -109,6 +109,16 @@ impl FakeApi {
             .collect()
     }
 
+    /// The events posted, in order.
+    pub fn events(&self) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.writes
+            .iter()
+            .filter(|w| w.path.contains("/events"))
+            .map(|w| w.body.clone())
+            .collect()
+    }
+
     pub fn writes_to(&self, fragment: &str) -> Vec<Write> {
         self.writes()
             .into_iter()
@@ -186,6 +196,18 @@ impl FakeApi {
                 let Some(obj) = st.objects.get_mut(&coll).and_then(|m| m.get_mut(&n)) else {
                     return not_found();
                 };
+                // A patch that names a resourceVersion applies only onto that version, and
+                // every write makes a new one, as on a real API server.
+                let version = obj["metadata"]["resourceVersion"].as_str().unwrap_or("0");
+                if let Some(wanted) = body.pointer("/metadata/resourceVersion")
+                    && wanted.as_str() != Some(version)
+                {
+                    return respond(
+                        StatusCode::CONFLICT,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+                    );
+                }
+                let next = version.parse::<u64>().unwrap_or(0) + 1;
                 let ct = parts
                     .headers
                     .get(http::header::CONTENT_TYPE)
@@ -199,6 +221,7 @@ impl FakeApi {
                     // Merge and apply patches both merge here; enough for these tests.
                     json_patch::merge(obj, &body);
                 }
+                obj["metadata"]["resourceVersion"] = json!(next.to_string());
                 respond(StatusCode::OK, obj.clone())
             }
             (Method::PUT, Some(n)) => {

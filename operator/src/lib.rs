@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod crd;
+pub mod drains;
 pub mod error;
 #[cfg(test)]
 mod fixtures;

@@ -4,7 +4,7 @@
 //! a restarted operator continues where the last one stopped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,6 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase, RolloutRecord};
+use crate::drains::{self, DrainTotals, Drains};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::plan::{PodView, ReplicaSetView, Step, World};
 use crate::revision::{POD_TEMPLATE_HASH, same_template, template_hash};
@@ -40,17 +41,8 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// Draining pods seen per rollout (uid -> deletion time, force-closed connections reported),
-    /// for the rollout record. In memory: a restarted operator reports the drains it saw.
-    drains: Mutex<HashMap<String, DrainSeen>>,
-}
-
-#[derive(Clone, Debug, Default)]
-struct DrainSeen {
-    rollout: String,
-    started: Option<Timestamp>,
-    finished: Option<Timestamp>,
-    force_closed: i64,
+    /// The old pods' drains, for each rollout's record.
+    pub drains: Drains,
 }
 
 impl Context {
@@ -63,7 +55,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
-            drains: Mutex::default(),
+            drains: Drains::default(),
         }
     }
 }
@@ -76,6 +68,10 @@ pub async fn run(
 ) {
     let rollouts = Api::<GracefulRollout>::all(client.clone());
     let ctx = Arc::new(Context::new(client.clone(), metrics));
+    let reports = {
+        let (client, ctx) = (client.clone(), ctx.clone());
+        tokio::spawn(async move { drains::watch_reports(client, &ctx.drains).await })
+    };
     let lost = async move {
         while *leading.borrow() {
             if leading.changed().await.is_err() {
@@ -108,6 +104,7 @@ pub async fn run(
             }
         });
     controller.await;
+    reports.abort();
 }
 
 pub async fn reconcile(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {
@@ -401,7 +398,9 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
     };
     let counts = world.counts();
     let step = world.decide();
-    track_drains(&ctx, &gr, &seen);
+    if let Some(started) = &status.rollout_started_at {
+        ctx.drains.track(&rollout_key(&gr, started), &seen.pods);
+    }
 
     status.updated = counts.updated;
     status.serving = counts.serving;
@@ -416,34 +415,23 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
         .replica_sets
         .iter()
         .any(|rs| rs.revision != target && rs.replicas > 0);
-    if target_exists && !others_active && counts.draining == 0 {
+    // Between rollouts a pod may be deleted (kubectl delete pod, an eviction) and replaced by
+    // its ReplicaSet: that is no rollout, so its drain does not hold the settled state.
+    let drains_pending = counts.draining > 0 && status.rollout_started_at.is_some();
+    if target_exists && !others_active && !drains_pending {
         takeover::hand_back_all(&rs_api, &seen.replica_sets, &gr_uid, &seen.deploy).await?;
+        let mut finished = None;
         if let Some(started) = status.rollout_started_at.take() {
             let outcome = match (rolling_back, gr.spec.abort) {
                 (false, _) => "Succeeded",
                 (true, true) => "Aborted",
                 (true, false) => "RolledBack",
             };
-            let record = finish_record(&ctx, &target, started, outcome, replicas);
-            publish(
-                &ctx,
-                &gr,
-                EventType::Normal,
-                "RolloutFinished",
-                &record.summary,
-            )
-            .await;
-            ctx.metrics
-                .rollouts
-                .get_or_create(&OutcomeLabels {
-                    outcome: outcome.into(),
-                })
-                .inc();
-            let took = Timestamp::now()
-                .duration_since(record.started_at.0)
-                .as_secs_f64();
-            ctx.metrics.rollout_duration.observe(took.max(0.0));
-            status.last_rollout = Some(record);
+            let key = rollout_key(&gr, &started);
+            let drains = ctx.drains.totals(&key);
+            let record = finish_record(drains, &target, started, outcome, replicas);
+            status.last_rollout = Some(record.clone());
+            finished = Some((key, drains, outcome, record));
         }
         status.last_progress_at = None;
         status.stable_revision = Some(target.clone());
@@ -477,7 +465,34 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
             ));
             set_conditions(&mut status, &[("Degraded", false, "Healthy", "")]);
         }
-        write_status(&ctx, &gr, status).await?;
+        let Some((key, drains, outcome, record)) = finished else {
+            write_status(&ctx, &gr, status).await?;
+            return Ok(Action::requeue(IDLE_RECHECK));
+        };
+        // The record is written once, and announced only once written.
+        if !write_status_unless_stale(&ctx, &gr, status).await? {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+        ctx.drains.forget(&key);
+        tracing::info!(rollout = %gr.name_any(), ?drains, "drains of the finished rollout");
+        publish(
+            &ctx,
+            &gr,
+            EventType::Normal,
+            "RolloutFinished",
+            &record.summary,
+        )
+        .await;
+        ctx.metrics
+            .rollouts
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+        let took = Timestamp::now()
+            .duration_since(record.started_at.0)
+            .as_secs_f64();
+        ctx.metrics.rollout_duration.observe(took.max(0.0));
         return Ok(Action::requeue(IDLE_RECHECK));
     }
 
@@ -696,90 +711,42 @@ async fn scale(api: &Api<ReplicaSet>, name: &str, replicas: i32) -> Result<()> {
     Ok(())
 }
 
-/// Remember when each old pod began draining and when it was gone, and what its sidecar said.
-fn track_drains(ctx: &Context, gr: &GracefulRollout, seen: &Observed) {
-    let rollout = gr
-        .status
-        .as_ref()
-        .and_then(|s| s.rollout_started_at.as_ref())
-        .map(|t| t.0.to_string())
-        .unwrap_or_default();
-    let mut drains = ctx.drains.lock().expect("drains lock");
-    let present: std::collections::HashSet<String> =
-        seen.pods.iter().map(takeover::uid_of).collect();
-    for pod in &seen.pods {
-        let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else {
-            continue;
-        };
-        let entry = drains
-            .entry(takeover::uid_of(pod))
-            .or_insert_with(|| DrainSeen {
-                rollout: rollout.clone(),
-                ..Default::default()
-            });
-        // deletionTimestamp is the deadline (deletion + grace period), not the deletion itself.
-        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
-        let began = deleted
-            .0
-            .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
-            .unwrap_or(deleted.0);
-        entry.started.get_or_insert(began);
-        if let Some(n) = force_closed_reported(pod) {
-            entry.force_closed = n;
-        }
-    }
-    let now = Timestamp::now();
-    for (uid, d) in drains.iter_mut() {
-        if d.finished.is_none() && !present.contains(uid) {
-            d.finished = Some(now);
-        }
-    }
-}
-
-/// The sidecar writes its drain summary as its termination message.
-fn force_closed_reported(pod: &Pod) -> Option<i64> {
-    let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
-    statuses.iter().find_map(|s| {
-        let msg = s.state.as_ref()?.terminated.as_ref()?.message.as_ref()?;
-        let v: serde_json::Value = serde_json::from_str(msg).ok()?;
-        v.get("connections_cut").and_then(|n| n.as_i64())
-    })
+/// Names one rollout of one GracefulRollout in `Drains`.
+fn rollout_key(gr: &GracefulRollout, started: &Time) -> String {
+    format!(
+        "{}/{}@{}",
+        gr.namespace().unwrap_or_default(),
+        gr.name_any(),
+        started.0
+    )
 }
 
 fn finish_record(
-    ctx: &Context,
+    drains: DrainTotals,
     revision: &str,
     started: Time,
     outcome: &str,
     replicas: i32,
 ) -> RolloutRecord {
-    let key = started.0.to_string();
-    let mut drains = ctx.drains.lock().expect("drains lock");
-    let mine: Vec<DrainSeen> = drains
-        .values()
-        .filter(|d| d.rollout == key)
-        .cloned()
-        .collect();
-    drains.retain(|_, d| d.rollout != key);
-    let longest = mine
-        .iter()
-        .filter_map(|d| Some(d.finished?.duration_since(d.started?).as_secs()))
-        .max()
-        .unwrap_or(0);
-    let force_closed: i64 = mine.iter().map(|d| d.force_closed).sum();
+    let DrainTotals {
+        pods,
+        longest_seconds,
+        connections_cut,
+        ..
+    } = drains;
     let finished = now_time();
     let took = finished.0.duration_since(started.0).as_secs();
     let summary = format!(
-        "{outcome} in {took}s, {replicas} pods, longest drain {longest}s, {force_closed} cut"
+        "{outcome} in {took}s, {replicas} pods, longest drain {longest_seconds}s, {connections_cut} cut"
     );
     RolloutRecord {
         revision: revision.into(),
         started_at: started,
         finished_at: finished,
         outcome: outcome.into(),
-        pods_replaced: replicas.max(mine.len() as i32),
-        longest_drain_seconds: longest,
-        connections_force_closed: force_closed,
+        pods_replaced: replicas.max(pods),
+        longest_drain_seconds: longest_seconds,
+        connections_force_closed: connections_cut,
         summary,
     }
 }
@@ -831,13 +798,43 @@ async fn write_status(
     if gr.status.as_ref() == Some(&status) {
         return Ok(());
     }
+    apply_status(ctx, gr, status, None).await
+}
+
+/// Writes the status only if the GracefulRollout has not changed since `gr` was read, and
+/// says whether it did. A reconcile can run on a cached copy that predates the last status
+/// write; for a rollout's end that copy would record and announce the rollout a second time.
+async fn write_status_unless_stale(
+    ctx: &Context,
+    gr: &GracefulRollout,
+    status: GracefulRolloutStatus,
+) -> Result<bool> {
+    match apply_status(ctx, gr, status, gr.resource_version()).await {
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            tracing::debug!(rollout = %gr.name_any(), "stale copy: the rollout's end is written once");
+            Ok(false)
+        }
+        other => other.map(|()| true),
+    }
+}
+
+/// Server-side apply of the status; with `resource_version`, only onto that version.
+async fn apply_status(
+    ctx: &Context,
+    gr: &GracefulRollout,
+    status: GracefulRolloutStatus,
+    resource_version: Option<String>,
+) -> Result<()> {
     let api: Api<GracefulRollout> =
         Api::namespaced(ctx.client.clone(), &gr.namespace().unwrap_or_default());
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": "graceful.dev/v1alpha1",
         "kind": "GracefulRollout",
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
     api.patch_status(
         &gr.name_any(),
         &PatchParams::apply(MANAGER).force(),
@@ -1115,6 +1112,63 @@ mod tests {
         assert_eq!(st["stableRevision"], new_hash.as_str());
         assert_eq!(st["lastRollout"]["outcome"], "Succeeded");
         assert!(st.get("rolloutStartedAt").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pod_deleted_between_rollouts_starts_no_rollout() {
+        let api = FakeApi::default();
+        let hash = template_hash(&serde_json::from_value(template("v1")).unwrap(), 0);
+        api.put(rollout(json!({}), json!({"stableRevision": hash})));
+        api.put(deployment("v1", 3, true));
+        api.put(replica_set("v1", &hash, 3, false, 900));
+        for i in 1..=3 {
+            api.put(pod(&format!("p-{i}"), &hash, Some(900)));
+        }
+        // Deleted by someone else; its ReplicaSet has already replaced it.
+        let mut deleted = pod("p-0", &hash, Some(900));
+        deleted["metadata"]["deletionTimestamp"] = json!(ago(-30));
+        deleted["metadata"]["deletionGracePeriodSeconds"] = json!(40);
+        api.put(deleted);
+
+        apply(gr(&api), ctx(&api)).await.unwrap();
+
+        assert!(
+            api.events().iter().all(|e| e["reason"] != "RolloutStarted"),
+            "{:?}",
+            api.events()
+        );
+        assert!(api.writes_to("/replicasets/").is_empty(), "nothing adopted");
+        let st = status_written(&api);
+        assert_eq!(st["phase"], "Healthy");
+        assert!(st.get("rolloutStartedAt").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_does_not_record_a_finished_rollout_twice() {
+        let api = FakeApi::default();
+        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(60), "lastProgressAt": ago(5)})));
+        api.put(deployment("v2", 3, true));
+        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
+        api.put(replica_set("v2", &new_hash, 3, true, 60));
+        for i in 1..=3 {
+            api.put(pod(&format!("new-{i}"), &new_hash, Some(30)));
+        }
+        let finished = |api: &FakeApi| {
+            api.events()
+                .iter()
+                .filter(|e| e["reason"] == "RolloutFinished")
+                .count()
+        };
+        // A reconcile can run on a cached copy from before the last status write.
+        let cached = gr(&api);
+        apply(cached.clone(), ctx(&api)).await.unwrap();
+        let recorded = gr(&api).status.clone().unwrap().last_rollout.unwrap();
+        assert_eq!(finished(&api), 1);
+
+        apply(cached, ctx(&api)).await.unwrap();
+        let now = gr(&api).status.clone().unwrap().last_rollout.unwrap();
+        assert_eq!(now, recorded, "the record stands");
+        assert_eq!(finished(&api), 1, "announced once");
     }
 
     #[tokio::test]

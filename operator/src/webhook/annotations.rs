@@ -27,6 +27,8 @@ pub const APP_CONTAINER: &str = "graceful.dev/app-container";
 pub const GRACE_PERIOD: &str = "graceful.dev/grace-period";
 /// Written by the injector on every pod it changed: the sidecar image it injected.
 pub const INJECTED: &str = "graceful.dev/injected";
+/// A label (value "true") on the same pods, so the operator can watch only them.
+pub const INJECTED_LABEL: &str = "graceful.dev/injected";
 /// Kubernetes' own convention for "the main container" (read only).
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 

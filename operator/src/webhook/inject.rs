@@ -194,6 +194,10 @@ fn build(
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(annotations::INJECTED.to_owned(), ctx.sidecar.image.clone());
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(annotations::INJECTED_LABEL.to_owned(), "true".to_owned());
     Ok((pod, warnings))
 }
 

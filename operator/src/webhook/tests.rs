@@ -234,6 +234,13 @@ fn annotated_pod_gets_a_native_sidecar_in_the_traffic_path() {
             .map(String::as_str),
         Some(IMAGE)
     );
+    // The label the operator's pod watch selects on; the app's own labels stay.
+    let labels = pod.metadata.labels.as_ref().unwrap();
+    assert_eq!(
+        labels.get(ann::INJECTED_LABEL).map(String::as_str),
+        Some("true")
+    );
+    assert!(labels.len() > 1, "{labels:?}");
 }
 
 #[test]

@@ -1,0 +1,291 @@
+//! The drains of a rollout's old pods, for its record: when each began (the pod's deletion),
+//! when it ended (the sidecar's exit, else when the pod was seen gone) and how many connections
+//! the sidecar had to cut.
+//!
+//! The sidecar says the last two in its termination message, which exists only between its
+//! exit and the pod's deletion: well under a second, so a reconcile's list almost never sees
+//! it. A watch on injected pods (label `graceful.dev/injected`) keeps it as it passes.
+//! Both are in memory: an operator that restarts mid-rollout records the drains it saw.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+use crate::takeover;
+use crate::webhook::annotations::INJECTED_LABEL;
+
+/// How long a sidecar's report waits to be claimed by a rollout before it is forgotten.
+const REPORT_TTL: SignedDuration = SignedDuration::from_secs(3600);
+
+/// What one sidecar said when it exited.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SidecarReport {
+    pub connections_cut: i64,
+    pub finished: Timestamp,
+}
+
+/// One old pod's drain as seen by the reconciles of one rollout.
+#[derive(Clone, Debug, Default)]
+struct DrainSeen {
+    /// The GracefulRollout and its rollout's start time.
+    rollout: String,
+    started: Option<Timestamp>,
+    /// When a reconcile first found the pod gone: the fallback end without a report.
+    gone: Option<Timestamp>,
+}
+
+/// What a finished rollout's record says about its drains.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DrainTotals {
+    pub pods: i32,
+    /// Drains whose sidecar report arrived (the rest end when their pod was seen gone).
+    pub reported: i32,
+    pub longest_seconds: i64,
+    pub connections_cut: i64,
+}
+
+#[derive(Default)]
+pub struct Drains {
+    /// Pod uid -> its drain, while the rollout is in progress.
+    seen: Mutex<HashMap<String, DrainSeen>>,
+    /// Pod uid -> its sidecar's report, from the pod watch.
+    reports: Mutex<HashMap<String, SidecarReport>>,
+}
+
+impl Drains {
+    /// Notes, for `rollout` (its GracefulRollout and start: one map serves them all), each of
+    /// its `pods` being deleted and each of its pods seen before that is no longer there.
+    pub fn track(&self, rollout: &str, pods: &[Pod]) {
+        let now = Timestamp::now();
+        let mut seen = self.seen.lock().expect("drains lock");
+        for pod in pods {
+            let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else {
+                continue;
+            };
+            // deletionTimestamp is the deadline (deletion + grace period), not the deletion.
+            let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+            let began = deleted
+                .0
+                .checked_sub(SignedDuration::from_secs(grace))
+                .unwrap_or(deleted.0);
+            seen.entry(takeover::uid_of(pod))
+                .or_insert_with(|| DrainSeen {
+                    rollout: rollout.into(),
+                    ..Default::default()
+                })
+                .started
+                .get_or_insert(began);
+        }
+        for (uid, d) in seen.iter_mut() {
+            if d.rollout == rollout
+                && d.gone.is_none()
+                && !pods.iter().any(|p| takeover::uid_of(p) == *uid)
+            {
+                d.gone = Some(now);
+            }
+        }
+    }
+
+    /// Keeps what a sidecar reported on exit.
+    pub fn report(&self, uid: String, report: SidecarReport) {
+        let mut reports = self.reports.lock().expect("reports lock");
+        let horizon = report.finished.checked_sub(REPORT_TTL).ok();
+        reports.retain(|_, r| horizon.is_none_or(|h| r.finished > h));
+        reports.insert(uid, report);
+    }
+
+    /// The totals of `rollout` so far.
+    pub fn totals(&self, rollout: &str) -> DrainTotals {
+        let seen = self.seen.lock().expect("drains lock");
+        let reports = self.reports.lock().expect("reports lock");
+        let mut totals = DrainTotals::default();
+        for (uid, d) in seen.iter().filter(|(_, d)| d.rollout == rollout) {
+            let report = reports.get(uid);
+            totals.pods += 1;
+            totals.reported += i32::from(report.is_some());
+            totals.connections_cut += report.map_or(0, |r| r.connections_cut);
+            let ended = report.map(|r| r.finished).or(d.gone);
+            if let (Some(start), Some(end)) = (d.started, ended) {
+                let secs = end.duration_since(start).as_secs();
+                totals.longest_seconds = totals.longest_seconds.max(secs);
+            }
+        }
+        totals
+    }
+
+    /// Drops what was kept for `rollout`, once its record is written.
+    pub fn forget(&self, rollout: &str) {
+        let mut seen = self.seen.lock().expect("drains lock");
+        let mut reports = self.reports.lock().expect("reports lock");
+        seen.retain(|uid, d| {
+            let mine = d.rollout == rollout;
+            if mine {
+                reports.remove(uid);
+            }
+            !mine
+        });
+    }
+}
+
+/// The sidecar's drain summary, from its terminated container's message.
+pub fn sidecar_report(pod: &Pod) -> Option<SidecarReport> {
+    let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
+    statuses.iter().find_map(|s| {
+        let terminated = s.state.as_ref()?.terminated.as_ref()?;
+        let v: serde_json::Value = serde_json::from_str(terminated.message.as_ref()?).ok()?;
+        Some(SidecarReport {
+            connections_cut: v.get("connections_cut")?.as_i64()?,
+            finished: terminated
+                .finished_at
+                .as_ref()
+                .map_or_else(Timestamp::now, |t| t.0),
+        })
+    })
+}
+
+/// Feeds `drains` with every injected pod's sidecar report until the watch ends (never, on
+/// its own: errors are retried with backoff).
+pub async fn watch_reports(client: Client, drains: &Drains) {
+    let pods = Api::<Pod>::all(client);
+    let config = watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true"));
+    let mut events = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(pod) => {
+                if let Some(report) = sidecar_report(&pod) {
+                    drains.report(takeover::uid_of(&pod), report);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "pod watch for drain reports");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn pod(uid: &str, deleted_at: Option<i64>, grace: i64) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                deletion_timestamp: deleted_at.map(|s| Time(at(s + grace))),
+                deletion_grace_period_seconds: deleted_at.map(|_| grace),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn terminated_sidecar(message: &str, finished: i64) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                init_container_statuses: Some(vec![ContainerStatus {
+                    name: "graceful-sidecar".into(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            message: Some(message.into()),
+                            finished_at: Some(Time(at(finished))),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..pod("a", None, 0)
+        }
+    }
+
+    #[test]
+    fn a_sidecar_report_is_read_from_its_termination_message() {
+        let summary = r#"{"trigger":"prestop","connections_cut":2,"forced":true}"#;
+        assert_eq!(
+            sidecar_report(&terminated_sidecar(summary, 7)),
+            Some(SidecarReport {
+                connections_cut: 2,
+                finished: at(7)
+            })
+        );
+        assert_eq!(sidecar_report(&terminated_sidecar("exit 137", 7)), None);
+        assert_eq!(sidecar_report(&pod("a", None, 0)), None);
+    }
+
+    #[test]
+    fn a_report_gives_the_drain_its_end_and_cut_count() {
+        let drains = Drains::default();
+        // "a" deleted at 10 with a 30 s grace period; "b" running.
+        drains.track("r1", &[pod("a", Some(10), 30), pod("b", None, 0)]);
+        drains.report(
+            "a".into(),
+            SidecarReport {
+                connections_cut: 3,
+                finished: at(16),
+            },
+        );
+        let totals = drains.totals("r1");
+        assert_eq!(
+            totals,
+            DrainTotals {
+                pods: 1,
+                reported: 1,
+                longest_seconds: 6,
+                connections_cut: 3
+            }
+        );
+        assert_eq!(drains.totals("r1"), totals, "unchanged until forgotten");
+        drains.forget("r1");
+        assert_eq!(drains.totals("r1"), DrainTotals::default());
+    }
+
+    #[test]
+    fn without_a_report_the_drain_ends_when_the_pod_is_seen_gone() {
+        let drains = Drains::default();
+        drains.track("r1", &[pod("a", Some(-100), 30)]);
+        drains.track("r1", &[]);
+        let totals = drains.totals("r1");
+        assert_eq!(
+            (totals.pods, totals.reported, totals.connections_cut),
+            (1, 0, 0)
+        );
+        // Deleted long before "now", gone now: the whole wait counts.
+        assert!(totals.longest_seconds > 100, "{totals:?}");
+    }
+
+    #[test]
+    fn other_rollouts_drains_are_kept() {
+        let drains = Drains::default();
+        drains.track("r1", &[pod("a", Some(10), 30)]);
+        // r2's pods never include r1's: its reconciles must not end r1's drains.
+        drains.track("r2", &[pod("b", Some(20), 30)]);
+        drains.track("r2", &[pod("b", Some(20), 30)]);
+        assert_eq!(drains.totals("r2").pods, 1);
+        drains.forget("r2");
+        drains.report(
+            "a".into(),
+            SidecarReport {
+                connections_cut: 0,
+                finished: at(15),
+            },
+        );
+        assert_eq!(drains.totals("r1").longest_seconds, 5);
+    }
+}
