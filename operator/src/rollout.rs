@@ -503,6 +503,11 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
     if status.rollout_started_at.is_none() {
         status.rollout_started_at = Some(now.clone());
         status.last_progress_at = Some(now.clone());
+        // Like its end, a rollout's start is written once (a stale copy would restart the clock
+        // and announce it again) and announced once written.
+        if !write_status_unless_stale(&ctx, &gr, status.clone()).await? {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
         publish(
             &ctx,
             &gr,
@@ -803,7 +808,7 @@ async fn write_status(
 
 /// Writes the status only if the GracefulRollout has not changed since `gr` was read, and
 /// says whether it did. A reconcile can run on a cached copy that predates the last status
-/// write; for a rollout's end that copy would record and announce the rollout a second time.
+/// write; at a rollout's start or end that copy would record and announce it a second time.
 async fn write_status_unless_stale(
     ctx: &Context,
     gr: &GracefulRollout,
@@ -811,7 +816,7 @@ async fn write_status_unless_stale(
 ) -> Result<bool> {
     match apply_status(ctx, gr, status, gr.resource_version()).await {
         Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
-            tracing::debug!(rollout = %gr.name_any(), "stale copy: the rollout's end is written once");
+            tracing::debug!(rollout = %gr.name_any(), "stale copy: a rollout's start or end is written once");
             Ok(false)
         }
         other => other.map(|()| true),
@@ -1141,6 +1146,30 @@ mod tests {
         let st = status_written(&api);
         assert_eq!(st["phase"], "Healthy");
         assert!(st.get("rolloutStartedAt").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_does_not_start_a_rollout_twice() {
+        let api = FakeApi::default();
+        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa"})));
+        api.put(deployment("v2", 3, true));
+        api.put(replica_set("v1", "aaaaa", 3, false, 900));
+        old_pods(&api, "aaaaa");
+        let started = |api: &FakeApi| {
+            api.events()
+                .iter()
+                .filter(|e| e["reason"] == "RolloutStarted")
+                .count()
+        };
+        let cached = gr(&api);
+        apply(cached.clone(), ctx(&api)).await.unwrap();
+        let first = gr(&api).status.clone().unwrap().rollout_started_at;
+        assert!(first.is_some());
+        assert_eq!(started(&api), 1);
+
+        apply(cached, ctx(&api)).await.unwrap();
+        assert_eq!(gr(&api).status.clone().unwrap().rollout_started_at, first);
+        assert_eq!(started(&api), 1, "announced once");
     }
 
     #[tokio::test]
