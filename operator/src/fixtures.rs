@@ -119,6 +119,14 @@ impl FakeApi {
             .collect()
     }
 
+    /// How many events with this reason were posted.
+    pub fn events_for(&self, reason: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["reason"] == reason)
+            .count()
+    }
+
     pub fn writes_to(&self, fragment: &str) -> Vec<Write> {
         self.writes()
             .into_iter()

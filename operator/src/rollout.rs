@@ -1137,11 +1137,7 @@ mod tests {
 
         apply(gr(&api), ctx(&api)).await.unwrap();
 
-        assert!(
-            api.events().iter().all(|e| e["reason"] != "RolloutStarted"),
-            "{:?}",
-            api.events()
-        );
+        assert_eq!(api.events_for("RolloutStarted"), 0, "{:?}", api.events());
         assert!(api.writes_to("/replicasets/").is_empty(), "nothing adopted");
         let st = status_written(&api);
         assert_eq!(st["phase"], "Healthy");
@@ -1155,21 +1151,15 @@ mod tests {
         api.put(deployment("v2", 3, true));
         api.put(replica_set("v1", "aaaaa", 3, false, 900));
         old_pods(&api, "aaaaa");
-        let started = |api: &FakeApi| {
-            api.events()
-                .iter()
-                .filter(|e| e["reason"] == "RolloutStarted")
-                .count()
-        };
         let cached = gr(&api);
         apply(cached.clone(), ctx(&api)).await.unwrap();
         let first = gr(&api).status.clone().unwrap().rollout_started_at;
         assert!(first.is_some());
-        assert_eq!(started(&api), 1);
+        assert_eq!(api.events_for("RolloutStarted"), 1);
 
         apply(cached, ctx(&api)).await.unwrap();
         assert_eq!(gr(&api).status.clone().unwrap().rollout_started_at, first);
-        assert_eq!(started(&api), 1, "announced once");
+        assert_eq!(api.events_for("RolloutStarted"), 1, "announced once");
     }
 
     #[tokio::test]
@@ -1182,22 +1172,16 @@ mod tests {
         for i in 1..=3 {
             api.put(pod(&format!("new-{i}"), &new_hash, Some(30)));
         }
-        let finished = |api: &FakeApi| {
-            api.events()
-                .iter()
-                .filter(|e| e["reason"] == "RolloutFinished")
-                .count()
-        };
         // A reconcile can run on a cached copy from before the last status write.
         let cached = gr(&api);
         apply(cached.clone(), ctx(&api)).await.unwrap();
         let recorded = gr(&api).status.clone().unwrap().last_rollout.unwrap();
-        assert_eq!(finished(&api), 1);
+        assert_eq!(api.events_for("RolloutFinished"), 1);
 
         apply(cached, ctx(&api)).await.unwrap();
         let now = gr(&api).status.clone().unwrap().last_rollout.unwrap();
         assert_eq!(now, recorded, "the record stands");
-        assert_eq!(finished(&api), 1, "announced once");
+        assert_eq!(api.events_for("RolloutFinished"), 1, "announced once");
     }
 
     #[tokio::test]
