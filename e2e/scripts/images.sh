@@ -18,6 +18,8 @@ for name in graceful-sidecar graceful-operator graceful-demo; do
   [[ -x $release/$name ]] || die "no $name at $release: run make build-static"
   image_import "$release/$name" "localhost/$name:$IMAGE_TAG"
 done
+# The demo again under a second name: `kubectl set image` scenarios need an image that differs.
+image_import "$release/graceful-demo" "localhost/graceful-demo-next:$IMAGE_TAG"
 # A load generator for pods (requests from inside the cluster): hey is a static Go binary.
 [[ -x $BIN/hey ]] || die "hey missing in $BIN: run scripts/deps.sh"
 image_import "$BIN/hey" "localhost/hey:$IMAGE_TAG"

@@ -56,7 +56,7 @@ pub fn graceful_rollout(name: &str, strategy: serde_json::Value) -> GracefulRoll
         "apiVersion": "graceful.dev/v1alpha1",
         "kind": "GracefulRollout",
         "metadata": {"name": name},
-        "spec": {"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}, "strategy": strategy},
+        "spec": {"targetRef": {"name": name}, "strategy": strategy},
     }))
     .expect("GracefulRollout manifest")
 }
@@ -109,14 +109,13 @@ pub async fn wait_phase(
     .await
 }
 
-/// Changes the pod template (works on a paused Deployment, unlike `kubectl rollout restart`);
-/// returns the moment of the change.
+/// Changes the pod template as `kubectl rollout restart` does; returns the moment of the change.
 pub async fn trigger(ns: &TestNamespace, name: &str) -> Result<Timestamp> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"graceful.dev/restartedAt": now.to_string()}}}}});
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now.to_string()}}}}});
     let since = Timestamp::now();
     ns.api::<Deployment>()
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -312,5 +311,112 @@ impl ServingSampler {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         self.fewest.load(Ordering::Relaxed)
+    }
+}
+
+/// What a [`DeploymentSampler`] saw of a Deployment, sampled every second as `kubectl get deploy`
+/// shows it (READY = readyReplicas/replicas), with its Available condition and Argo CD's rating.
+#[derive(Clone, Debug, Default)]
+pub struct DeploymentSamples {
+    pub samples: usize,
+    /// The most ready pods were short of `spec.replicas` at any sample (0: never short).
+    pub worst_shortfall: i32,
+    /// Samples whose Available condition was not True.
+    pub available_not_true: usize,
+    pub health_seen: std::collections::BTreeSet<crate::argo::Health>,
+}
+
+impl std::fmt::Display for DeploymentSamples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples of the Deployment: ready short of replicas by at most {}, Available not True in {}, Argo CD health {:?}",
+            self.samples, self.worst_shortfall, self.available_not_true, self.health_seen
+        )
+    }
+}
+
+/// Samples a Deployment every second until stopped.
+pub struct DeploymentSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<DeploymentSamples>,
+}
+
+impl DeploymentSampler {
+    pub fn start(ns: &TestNamespace, name: &str) -> Self {
+        let api: Api<Deployment> = ns.api();
+        let name = name.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = DeploymentSamples::default();
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(d) = api.get(&name).await {
+                    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    let status = d.status.clone().unwrap_or_default();
+                    let ready = status.ready_replicas.unwrap_or(0);
+                    seen.samples += 1;
+                    seen.worst_shortfall = seen.worst_shortfall.max(want - ready);
+                    let available = status
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Available" && c.status == "True");
+                    seen.available_not_true += usize::from(!available);
+                    seen.health_seen.insert(crate::argo::deployment_health(&d));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            seen
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> DeploymentSamples {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// `kubectl rollout status deployment/NAME`, running in the background: `finish` returns whether
+/// it exited 0 and what it printed.
+pub struct RolloutStatus {
+    child: tokio::process::Child,
+}
+
+impl RolloutStatus {
+    pub fn start(ns: &TestNamespace, name: &str, timeout: Duration) -> Result<Self> {
+        let mut cmd = tokio::process::Command::new(crate::cluster::tool("kubectl")?);
+        cmd.arg("--kubeconfig")
+            .arg(crate::cluster::kubeconfig_path())
+            .args([
+                "-n",
+                &ns.name,
+                "rollout",
+                "status",
+                &format!("deployment/{name}"),
+            ])
+            .arg(format!("--timeout={}s", timeout.as_secs()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(Error::io("running kubectl rollout status"))?;
+        Ok(Self { child })
+    }
+
+    pub async fn finish(self) -> Result<(bool, String)> {
+        let out = self
+            .child
+            .wait_with_output()
+            .await
+            .map_err(Error::io("waiting for kubectl rollout status"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
     }
 }

@@ -3,8 +3,9 @@
 //! that is deleted afterwards and dumps pod logs and events when the test fails
 //! ([`namespace`]), the demo app's manifests ([`demo`]), waits with timeouts ([`wait`]), steady
 //! load from oha with failed requests counted by oha itself ([`load`]), and rollouts measured
-//! under that load ([`rollout`]).
+//! under that load ([`rollout`]), and Argo CD's health rule for Deployments ([`argo`]).
 
+pub mod argo;
 pub mod cluster;
 pub mod demo;
 pub mod error;

@@ -2,7 +2,6 @@
 //! status the controller reports. `crds/` is generated from these types by the `crdgen` binary.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,21 +32,27 @@ pub struct GracefulRolloutSpec {
     /// How pods are replaced.
     #[serde(default)]
     pub strategy: Strategy,
-    /// Stop at the next step; the rollout resumes where it stopped when set back to false.
+    /// Stop at the next step (as `kubectl rollout pause` on the Deployment does); the rollout
+    /// resumes where it stopped when set back to false.
     #[serde(default)]
     pub paused: bool,
-    /// Roll the current rollout back to the last stable pods and do not retry this revision.
+    /// Roll the rollout in progress back to the last stable pods. While it stays true, every
+    /// new rollout is rolled back too; set it back to false to roll out again.
     #[serde(default)]
     pub abort: bool,
 }
 
+/// The Deployment a GracefulRollout manages: only `name` is needed.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.apiVersion == 'apps/v1' && self.kind == 'Deployment'")
     .message("targetRef must name a Deployment (apiVersion apps/v1, kind Deployment)"))]
 pub struct TargetRef {
+    /// apps/v1, the one supported.
     #[serde(default = "default_api_version")]
     pub api_version: String,
+    /// Deployment, the one kind supported.
+    #[serde(default = "default_kind")]
     pub kind: String,
     #[x_kube(validation = Rule::new("self != ''").message("targetRef.name must not be empty"))]
     pub name: String,
@@ -56,46 +61,27 @@ pub struct TargetRef {
 fn default_api_version() -> String {
     "apps/v1".into()
 }
+fn default_kind() -> String {
+    "Deployment".into()
+}
 
+/// How pods are replaced. Surge and the progress deadline are the Deployment's own
+/// (`strategy.rollingUpdate.maxSurge`, at least 1; `progressDeadlineSeconds`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Strategy {
-    /// Extra pods allowed above the Deployment's replicas during a rollout: a count (at least 1)
-    /// or a percentage of replicas (rounded up, at least 1%).
-    #[serde(default = "default_max_surge")]
-    #[x_kube(validation = Rule::new(
-        "type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*%$')"
-    ).message("maxSurge must be a count of at least 1 or a percentage such as '25%'"))]
-    pub max_surge: IntOrString,
     /// How long a new pod must have been serving (ready and listed ready in the EndpointSlices)
     /// before an old pod is taken out of traffic.
     #[serde(default = "default_min_serving_seconds")]
     #[x_kube(validation = Rule::new("self >= 0").message("minServingSeconds must not be negative"))]
     pub min_serving_seconds: i32,
-    /// How long an old pod may take to drain before the rollout reports it and moves on.
-    #[serde(default = "default_drain_timeout_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("drainTimeoutSeconds must be at least 1"))]
-    pub drain_timeout_seconds: i32,
-    /// How long a step may wait for new pods to serve before the rollout counts as failed.
-    #[serde(default = "default_progress_deadline_seconds")]
-    #[x_kube(validation = Rule::new("self >= 1").message("progressDeadlineSeconds must be at least 1"))]
-    pub progress_deadline_seconds: i32,
-    /// Roll back to the last stable pods when the progress deadline passes.
+    /// Roll back to the last stable pods when the Deployment reports ProgressDeadlineExceeded.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
 }
 
-fn default_max_surge() -> IntOrString {
-    IntOrString::Int(1)
-}
 fn default_min_serving_seconds() -> i32 {
     5
-}
-fn default_drain_timeout_seconds() -> i32 {
-    60
-}
-fn default_progress_deadline_seconds() -> i32 {
-    300
 }
 fn default_true() -> bool {
     true
@@ -104,33 +90,16 @@ fn default_true() -> bool {
 impl Default for Strategy {
     fn default() -> Self {
         Self {
-            max_surge: default_max_surge(),
             min_serving_seconds: default_min_serving_seconds(),
-            drain_timeout_seconds: default_drain_timeout_seconds(),
-            progress_deadline_seconds: default_progress_deadline_seconds(),
             auto_rollback: true,
         }
-    }
-}
-
-impl Strategy {
-    /// maxSurge resolved against the replica count: at least 1, percentages rounded up.
-    pub fn surge_for(&self, replicas: i32) -> i32 {
-        let surge = match &self.max_surge {
-            IntOrString::Int(n) => *n,
-            IntOrString::String(s) => {
-                let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(25);
-                ((i64::from(replicas) * pct + 99) / 100) as i32
-            }
-        };
-        surge.max(1)
     }
 }
 
 /// Where a GracefulRollout stands.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum Phase {
-    /// Taking over the Deployment (first reconcile).
+    /// Not yet reconciled.
     #[default]
     Initializing,
     /// Every pod runs the Deployment's template; nothing to do.
@@ -160,7 +129,7 @@ pub struct GracefulRolloutStatus {
     /// Template hash of the Deployment's current pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_revision: Option<String>,
-    /// A revision that failed or was aborted: not retried until the template changes.
+    /// The last revision that failed or was aborted, and was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_revision: Option<String>,
     #[serde(default)]
@@ -199,7 +168,7 @@ pub struct RolloutRecord {
     pub revision: String,
     pub started_at: Time,
     pub finished_at: Time,
-    /// Succeeded, RolledBack or Aborted.
+    /// Succeeded or RolledBack.
     pub outcome: String,
     pub pods_replaced: i32,
     pub longest_drain_seconds: i64,
@@ -226,23 +195,10 @@ mod tests {
     use kube::CustomResourceExt;
 
     #[test]
-    fn surge_resolves_counts_and_percentages() {
-        let mut s = Strategy::default();
-        assert_eq!(s.surge_for(3), 1);
-        s.max_surge = IntOrString::String("50%".into());
-        assert_eq!(s.surge_for(3), 2);
-        s.max_surge = IntOrString::String("1%".into());
-        assert_eq!(s.surge_for(3), 1);
-        s.max_surge = IntOrString::Int(4);
-        assert_eq!(s.surge_for(3), 4);
-    }
-
-    #[test]
     fn crd_carries_validation_rules_printer_columns_and_list_map_conditions() {
         let crd = serde_json::to_string(&GracefulRollout::crd()).unwrap();
         for needle in [
             "x-kubernetes-validations",
-            "maxSurge must be a count of at least 1",
             "minServingSeconds must not be negative",
             "targetRef must name a Deployment",
             r#""x-kubernetes-list-type":"map""#,
@@ -256,10 +212,11 @@ mod tests {
     #[test]
     fn defaults_fill_a_minimal_spec() {
         let spec: GracefulRolloutSpec = serde_json::from_value(serde_json::json!({
-            "targetRef": {"kind": "Deployment", "name": "web"}
+            "targetRef": {"name": "web"}
         }))
         .unwrap();
         assert_eq!(spec.target_ref.api_version, "apps/v1");
+        assert_eq!(spec.target_ref.kind, "Deployment");
         assert_eq!(spec.strategy, Strategy::default());
         assert!(!spec.paused);
     }

@@ -17,7 +17,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::takeover;
 use crate::webhook::annotations::INJECTED_LABEL;
 
 /// How long a sidecar's report waits to be claimed by a rollout before it is forgotten.
@@ -74,7 +73,7 @@ impl Drains {
                 .0
                 .checked_sub(SignedDuration::from_secs(grace))
                 .unwrap_or(deleted.0);
-            seen.entry(takeover::uid_of(pod))
+            seen.entry(uid_of(pod))
                 .or_insert_with(|| DrainSeen {
                     rollout: rollout.into(),
                     ..Default::default()
@@ -83,10 +82,7 @@ impl Drains {
                 .get_or_insert(began);
         }
         for (uid, d) in seen.iter_mut() {
-            if d.rollout == rollout
-                && d.gone.is_none()
-                && !pods.iter().any(|p| takeover::uid_of(p) == *uid)
-            {
+            if d.rollout == rollout && d.gone.is_none() && !pods.iter().any(|p| uid_of(p) == *uid) {
                 d.gone = Some(now);
             }
         }
@@ -159,7 +155,7 @@ pub async fn watch_reports(client: Client, drains: &Drains) {
         match event {
             Ok(pod) => {
                 if let Some(report) = sidecar_report(&pod) {
-                    drains.report(takeover::uid_of(&pod), report);
+                    drains.report(uid_of(&pod), report);
                 }
             }
             Err(e) => {
@@ -168,6 +164,10 @@ pub async fn watch_reports(client: Client, drains: &Drains) {
             }
         }
     }
+}
+
+fn uid_of(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -13,14 +13,13 @@ use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
 
-use crate::revision::POD_TEMPLATE_HASH;
+use crate::names::POD_TEMPLATE_HASH;
 
 pub const NS: &str = "shop";
 
-/// A write the controller made: method, path, body.
+/// A write the controller made: path, body.
 #[derive(Clone, Debug)]
 pub struct Write {
-    pub method: Method,
     pub path: String,
     pub body: Value,
 }
@@ -86,6 +85,13 @@ impl FakeApi {
         self
     }
 
+    pub fn delete(&self, api_version: &str, kind: &str, name: &str) {
+        let path = collection(api_version, plural_of(kind));
+        if let Some(m) = self.state.lock().unwrap().objects.get_mut(&path) {
+            m.remove(name);
+        }
+    }
+
     pub fn get(&self, api_version: &str, kind: &str, name: &str) -> Option<Value> {
         let path = collection(api_version, plural_of(kind));
         self.state
@@ -146,7 +152,6 @@ impl FakeApi {
         let mut st = self.state.lock().unwrap();
         if parts.method != Method::GET {
             st.writes.push(Write {
-                method: parts.method.clone(),
                 path: path.clone(),
                 body: body.clone(),
             });
@@ -186,7 +191,12 @@ impl FakeApi {
         };
         match (parts.method.clone(), name) {
             (Method::GET, None) => {
-                let items: Vec<Value> = st.objects[&coll].values().cloned().collect();
+                let selector = parts.uri.query().and_then(label_selector);
+                let items: Vec<Value> = st.objects[&coll]
+                    .values()
+                    .filter(|o| selector.as_ref().is_none_or(|s| selects(s, o)))
+                    .cloned()
+                    .collect();
                 respond(
                     StatusCode::OK,
                     json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
@@ -197,6 +207,10 @@ impl FakeApi {
                 None => not_found(),
             },
             (Method::POST, _) => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                if st.objects[&coll].contains_key(name) {
+                    return conflict("already exists");
+                }
                 let obj = st.create(&coll, body);
                 respond(StatusCode::CREATED, obj)
             }
@@ -210,10 +224,7 @@ impl FakeApi {
                 if let Some(wanted) = body.pointer("/metadata/resourceVersion")
                     && wanted.as_str() != Some(version)
                 {
-                    return respond(
-                        StatusCode::CONFLICT,
-                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
-                    );
+                    return conflict("the object has been modified");
                 }
                 let next = version.parse::<u64>().unwrap_or(0) + 1;
                 let ct = parts
@@ -224,7 +235,15 @@ impl FakeApi {
                 if ct.contains("json-patch") {
                     let patch: json_patch::Patch =
                         serde_json::from_value(body).expect("a JSON patch");
-                    json_patch::patch(obj, &patch).expect("patch applies");
+                    // A failed op (a `test` on a stale resourceVersion) rejects the whole patch.
+                    let mut next_obj = obj.clone();
+                    if let Err(e) = json_patch::patch(&mut next_obj, &patch) {
+                        return respond(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": format!("the server rejected our request due to an error in our request: {e}")}),
+                        );
+                    }
+                    *obj = next_obj;
                 } else {
                     // Merge and apply patches both merge here; enough for these tests.
                     json_patch::merge(obj, &body);
@@ -233,6 +252,12 @@ impl FakeApi {
                 respond(StatusCode::OK, obj.clone())
             }
             (Method::PUT, Some(n)) => {
+                let stored = st.objects[&coll]
+                    .get(&n)
+                    .map(|o| o["metadata"]["resourceVersion"].clone());
+                if stored.is_some_and(|rv| rv != body["metadata"]["resourceVersion"]) {
+                    return conflict("the object has been modified");
+                }
                 st.objects.get_mut(&coll).unwrap().insert(n, body.clone());
                 respond(StatusCode::OK, body)
             }
@@ -272,6 +297,34 @@ fn respond(status: StatusCode, body: Value) -> Response<Body> {
         .unwrap()
 }
 
+fn conflict(message: &str) -> Response<Body> {
+    respond(
+        StatusCode::CONFLICT,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": message}),
+    )
+}
+
+/// The `labelSelector` of a list request (equality and existence terms, what the controller
+/// sends), as the API server reads it.
+fn label_selector(query: &str) -> Option<kube::core::Selector> {
+    let (_, raw) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "labelSelector")?;
+    let mut selector = kube::core::Selector::default();
+    for term in raw.split(',').filter(|t| !t.is_empty()) {
+        let expr = match term.split_once('=') {
+            Some((k, v)) => kube::core::Expression::Equal(k.into(), v.into()),
+            None => kube::core::Expression::Exists(term.into()),
+        };
+        selector.extend(std::iter::once(expr));
+    }
+    Some(selector)
+}
+
+fn selects(selector: &kube::core::Selector, obj: &Value) -> bool {
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
+    kube::core::SelectorExt::matches(selector, &labels)
+}
+
 fn not_found() -> Response<Body> {
     respond(
         StatusCode::NOT_FOUND,
@@ -298,42 +351,43 @@ pub fn template(version: &str) -> Value {
     })
 }
 
-pub fn deployment(version: &str, replicas: i32, managed: bool) -> Value {
+/// The Deployment `web`, labelled as managed by GracefulRollout `web` when `managed`; `held`
+/// is the user's values while a rollout is paced (then its own fields carry the hold).
+pub fn deployment(version: &str, replicas: i32, managed: bool, held: Option<Value>) -> Value {
     let mut d = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "web", "namespace": NS, "uid": "uid-deploy", "resourceVersion": "7", "annotations": {}},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}, "template": template(version)}
+        "metadata": {"name": "web", "namespace": NS, "uid": "uid-deploy", "resourceVersion": "7", "generation": 2, "labels": {}},
+        "spec": {"replicas": replicas, "minReadySeconds": 0, "selector": {"matchLabels": {"app": "web"}}, "template": template(version),
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}},
+        "status": {"observedGeneration": 2}
     });
     if managed {
-        d["metadata"]["annotations"] =
-            json!({crate::takeover::MANAGED_BY: "web", crate::takeover::PAUSED_BEFORE: "false"});
-        d["spec"]["paused"] = json!(true);
+        d["metadata"]["labels"] = json!({crate::names::MANAGED_LABEL: "web"});
+    }
+    if let Some(h) = held {
+        d["metadata"]["annotations"] = json!({crate::names::HELD_ANNOTATION: h.to_string()});
+        d["spec"]["minReadySeconds"] = json!(crate::names::HOLD_MIN_READY_SECONDS);
+        d["spec"]["strategy"] =
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
     }
     d
 }
 
-pub fn gr_owner() -> Value {
-    json!({"apiVersion": "graceful.dev/v1alpha1", "kind": "GracefulRollout", "name": "web", "uid": "uid-gr", "controller": true, "blockOwnerDeletion": false})
+/// The user's values while a rollout is paced, as the webhook stores them.
+pub fn user_held() -> Value {
+    json!({"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}})
 }
 
-pub fn deploy_owner(controller: bool) -> Value {
-    json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "uid-deploy", "controller": controller, "blockOwnerDeletion": true})
-}
-
-/// A ReplicaSet of `version` with `replicas`, controlled by the rollout or the Deployment.
-pub fn replica_set(version: &str, hash: &str, replicas: i32, by_rollout: bool, age: i64) -> Value {
+/// A ReplicaSet of the Deployment for `version`, with `replicas` and `min_ready` seconds.
+pub fn replica_set(version: &str, hash: &str, replicas: i32, min_ready: i32, age: i64) -> Value {
     let mut t = template(version);
     t["metadata"]["labels"][POD_TEMPLATE_HASH] = json!(hash);
-    let owners = if by_rollout {
-        json!([gr_owner(), deploy_owner(false)])
-    } else {
-        json!([deploy_owner(true)])
-    };
     json!({
         "apiVersion": "apps/v1", "kind": "ReplicaSet",
         "metadata": {"name": format!("web-{hash}"), "namespace": NS, "uid": format!("uid-rs-{hash}"), "resourceVersion": "3",
-            "creationTimestamp": ago(age), "labels": {"app": "web", POD_TEMPLATE_HASH: hash}, "ownerReferences": owners},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web", POD_TEMPLATE_HASH: hash}}, "template": t}
+            "creationTimestamp": ago(age), "labels": {"app": "web", POD_TEMPLATE_HASH: hash},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "uid-deploy", "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"replicas": replicas, "minReadySeconds": min_ready, "selector": {"matchLabels": {"app": "web", POD_TEMPLATE_HASH: hash}}, "template": t}
     })
 }
 
@@ -363,11 +417,11 @@ pub fn slice(pods: &[(&str, bool)]) -> Value {
 }
 
 pub fn rollout(spec_extra: Value, status: Value) -> Value {
-    let mut spec = json!({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}, "strategy": {"minServingSeconds": 10, "progressDeadlineSeconds": 60}});
+    let mut spec = json!({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}, "strategy": {"minServingSeconds": 10}});
     json_patch::merge(&mut spec, &spec_extra);
     json!({
         "apiVersion": "graceful.dev/v1alpha1", "kind": "GracefulRollout",
-        "metadata": {"name": "web", "namespace": NS, "uid": "uid-gr", "generation": 1, "resourceVersion": "5", "finalizers": [crate::rollout::FINALIZER]},
+        "metadata": {"name": "web", "namespace": NS, "uid": "uid-gr", "generation": 1, "resourceVersion": "5", "finalizers": [crate::names::FINALIZER]},
         "spec": spec,
         "status": status
     })

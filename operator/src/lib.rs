@@ -8,10 +8,11 @@ pub mod error;
 mod fixtures;
 pub mod leader;
 pub mod metrics;
+pub mod names;
+pub mod pacing;
 pub mod plan;
 pub mod revision;
 pub mod rollout;
-pub mod takeover;
 pub mod webhook;
 
 pub use error::{Error, Result};

@@ -1,15 +1,30 @@
-//! The step decision: given what the cluster looks like now, which ReplicaSet to scale next.
-//! Pure (no API calls), so every rule below is unit-tested on plain values.
+//! The rollout in one pure function: from what was observed, the spec, the status and the time,
+//! [`step`] returns the next status, the events to announce once it is written, the one action to
+//! take and when to look again. No API calls here, so every rule is unit-tested on plain values;
+//! `rollout.rs` is the thin shell that observes and acts.
 //!
-//! The invariant: at every moment at least `replicas` pods are ready and serving. An old pod is
-//! removed only when enough pods of the target revision have been serving for
-//! `min_serving` to keep that count; not-ready old pods may go at once.
+//! The Deployment controller does the scaling (docs/rollout.md). The step only decides how many
+//! old pods it may remove (`maxUnavailable`): as many as new pods have been serving, ready and
+//! listed ready in the EndpointSlices, for `minServingSeconds`. Old pods are available and new
+//! ones are not (their `minReadySeconds` is held), so at every moment
+//! `serving old + proven new >= replicas`.
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-/// One pod as the plan needs to see it.
+use crate::crd::{GracefulRolloutSpec, GracefulRolloutStatus, Phase, RolloutRecord};
+use crate::drains::DrainTotals;
+use crate::names::HOLD_MIN_READY_SECONDS;
+use crate::pacing::Held;
+
+/// How often a rollout in progress is looked at, besides the watch events that wake it.
+pub const PROGRESS_RECHECK: Duration = Duration::from_secs(2);
+/// How often a settled rollout is looked at.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(60);
+
+/// One pod as the step needs to see it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodView {
     pub name: String,
@@ -28,71 +43,125 @@ impl PodView {
             && self.ready_since.is_some()
             && (!slices_expected || self.listed_ready == Some(true))
     }
-
-    fn serving_since(&self, slices_expected: bool) -> Option<Timestamp> {
-        self.serving(slices_expected)
-            .then_some(self.ready_since)
-            .flatten()
-    }
 }
 
 /// One ReplicaSet of the Deployment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReplicaSetView {
     pub name: String,
+    /// Its `pod-template-hash`.
     pub revision: String,
     pub replicas: i32,
+    pub min_ready_seconds: i32,
+    /// Its template is the Deployment's: the Deployment controller's "new ReplicaSet".
+    pub current: bool,
     pub created: Timestamp,
     pub pods: Vec<PodView>,
 }
 
-/// Everything one decision depends on.
+/// Everything one decision depends on, as read from the cluster.
 #[derive(Clone, Debug)]
-pub struct World {
+pub struct Observed {
+    /// The GracefulRollout's own name.
+    pub rollout: String,
+    /// The Deployment's `graceful.dev/rollout` label: which GracefulRollout manages it.
+    pub manager: Option<String>,
     pub replicas: i32,
-    pub surge: i32,
-    pub min_serving: Duration,
-    pub now: Timestamp,
-    /// The revision that should end up serving (the Deployment's, or the stable one when
-    /// rolling back).
-    pub target: String,
+    /// `spec.paused` of the Deployment (`kubectl rollout pause`).
+    pub deployment_paused: bool,
+    pub recreate: bool,
+    /// The user's held values: `Some` while the rollout is paced.
+    pub held: Option<Held>,
+    /// The Deployment's `maxUnavailable`, when it is a count.
+    pub max_unavailable: Option<i32>,
+    /// The Deployment's `minReadySeconds` is the hold's.
+    pub min_ready_held: bool,
+    /// The Deployment's `status.availableReplicas`, as of its current generation.
+    pub available: i32,
+    /// The Deployment controller reported `ProgressDeadlineExceeded` for the current generation.
+    pub timed_out: bool,
     pub replica_sets: Vec<ReplicaSetView>,
     /// Some pod of the Deployment is listed in an EndpointSlice, so new pods must be too before
     /// they count as serving.
     pub slices_expected: bool,
+    /// The drains seen during the rollout in progress (kept in memory by the shell).
+    pub drains: DrainTotals,
 }
 
-/// What to do next.
+/// The one write to make before the status.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Step {
-    /// Create the target ReplicaSet (with zero replicas; a later step scales it).
-    CreateTarget,
-    /// Set these ReplicaSets to these sizes, in order (scale-ups first).
-    Scale(Vec<(String, i32, &'static str)>),
-    /// Nothing to change now; look again after `recheck`.
-    Wait { reason: String, recheck: Duration },
-    /// Every pod runs the target revision, old pods are gone.
-    Done,
+pub enum Act {
+    None,
+    /// Label the Deployment with [`crate::names::MANAGED_LABEL`] so its updates reach the webhook.
+    Label,
+    /// Let the Deployment controller remove up to this many old pods in all.
+    Step {
+        max_unavailable: i32,
+    },
+    /// Give these former new ReplicaSets the user's `minReadySeconds` back.
+    Release {
+        replica_sets: Vec<String>,
+        min_ready_seconds: i32,
+    },
+    /// Every new pod serves: the user's `minReadySeconds` back first, so the new pods count as
+    /// available before `maxUnavailable` drops back to the user's value (the other order would
+    /// make the Deployment's Available condition flicker False).
+    MakeAvailable {
+        min_ready_seconds: i32,
+    },
+    /// The rollout is over and its pods available: the user's strategy back, the hold gone.
+    Finish,
+    /// Put this ReplicaSet's template back into the Deployment.
+    RollBack {
+        to: String,
+    },
+}
+
+/// An Event to publish once the status is written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Announcement {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub status: GracefulRolloutStatus,
+    pub act: Act,
+    pub announce: Vec<Announcement>,
+    /// The status marks a rollout's start or end: write it only onto the version read, so a
+    /// stale copy never records or announces it twice.
+    pub guarded: bool,
+    pub requeue: Duration,
 }
 
 /// Counts for the status.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counts {
+    /// Pods of the current revision, not terminating.
     pub updated: i32,
     pub serving: i32,
     pub draining: i32,
-    /// Target pods that have served for at least `min_serving`.
+    /// Current-revision pods that have served for at least `minServingSeconds`.
     pub proven: i32,
+    /// When the next not-yet-proven serving pod becomes proven.
+    pub next_proof: Option<Duration>,
 }
 
-impl World {
-    fn target_rs(&self) -> Option<&ReplicaSetView> {
-        self.replica_sets
-            .iter()
-            .find(|rs| rs.revision == self.target)
+impl Observed {
+    fn current(&self) -> Option<&ReplicaSetView> {
+        self.replica_sets.iter().find(|rs| rs.current)
     }
 
-    pub fn counts(&self) -> Counts {
+    /// Old ReplicaSets that still have pods or want some.
+    fn old_active(&self) -> impl Iterator<Item = &ReplicaSetView> {
+        self.replica_sets
+            .iter()
+            .filter(|rs| !rs.current && (rs.replicas > 0 || !rs.pods.is_empty()))
+    }
+
+    pub fn counts(&self, min_serving: Duration, now: Timestamp) -> Counts {
         let mut c = Counts::default();
         for rs in &self.replica_sets {
             for pod in &rs.pods {
@@ -100,411 +169,939 @@ impl World {
                     c.draining += 1;
                     continue;
                 }
-                if pod.serving(self.slices_expected) {
-                    c.serving += 1;
+                let serving = pod.serving(self.slices_expected);
+                c.serving += i32::from(serving);
+                if !rs.current {
+                    continue;
                 }
-                if rs.revision == self.target {
-                    c.updated += 1;
-                    if self.proven(pod) {
-                        c.proven += 1;
+                c.updated += 1;
+                if let (true, Some(since)) = (serving, pod.ready_since) {
+                    let served = now.duration_since(since).unsigned_abs();
+                    match min_serving.checked_sub(served) {
+                        None | Some(Duration::ZERO) => c.proven += 1,
+                        Some(left) => {
+                            c.next_proof = Some(c.next_proof.map_or(left, |n| n.min(left)))
+                        }
                     }
                 }
             }
         }
         c
     }
+}
 
-    fn proven(&self, pod: &PodView) -> bool {
-        pod.serving_since(self.slices_expected)
-            .is_some_and(|since| self.now.duration_since(since).unsigned_abs() >= self.min_serving)
+/// The next status, action and events.
+pub fn step(
+    seen: &Observed,
+    spec: &GracefulRolloutSpec,
+    status: &GracefulRolloutStatus,
+    now: Timestamp,
+) -> Decision {
+    let min_serving = Duration::from_secs(spec.strategy.min_serving_seconds.max(0) as u64);
+    let counts = seen.counts(min_serving, now);
+    let mut st = status.clone();
+    st.replicas = seen.replicas;
+    st.updated = counts.updated;
+    st.serving = counts.serving;
+    st.draining = counts.draining;
+    st.progress = Some(format!("{}/{}", counts.updated, seen.replicas));
+    let mut d = Decision {
+        status: st,
+        act: Act::None,
+        announce: vec![],
+        guarded: false,
+        requeue: PROGRESS_RECHECK,
+    };
+
+    if let Some(other) = seen.manager.as_ref().filter(|m| **m != seen.rollout) {
+        let msg = format!("the Deployment is already managed by GracefulRollout {other}");
+        degrade(&mut d.status, "Conflict", &msg);
+        d.requeue = IDLE_RECHECK;
+        return d;
     }
-
-    /// The earliest moment a not-yet-proven serving target pod becomes proven.
-    fn next_proof(&self) -> Option<Duration> {
-        let rs = self.target_rs()?;
-        rs.pods
-            .iter()
-            .filter(|p| !self.proven(p))
-            .filter_map(|p| p.serving_since(self.slices_expected))
-            .map(|since| {
-                let served = self.now.duration_since(since).unsigned_abs();
-                self.min_serving.saturating_sub(served)
-            })
-            .min()
+    if seen.manager.is_none() {
+        d.act = Act::Label;
+        d.requeue = Duration::ZERO;
+        return d;
     }
+    let Some(current) = seen.current() else {
+        d.status.current_step =
+            Some("waiting for the Deployment controller's new ReplicaSet".into());
+        d.requeue = Duration::from_millis(500);
+        return d;
+    };
+    d.status.updated_revision = Some(current.revision.clone());
 
-    pub fn decide(&self) -> Step {
-        let Some(target) = self.target_rs() else {
-            return Step::CreateTarget;
+    // A ReplicaSet that stopped being the new one while held: its serving pods must count as
+    // available again before anything else is decided.
+    let held_old: Vec<String> = seen
+        .replica_sets
+        .iter()
+        .filter(|rs| !rs.current && rs.min_ready_seconds == HOLD_MIN_READY_SECONDS)
+        .map(|rs| rs.name.clone())
+        .collect();
+    if !held_old.is_empty() {
+        d.act = Act::Release {
+            replica_sets: held_old,
+            min_ready_seconds: seen.held.as_ref().map_or(0, Held::min_ready_seconds),
         };
-        // Oldest first: they are scaled down first.
-        let mut others: Vec<&ReplicaSetView> = self
+        d.requeue = Duration::ZERO;
+        return d;
+    }
+
+    match &seen.held {
+        None => at_rest(seen, current, &counts, d),
+        Some(_) => paced(seen, spec, current, &counts, now, d),
+    }
+}
+
+/// No hold: between rollouts, just after one ended, or a rollout the webhook never saw.
+fn at_rest(
+    seen: &Observed,
+    current: &ReplicaSetView,
+    counts: &Counts,
+    mut d: Decision,
+) -> Decision {
+    let st = &mut d.status;
+    if let Some(started) = st.rollout_started_at.take() {
+        // The hold was lifted (by us, at the end): record the rollout that just finished.
+        let rolled_back = st.phase == Phase::RollingBack;
+        let outcome = if rolled_back {
+            "RolledBack"
+        } else {
+            "Succeeded"
+        };
+        let record = record(
+            &seen.drains,
+            &current.revision,
+            started,
+            outcome,
+            seen.replicas,
+        );
+        st.last_progress_at = None;
+        st.stable_revision = Some(current.revision.clone());
+        if rolled_back {
+            let failed = st.failed_revision.clone().unwrap_or_default();
+            let msg = format!(
+                "revision {failed} was rolled back to {}; change the template to roll out again",
+                current.revision
+            );
+            degrade(st, "RolledBack", &msg);
+        } else {
+            settle(st, current, counts, seen.replicas);
+        }
+        set_condition(
+            st,
+            "Progressing",
+            false,
+            "Settled",
+            "no rollout in progress",
+        );
+        d.announce.push(Announcement {
+            warning: rolled_back,
+            reason: if rolled_back {
+                "RolledBack"
+            } else {
+                "RolloutFinished"
+            },
+            note: record.summary.clone(),
+        });
+        st.last_rollout = Some(record);
+        d.guarded = true;
+        d.requeue = IDLE_RECHECK;
+        return d;
+    }
+    if seen.old_active().next().is_some() {
+        // The template changed without the hold (the webhook was unreachable, or the Deployment
+        // uses Recreate): the Deployment controller rolls out on its own; sidecars still drain.
+        st.phase = Phase::Progressing;
+        st.current_step = Some(if seen.recreate {
+            "Recreate strategy: rolling out natively".into()
+        } else {
+            "rolling out natively: the change was not paced (webhook unreachable when it was made)"
+                .into()
+        });
+        set_condition(
+            st,
+            "Progressing",
+            true,
+            "Native",
+            "rolled out by the Deployment controller",
+        );
+        return d;
+    }
+    let rolled_back_here = st.phase == Phase::Degraded
+        && st.stable_revision.as_deref() == Some(current.revision.as_str())
+        && st.failed_revision.is_some();
+    if !rolled_back_here {
+        st.stable_revision = Some(current.revision.clone());
+        settle(st, current, counts, seen.replicas);
+    }
+    set_condition(
+        st,
+        "Progressing",
+        false,
+        "Settled",
+        "no rollout in progress",
+    );
+    d.requeue = IDLE_RECHECK;
+    d
+}
+
+fn settle(
+    st: &mut GracefulRolloutStatus,
+    current: &ReplicaSetView,
+    counts: &Counts,
+    replicas: i32,
+) {
+    st.phase = Phase::Healthy;
+    st.current_step = Some(format!(
+        "{}/{replicas} pods of revision {} serving",
+        counts.serving, current.revision
+    ));
+    let available = counts.serving >= replicas;
+    let reason = if available {
+        "AllServing"
+    } else {
+        "NotAllServing"
+    };
+    set_condition(st, "Available", available, reason, "");
+    set_condition(st, "Degraded", false, "Healthy", "");
+}
+
+/// The hold is on: a graceful rollout (or its rollback) runs.
+fn paced(
+    seen: &Observed,
+    spec: &GracefulRolloutSpec,
+    current: &ReplicaSetView,
+    counts: &Counts,
+    now: Timestamp,
+    mut d: Decision,
+) -> Decision {
+    let st = &mut d.status;
+    let replicas = seen.replicas;
+    if st.rollout_started_at.is_none() {
+        st.rollout_started_at = Some(Time(now));
+        st.last_progress_at = Some(Time(now));
+        st.phase = Phase::Progressing;
+        let msg = format!(
+            "rolling out revision {} to {replicas} pods: an old pod leaves only after a new one has served {}s",
+            current.revision, spec.strategy.min_serving_seconds
+        );
+        st.current_step = Some(msg.clone());
+        set_condition(st, "Progressing", true, "RollingOut", &msg);
+        set_condition(st, "Degraded", false, "Progressing", "");
+        d.announce.push(Announcement {
+            warning: false,
+            reason: "RolloutStarted",
+            note: msg,
+        });
+        d.guarded = true;
+        d.requeue = Duration::ZERO;
+        return d;
+    }
+
+    let old_left = seen.old_active().next().is_some();
+    let done = !old_left && current.replicas >= replicas && counts.serving >= replicas;
+    if st.phase == Phase::RollingBack {
+        if done {
+            finish(seen, &mut d);
+        } else {
+            st.current_step = Some(format!(
+                "rolling back to revision {}: {}/{replicas} pods",
+                current.revision, counts.updated
+            ));
+        }
+        return d;
+    }
+
+    let paused = spec.paused || seen.deployment_paused;
+    let failing = spec.abort || (spec.strategy.auto_rollback && seen.timed_out);
+    if failing && !paused {
+        let why = if spec.abort {
+            "aborted (spec.abort)".to_string()
+        } else {
+            "no progress within the Deployment's progressDeadlineSeconds".to_string()
+        };
+        let stable = seen
             .replica_sets
             .iter()
-            .filter(|rs| rs.revision != self.target && rs.replicas > 0)
-            .collect();
-        others.sort_by_key(|rs| rs.created);
-        let others_replicas: i32 = others.iter().map(|rs| rs.replicas).sum();
+            .filter(|rs| !rs.current && (rs.replicas > 0 || !rs.pods.is_empty()))
+            .find(|rs| st.stable_revision.as_deref() == Some(rs.revision.as_str()))
+            .or_else(|| seen.old_active().max_by_key(|rs| rs.created));
+        let Some(stable) = stable else {
+            let msg = format!(
+                "revision {} {why}, and no earlier revision has pods to return to",
+                current.revision
+            );
+            degrade(st, "NothingToRollBackTo", &msg);
+            d.requeue = IDLE_RECHECK;
+            return d;
+        };
+        let msg = format!(
+            "revision {} {why}: rolling back to revision {}; its pods were never removed",
+            current.revision, stable.revision
+        );
+        st.failed_revision = Some(current.revision.clone());
+        st.phase = Phase::RollingBack;
+        st.current_step = Some(msg.clone());
+        set_condition(st, "Progressing", true, "RollingBack", &msg);
+        set_condition(st, "Degraded", true, "RollingBack", &msg);
+        d.announce.push(Announcement {
+            warning: true,
+            reason: "RollingBack",
+            note: msg,
+        });
+        d.act = Act::RollBack {
+            to: stable.name.clone(),
+        };
+        d.guarded = true;
+        return d;
+    }
 
-        let mut actions = Vec::new();
-        // Scale up the target within the surge budget.
-        let want_target = self
-            .replicas
-            .min(self.replicas + self.surge - others_replicas);
-        if want_target > target.replicas {
-            actions.push((
-                target.name.clone(),
-                want_target,
-                "surge: add pods of the new revision",
-            ));
-        } else if others.is_empty() && target.replicas > self.replicas {
-            actions.push((
-                target.name.clone(),
-                self.replicas,
-                "scale to the Deployment's replicas",
-            ));
+    if done {
+        finish(seen, &mut d);
+        return d;
+    }
+    let allowed = counts.proven.min(replicas);
+    let now_allowed = seen.max_unavailable.unwrap_or(0);
+    st.phase = if paused {
+        Phase::Paused
+    } else {
+        Phase::Progressing
+    };
+    if allowed < now_allowed || (allowed > now_allowed && !paused) {
+        d.act = Act::Step {
+            max_unavailable: allowed,
+        };
+        if allowed > now_allowed {
+            st.last_progress_at = Some(Time(now));
+            d.announce.push(Announcement {
+                warning: false,
+                reason: "Step",
+                note: format!(
+                    "{allowed}/{replicas} new pods have served {}s: the Deployment controller may replace {} more old pod(s)",
+                    spec.strategy.min_serving_seconds,
+                    allowed - now_allowed
+                ),
+            });
         }
+    }
+    let msg = if paused {
+        let by = if spec.paused {
+            "the GracefulRollout's spec.paused"
+        } else {
+            "kubectl rollout pause (the Deployment's spec.paused)"
+        };
+        format!("paused by {by}: {}/{replicas} updated", counts.updated)
+    } else if counts.draining > 0 && counts.proven >= replicas {
+        format!(
+            "waiting for {} old pod(s) to finish draining",
+            counts.draining
+        )
+    } else {
+        format!(
+            "{}/{replicas} updated, {} proven serving, {} draining",
+            counts.updated, counts.proven, counts.draining
+        )
+    };
+    st.current_step = Some(msg.clone());
+    let reason = if paused { "Paused" } else { "RollingOut" };
+    set_condition(st, "Progressing", !paused, reason, &msg);
+    d.requeue = counts.next_proof.map_or(PROGRESS_RECHECK, |left| {
+        left.clamp(Duration::from_millis(200), PROGRESS_RECHECK)
+    });
+    d
+}
 
-        // Scale down others: unready pods may go at once; ready ones only while enough proven
-        // target pods keep `replicas` serving.
-        let counts = self.counts();
-        let proven = counts.proven;
-        let serving_others: i32 = others
-            .iter()
-            .flat_map(|rs| rs.pods.iter())
-            .filter(|p| p.serving(self.slices_expected))
-            .count() as i32;
-        let mut ready_budget = (proven + serving_others - self.replicas).max(0);
-        for rs in &others {
-            let live: Vec<&PodView> = rs.pods.iter().filter(|p| !p.terminating).collect();
-            let unready = live
-                .iter()
-                .filter(|p| !p.serving(self.slices_expected))
-                .count() as i32;
-            // Pods the ReplicaSet wants but has not created yet are "unready" too.
-            let missing = (rs.replicas - live.len() as i32).max(0);
-            let free = (unready + missing).min(rs.replicas);
-            let ready_here = rs.replicas - free;
-            let take_ready = ready_budget.min(ready_here);
-            ready_budget -= take_ready;
-            let remove = free + take_ready;
-            if remove > 0 {
-                let reason = if take_ready > 0 {
-                    "replacement serving: drain an old pod"
-                } else {
-                    "remove old pods that are not serving"
-                };
-                actions.push((rs.name.clone(), rs.replicas - remove, reason));
+/// The end of a paced rollout, in two writes: availability first, then the user's strategy.
+fn finish(seen: &Observed, d: &mut Decision) {
+    let user_min_ready = seen.held.as_ref().map_or(0, Held::min_ready_seconds);
+    if seen.min_ready_held {
+        d.act = Act::MakeAvailable {
+            min_ready_seconds: user_min_ready,
+        };
+        d.requeue = Duration::ZERO;
+    } else if seen.available >= seen.replicas {
+        d.act = Act::Finish;
+        d.requeue = Duration::ZERO;
+    } else {
+        d.status.current_step = Some(format!(
+            "every new pod serves; {}/{} available to the Deployment controller",
+            seen.available, seen.replicas
+        ));
+        d.requeue = Duration::from_millis(500);
+    }
+}
+
+fn record(
+    drains: &DrainTotals,
+    revision: &str,
+    started: Time,
+    outcome: &str,
+    replicas: i32,
+) -> RolloutRecord {
+    let finished = Time(Timestamp::now());
+    let took = finished.0.duration_since(started.0).as_secs();
+    let summary = format!(
+        "{outcome} in {took}s, {replicas} pods, longest drain {}s, {} cut",
+        drains.longest_seconds, drains.connections_cut
+    );
+    RolloutRecord {
+        revision: revision.into(),
+        started_at: started,
+        finished_at: finished,
+        outcome: outcome.into(),
+        pods_replaced: replicas.max(drains.pods),
+        longest_drain_seconds: drains.longest_seconds,
+        connections_force_closed: drains.connections_cut,
+        summary,
+    }
+}
+
+fn degrade(st: &mut GracefulRolloutStatus, reason: &str, msg: &str) {
+    st.phase = Phase::Degraded;
+    st.current_step = Some(msg.into());
+    set_condition(st, "Degraded", true, reason, msg);
+}
+
+/// Upsert a condition by type; lastTransitionTime moves only when the status flips.
+fn set_condition(
+    st: &mut GracefulRolloutStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) {
+    let value = if ok { "True" } else { "False" };
+    let generation = st.observed_generation;
+    match st.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = Time(Timestamp::now());
             }
+            c.status = value.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
         }
-        if !actions.is_empty() {
-            return Step::Scale(actions);
-        }
-
-        if others.is_empty() && target.replicas == self.replicas && counts.proven >= self.replicas {
-            return if counts.draining > 0 {
-                Step::Wait {
-                    reason: format!(
-                        "waiting for {} old pod(s) to finish draining",
-                        counts.draining
-                    ),
-                    recheck: Duration::from_secs(2),
-                }
-            } else {
-                Step::Done
-            };
-        }
-        match self.next_proof() {
-            Some(left) => Step::Wait {
-                reason: format!(
-                    "new pods serving; proving for {}s before an old pod is drained",
-                    self.min_serving.as_secs()
-                ),
-                recheck: left.max(Duration::from_millis(500)),
-            },
-            None => Step::Wait {
-                reason: format!(
-                    "waiting for new pods to serve ({}/{} updated, {} proven)",
-                    counts.updated, self.replicas, counts.proven
-                ),
-                recheck: Duration::from_secs(2),
-            },
-        }
+        None => st.conditions.push(Condition {
+            type_: type_.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: generation,
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::Strategy;
+    use k8s_openapi::jiff::SignedDuration;
 
-    fn t(secs_ago: i64) -> Timestamp {
-        Timestamp::from_second(1_000_000 - secs_ago).unwrap()
+    fn at(t0: Timestamp, secs: i64) -> Timestamp {
+        t0.checked_add(SignedDuration::from_secs(secs)).unwrap()
     }
 
-    fn pod(name: &str, ready_secs_ago: Option<i64>) -> PodView {
+    fn spec() -> GracefulRolloutSpec {
+        serde_json::from_value(serde_json::json!({
+            "targetRef": {"name": "web"},
+            "strategy": {"minServingSeconds": 5}
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, ready_since: Option<Timestamp>) -> PodView {
         PodView {
             name: name.into(),
-            ready_since: ready_secs_ago.map(t),
-            listed_ready: Some(ready_secs_ago.is_some()),
+            ready_since,
+            listed_ready: Some(ready_since.is_some()),
             terminating: false,
         }
     }
 
-    fn rs(
-        name: &str,
-        revision: &str,
-        replicas: i32,
-        age: i64,
-        pods: Vec<PodView>,
-    ) -> ReplicaSetView {
+    fn rs(name: &str, replicas: i32, current: bool, pods: Vec<PodView>) -> ReplicaSetView {
         ReplicaSetView {
             name: name.into(),
-            revision: revision.into(),
+            revision: name.into(),
             replicas,
-            created: t(age),
+            min_ready_seconds: if current { HOLD_MIN_READY_SECONDS } else { 0 },
+            current,
+            created: Timestamp::UNIX_EPOCH,
             pods,
         }
     }
 
-    fn world(sets: Vec<ReplicaSetView>) -> World {
-        World {
+    fn observed(sets: Vec<ReplicaSetView>, held: bool) -> Observed {
+        Observed {
+            rollout: "web".into(),
+            manager: Some("web".into()),
             replicas: 3,
-            surge: 1,
-            min_serving: Duration::from_secs(10),
-            now: t(0),
-            target: "new".into(),
+            deployment_paused: false,
+            recreate: false,
+            held: held.then(Held::default),
+            max_unavailable: Some(0),
+            min_ready_held: held,
+            available: 3,
+            timed_out: false,
             replica_sets: sets,
             slices_expected: true,
+            drains: DrainTotals::default(),
         }
     }
 
-    fn old3() -> ReplicaSetView {
+    fn old3(now: Timestamp) -> ReplicaSetView {
+        let long_ago = Some(at(now, -600));
         rs(
-            "web-old",
             "old",
             3,
-            1000,
-            vec![
-                pod("o1", Some(900)),
-                pod("o2", Some(900)),
-                pod("o3", Some(900)),
-            ],
+            false,
+            (1..=3)
+                .map(|i| pod(&format!("old-{i}"), long_ago))
+                .collect(),
         )
     }
 
-    #[test]
-    fn creates_the_target_replicaset_first() {
-        assert_eq!(world(vec![old3()]).decide(), Step::CreateTarget);
-    }
-
-    #[test]
-    fn surges_one_new_pod_and_keeps_every_old_pod() {
-        let w = world(vec![old3(), rs("web-new", "new", 0, 1, vec![])]);
-        assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-new".into(),
-                1,
-                "surge: add pods of the new revision"
-            )])
-        );
-    }
-
-    #[test]
-    fn waits_while_the_new_pod_is_not_ready() {
-        let w = world(vec![
-            old3(),
-            rs("web-new", "new", 1, 1, vec![pod("n1", None)]),
-        ]);
-        assert!(matches!(w.decide(), Step::Wait { .. }));
-    }
-
-    #[test]
-    fn ready_but_unlisted_pod_does_not_count_as_serving() {
-        let mut n1 = pod("n1", Some(60));
-        n1.listed_ready = None;
-        let w = world(vec![old3(), rs("web-new", "new", 1, 1, vec![n1])]);
-        assert!(matches!(w.decide(), Step::Wait { .. }));
-    }
-
-    #[test]
-    fn new_pod_must_serve_min_serving_before_an_old_pod_goes() {
-        let w = world(vec![
-            old3(),
-            rs("web-new", "new", 1, 1, vec![pod("n1", Some(3))]),
-        ]);
-        match w.decide() {
-            Step::Wait { recheck, .. } => assert_eq!(recheck, Duration::from_secs(7)),
-            other => panic!("expected a wait, got {other:?}"),
+    fn started(now: Timestamp) -> GracefulRolloutStatus {
+        GracefulRolloutStatus {
+            phase: Phase::Progressing,
+            stable_revision: Some("old".into()),
+            rollout_started_at: Some(Time(at(now, -30))),
+            ..Default::default()
         }
     }
 
     #[test]
-    fn proven_new_pod_drains_exactly_one_old_pod() {
-        let w = world(vec![
-            old3(),
-            rs("web-new", "new", 1, 1, vec![pod("n1", Some(30))]),
-        ]);
+    fn an_unlabelled_deployment_is_labelled_first() {
+        let now = Timestamp::now();
+        let mut seen = observed(vec![rs("old", 3, true, vec![])], false);
+        seen.manager = None;
+        let d = step(&seen, &spec(), &Default::default(), now);
+        assert_eq!(d.act, Act::Label);
+    }
+
+    #[test]
+    fn a_deployment_managed_by_another_rollout_is_refused() {
+        let now = Timestamp::now();
+        let mut seen = observed(vec![rs("old", 3, true, vec![])], false);
+        seen.manager = Some("other".into());
+        let d = step(&seen, &spec(), &Default::default(), now);
+        assert_eq!(d.act, Act::None);
+        assert_eq!(d.status.phase, Phase::Degraded);
+        assert!(d.status.current_step.unwrap().contains("other"));
+    }
+
+    #[test]
+    fn a_rollouts_start_is_guarded_and_announced_once_written() {
+        let now = Timestamp::now();
+        let seen = observed(
+            vec![old3(now), rs("new", 1, true, vec![pod("new-1", None)])],
+            true,
+        );
+        let d = step(&seen, &spec(), &GracefulRolloutStatus::default(), now);
+        assert!(d.guarded);
         assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-old".into(),
-                2,
-                "replacement serving: drain an old pod"
-            )])
+            d.act,
+            Act::None,
+            "the start is recorded before anything else"
         );
+        assert_eq!(d.announce.len(), 1);
+        assert_eq!(d.announce[0].reason, "RolloutStarted");
+        assert_eq!(d.status.rollout_started_at, Some(Time(now)));
+        // Recorded: the next step neither restarts the clock nor announces again.
+        let again = step(&seen, &spec(), &d.status, at(now, 1));
+        assert!(!again.guarded);
+        assert!(again.announce.is_empty());
+        assert_eq!(again.status.rollout_started_at, Some(Time(now)));
     }
 
     #[test]
-    fn after_a_drain_starts_the_next_surge_follows() {
-        let mut old = old3();
-        old.replicas = 2;
-        old.pods[2].terminating = true;
-        let w = world(vec![
-            old,
-            rs("web-new", "new", 1, 1, vec![pod("n1", Some(30))]),
-        ]);
-        assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-new".into(),
-                2,
-                "surge: add pods of the new revision"
-            )])
+    fn a_new_pod_must_serve_min_serving_seconds_before_an_old_pod_may_go() {
+        let now = Timestamp::now();
+        let young = rs("new", 1, true, vec![pod("new-1", Some(at(now, -3)))]);
+        let d = step(
+            &observed(vec![old3(now), young], true),
+            &spec(),
+            &started(now),
+            now,
         );
+        assert_eq!(d.act, Act::None);
+        assert_eq!(d.requeue, Duration::from_secs(2), "proof due in 2 s");
+        let proven = rs("new", 1, true, vec![pod("new-1", Some(at(now, -6)))]);
+        let d = step(
+            &observed(vec![old3(now), proven], true),
+            &spec(),
+            &started(now),
+            now,
+        );
+        assert_eq!(d.act, Act::Step { max_unavailable: 1 });
+        assert_eq!(d.announce[0].reason, "Step");
     }
 
     #[test]
-    fn never_fewer_than_replicas_serving() {
-        // Walk a whole rollout, simulating pods that become ready and proven instantly, and check
-        // the invariant after every step.
-        let mut w = world(vec![old3(), rs("web-new", "new", 0, 1, vec![])]);
-        for _ in 0..20 {
-            let step = w.decide();
-            let Step::Scale(actions) = step else {
-                assert_eq!(step, Step::Done);
-                return;
-            };
-            for (name, size, _) in actions {
-                let set = w.replica_sets.iter_mut().find(|r| r.name == name).unwrap();
-                while (set.pods.len() as i32) < size {
-                    let n = set.pods.len();
-                    set.pods.push(pod(&format!("{name}-{n}"), Some(60)));
-                }
-                while (set.pods.len() as i32) > size {
-                    set.pods.pop();
-                }
-                set.replicas = size;
-            }
-            assert!(
-                w.counts().serving >= 3,
-                "serving dropped below replicas: {:?}",
-                w.counts()
-            );
-        }
-        panic!("rollout did not finish");
+    fn a_ready_pod_not_yet_listed_ready_in_the_endpointslices_does_not_count() {
+        let now = Timestamp::now();
+        let mut p = pod("new-1", Some(at(now, -60)));
+        p.listed_ready = Some(false);
+        let d = step(
+            &observed(vec![old3(now), rs("new", 1, true, vec![p])], true),
+            &spec(),
+            &started(now),
+            now,
+        );
+        assert_eq!(d.act, Act::None);
     }
 
     #[test]
-    fn unready_old_pods_go_at_once() {
-        let old = rs(
-            "web-old",
-            "old",
-            3,
-            1000,
-            vec![pod("o1", None), pod("o2", Some(900)), pod("o3", Some(900))],
+    fn paused_by_either_side_takes_no_step() {
+        let now = Timestamp::now();
+        let proven = || rs("new", 1, true, vec![pod("new-1", Some(at(now, -60)))]);
+        let mut seen = observed(vec![old3(now), proven()], true);
+        seen.deployment_paused = true;
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::None);
+        assert_eq!(d.status.phase, Phase::Paused);
+        let mut paused = spec();
+        paused.paused = true;
+        let d = step(
+            &observed(vec![old3(now), proven()], true),
+            &paused,
+            &started(now),
+            now,
         );
-        let w = world(vec![old, rs("web-new", "new", 1, 1, vec![pod("n1", None)])]);
-        assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-old".into(),
-                2,
-                "remove old pods that are not serving"
-            )])
-        );
+        assert_eq!(d.act, Act::None);
+        assert!(d.status.current_step.unwrap().contains("spec.paused"));
     }
 
     #[test]
-    fn rollback_removes_never_ready_pods_and_keeps_stable_ones() {
-        // Rolling back: the target is the stable revision; the failed pods never served.
-        let mut w = world(vec![
+    fn a_new_pod_that_stops_serving_takes_its_allowance_back_even_when_paused() {
+        let now = Timestamp::now();
+        let mut seen = observed(
+            vec![old3(now), rs("new", 1, true, vec![pod("new-1", None)])],
+            true,
+        );
+        seen.max_unavailable = Some(1);
+        seen.deployment_paused = true;
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::Step { max_unavailable: 0 });
+        assert!(d.announce.is_empty());
+    }
+
+    #[test]
+    fn the_end_waits_for_the_last_drain_then_lifts_the_hold() {
+        let now = Timestamp::now();
+        let new = || {
             rs(
-                "web-old",
-                "old",
+                "new",
                 3,
-                1000,
-                vec![
-                    pod("o1", Some(900)),
-                    pod("o2", Some(900)),
-                    pod("o3", Some(900)),
-                ],
-            ),
-            rs("web-bad", "bad", 1, 1, vec![pod("b1", None)]),
-        ]);
-        w.target = "old".into();
+                true,
+                (1..=3)
+                    .map(|i| pod(&format!("new-{i}"), Some(at(now, -60))))
+                    .collect(),
+            )
+        };
+        let mut draining = pod("old-1", None);
+        draining.terminating = true;
+        let mut seen = observed(vec![rs("old", 0, false, vec![draining]), new()], true);
+        seen.max_unavailable = Some(3);
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::None);
+        assert!(d.status.current_step.unwrap().contains("draining"));
+        let mut seen = observed(vec![rs("old", 0, false, vec![]), new()], true);
+        seen.max_unavailable = Some(3);
+        seen.available = 0;
         assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-bad".into(),
-                0,
-                "remove old pods that are not serving"
-            )])
+            step(&seen, &spec(), &started(now), now).act,
+            Act::MakeAvailable {
+                min_ready_seconds: 0
+            },
+            "availability first"
         );
+        seen.min_ready_held = false;
+        assert_eq!(step(&seen, &spec(), &started(now), now).act, Act::None);
+        seen.available = 3;
+        assert_eq!(step(&seen, &spec(), &started(now), now).act, Act::Finish);
     }
 
     #[test]
-    fn done_only_after_draining_pods_are_gone() {
-        let mut old = rs("web-old", "old", 0, 1000, vec![pod("o3", Some(900))]);
-        old.pods[0].terminating = true;
+    fn once_the_hold_is_lifted_the_rollout_is_recorded_once() {
+        let now = Timestamp::now();
         let new = rs(
-            "web-new",
             "new",
             3,
-            1,
+            true,
+            (1..=3)
+                .map(|i| pod(&format!("new-{i}"), Some(at(now, -60))))
+                .collect(),
+        );
+        let seen = observed(vec![rs("old", 0, false, vec![]), new], false);
+        let d = step(&seen, &spec(), &started(now), now);
+        assert!(d.guarded);
+        assert_eq!(d.status.phase, Phase::Healthy);
+        assert_eq!(d.status.stable_revision.as_deref(), Some("new"));
+        assert_eq!(d.status.last_rollout.as_ref().unwrap().outcome, "Succeeded");
+        assert_eq!(d.announce[0].reason, "RolloutFinished");
+        let again = step(&seen, &spec(), &d.status, now);
+        assert!(!again.guarded && again.announce.is_empty());
+        assert_eq!(again.status.last_rollout, d.status.last_rollout);
+    }
+
+    #[test]
+    fn a_pod_replaced_between_rollouts_is_no_rollout() {
+        let now = Timestamp::now();
+        let mut gone = pod("new-1", None);
+        gone.terminating = true;
+        let pods = vec![gone, pod("new-2", Some(at(now, -60))), pod("new-3", None)];
+        let seen = observed(vec![rs("new", 3, true, pods)], false);
+        let healthy = GracefulRolloutStatus {
+            phase: Phase::Healthy,
+            ..Default::default()
+        };
+        let d = step(&seen, &spec(), &healthy, now);
+        assert_eq!(d.act, Act::None);
+        assert!(d.announce.is_empty() && !d.guarded);
+        assert_eq!(d.status.phase, Phase::Healthy);
+    }
+
+    #[test]
+    fn no_progress_past_the_deadline_rolls_back_to_the_stable_pods() {
+        let now = Timestamp::now();
+        let mut seen = observed(
+            vec![old3(now), rs("new", 1, true, vec![pod("new-1", None)])],
+            true,
+        );
+        seen.timed_out = true;
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::RollBack { to: "old".into() });
+        assert_eq!(d.status.phase, Phase::RollingBack);
+        assert_eq!(d.status.failed_revision.as_deref(), Some("new"));
+        assert!(d.guarded);
+        assert_eq!(d.announce[0].reason, "RollingBack");
+        assert!(d.announce[0].warning);
+        // Without autoRollback it only waits, as the Deployment controller does.
+        let mut no_auto = spec();
+        no_auto.strategy = Strategy {
+            auto_rollback: false,
+            ..Strategy::default()
+        };
+        assert_eq!(step(&seen, &no_auto, &started(now), now).act, Act::None);
+    }
+
+    #[test]
+    fn abort_rolls_back_at_once_and_the_rollback_ends_degraded() {
+        let now = Timestamp::now();
+        let seen = observed(
             vec![
-                pod("n1", Some(60)),
-                pod("n2", Some(60)),
-                pod("n3", Some(60)),
+                old3(now),
+                rs("new", 1, true, vec![pod("new-1", Some(at(now, -60)))]),
             ],
+            true,
         );
-        let w = world(vec![old.clone(), new.clone()]);
-        assert!(matches!(w.decide(), Step::Wait { .. }));
-        old.pods.clear();
-        assert_eq!(world(vec![old, new]).decide(), Step::Done);
+        let mut abort = spec();
+        abort.abort = true;
+        let d = step(&seen, &abort, &started(now), now);
+        assert_eq!(d.act, Act::RollBack { to: "old".into() });
+        // The template is back: "old" is current; the aborted pods are gone.
+        let mut back = old3(now);
+        back.current = true;
+        let mut seen = observed(vec![back.clone(), rs("new", 0, false, vec![])], true);
+        seen.min_ready_held = false;
+        let finish = step(&seen, &abort, &d.status, now);
+        assert_eq!(finish.act, Act::Finish);
+        let seen = observed(vec![back, rs("new", 0, false, vec![])], false);
+        let end = step(&seen, &abort, &finish.status, now);
+        assert_eq!(end.status.phase, Phase::Degraded);
+        assert_eq!(end.status.last_rollout.unwrap().outcome, "RolledBack");
+        assert_eq!(end.announce[0].reason, "RolledBack");
     }
 
     #[test]
-    fn without_services_pod_readiness_is_enough() {
-        let mut n1 = pod("n1", Some(30));
-        n1.listed_ready = None;
-        let mut w = world(vec![old3(), rs("web-new", "new", 1, 1, vec![n1])]);
-        w.slices_expected = false;
-        assert!(matches!(w.decide(), Step::Scale(_)));
-    }
-
-    #[test]
-    fn oldest_replicaset_is_drained_first() {
-        let older = rs("web-a", "a", 1, 2000, vec![pod("a1", Some(1900))]);
-        let old = rs(
-            "web-b",
-            "b",
-            2,
-            1000,
-            vec![pod("b1", Some(900)), pod("b2", Some(900))],
-        );
-        let w = world(vec![
-            old,
-            older,
-            rs("web-new", "new", 1, 1, vec![pod("n1", Some(30))]),
-        ]);
+    fn a_former_new_replicaset_gets_its_availability_back_first() {
+        let now = Timestamp::now();
+        let mut middle = rs("middle", 1, false, vec![pod("m-1", Some(at(now, -60)))]);
+        middle.min_ready_seconds = HOLD_MIN_READY_SECONDS;
+        let seen = observed(vec![old3(now), middle, rs("new", 1, true, vec![])], true);
+        let d = step(&seen, &spec(), &started(now), now);
         assert_eq!(
-            w.decide(),
-            Step::Scale(vec![(
-                "web-a".into(),
-                0,
-                "replacement serving: drain an old pod"
-            )])
+            d.act,
+            Act::Release {
+                replica_sets: vec!["middle".into()],
+                min_ready_seconds: 0
+            }
+        );
+    }
+
+    /// The Deployment controller's rolling update (pkg/controller/deployment/rolling.go), one
+    /// sync: scale the new ReplicaSet up within maxSurge, then the old one down while available
+    /// pods stay >= replicas - maxUnavailable. New pods are available only once the hold is off.
+    struct Cluster {
+        now: Timestamp,
+        replicas: i32,
+        surge: i32,
+        max_unavailable: i32,
+        held: bool,
+        finished: bool,
+        old: Vec<(String, Option<Timestamp>, Option<Timestamp>)>,
+        new: Vec<(String, Option<Timestamp>, Option<Timestamp>)>,
+        old_replicas: i32,
+        new_replicas: i32,
+        created: i32,
+    }
+
+    const READY_AFTER: i64 = 2;
+    const DRAIN_FOR: i64 = 3;
+
+    impl Cluster {
+        fn live(pods: &[(String, Option<Timestamp>, Option<Timestamp>)]) -> i32 {
+            pods.iter().filter(|p| p.2.is_none()).count() as i32
+        }
+        fn serving(&self) -> i32 {
+            self.old
+                .iter()
+                .chain(&self.new)
+                .filter(|p| p.2.is_none() && p.1.is_some_and(|r| r <= self.now))
+                .count() as i32
+        }
+        fn deployment_controller(&mut self) {
+            let want_new = (self.replicas + self.surge - self.old_replicas).min(self.replicas);
+            self.new_replicas = self.new_replicas.max(want_new);
+            let available_old = self
+                .old
+                .iter()
+                .filter(|p| p.2.is_none() && p.1.is_some_and(|r| r <= self.now))
+                .count() as i32;
+            let available_new = if self.held {
+                0
+            } else {
+                self.serving() - available_old
+            };
+            let min_available = self.replicas - self.max_unavailable;
+            let new_unavailable = self.new_replicas - available_new;
+            if self.old_replicas + self.new_replicas - min_available - new_unavailable > 0 {
+                let down =
+                    (available_old + available_new - min_available).clamp(0, self.old_replicas);
+                self.old_replicas -= down;
+            }
+        }
+        fn replica_set_controllers(&mut self) {
+            while Cluster::live(&self.new) < self.new_replicas {
+                self.created += 1;
+                let ready = at(self.now, READY_AFTER);
+                self.new
+                    .push((format!("new-{}", self.created), Some(ready), None));
+            }
+            while Cluster::live(&self.old) > self.old_replicas {
+                let p = self.old.iter_mut().find(|p| p.2.is_none()).unwrap();
+                p.2 = Some(self.now);
+            }
+            let now = self.now;
+            self.old.retain(|p| {
+                p.2.is_none_or(|t| now.duration_since(t).as_secs() < DRAIN_FOR)
+            });
+        }
+        fn observed(&self) -> Observed {
+            let view = |pods: &[(String, Option<Timestamp>, Option<Timestamp>)]| {
+                pods.iter()
+                    .map(|(n, ready, gone)| {
+                        let ready_since = ready.filter(|r| *r <= self.now);
+                        PodView {
+                            name: n.clone(),
+                            ready_since,
+                            listed_ready: Some(ready_since.is_some() && gone.is_none()),
+                            terminating: gone.is_some(),
+                        }
+                    })
+                    .collect()
+            };
+            let mut old = rs("old", self.old_replicas, false, view(&self.old));
+            old.min_ready_seconds = 0;
+            let mut seen = observed(
+                vec![old, rs("new", self.new_replicas, true, view(&self.new))],
+                !self.finished,
+            );
+            seen.replicas = self.replicas;
+            seen.max_unavailable = Some(self.max_unavailable);
+            seen.min_ready_held = self.held;
+            seen.available = self.serving()
+                - if self.held {
+                    Cluster::live(&self.new)
+                } else {
+                    0
+                };
+            seen
+        }
+    }
+
+    /// Walk a whole rollout second by second, in the order the cluster applies things (the
+    /// Deployment controller, then the ReplicaSet controllers and pod readiness, then the
+    /// operator), and check after every one of them that `replicas` pods are serving.
+    fn walk(replicas: i32, surge: i32) -> (i64, GracefulRolloutStatus) {
+        let t0 = Timestamp::now();
+        let long_ago = Some(at(t0, -600));
+        let mut c = Cluster {
+            now: t0,
+            replicas,
+            surge,
+            max_unavailable: 0,
+            held: true,
+            finished: false,
+            old: (0..replicas)
+                .map(|i| (format!("old-{i}"), long_ago, None))
+                .collect(),
+            new: vec![],
+            old_replicas: replicas,
+            new_replicas: 0,
+            created: 0,
+        };
+        let mut status = GracefulRolloutStatus {
+            phase: Phase::Healthy,
+            stable_revision: Some("old".into()),
+            ..Default::default()
+        };
+        for second in 0..600 {
+            c.now = at(t0, second);
+            c.deployment_controller();
+            assert!(
+                c.serving() >= replicas,
+                "t={second}: after the Deployment controller"
+            );
+            c.replica_set_controllers();
+            assert!(
+                c.serving() >= replicas,
+                "t={second}: after the ReplicaSet controllers"
+            );
+            let d = step(&c.observed(), &spec(), &status, c.now);
+            match d.act {
+                Act::Step { max_unavailable } => c.max_unavailable = max_unavailable,
+                Act::MakeAvailable { .. } => c.held = false,
+                Act::Finish => c.finished = true,
+                Act::None => {}
+                other => panic!("t={second}: unexpected {other:?}"),
+            }
+            status = d.status;
+            if c.finished && status.phase == Phase::Healthy {
+                assert_eq!(c.old_replicas, 0);
+                assert!(c.old.is_empty(), "every old pod drained before the end");
+                return (second, status);
+            }
+        }
+        panic!("the rollout never finished: {status:?}");
+    }
+
+    #[test]
+    fn never_fewer_than_replicas_serving_through_a_whole_rollout() {
+        let (took, status) = walk(3, 1);
+        assert_eq!(status.last_rollout.unwrap().outcome, "Succeeded");
+        // Each new pod: ready after 2 s, proven 5 s later. The next surge overlaps the last
+        // drain instead of waiting for it: faster than one pod after another, drain included.
+        assert!(took < 3 * (READY_AFTER + 5 + 1 + DRAIN_FOR), "took {took}s");
+        let (took_wide, _) = walk(4, 2);
+        assert!(
+            took_wide < walk(4, 1).0,
+            "a wider surge is faster: {took_wide}s"
         );
     }
 }

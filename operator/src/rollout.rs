@@ -1,40 +1,43 @@
-//! The GracefulRollout controller: observe the Deployment, its ReplicaSets, pods and
-//! EndpointSlices; let `plan` decide the next step; act; report it in the status and events.
-//! Everything it needs to carry on is in the cluster (ReplicaSet sizes, owners, the status), so
-//! a restarted operator continues where the last one stopped.
+//! The GracefulRollout controller's I/O shell: observe the Deployment, its ReplicaSets, pods and
+//! EndpointSlices; let [`plan::step`] decide; make its one write; write the status; announce.
+//!
+//! One rule for every write: it carries the resourceVersion it was decided on (a JSON Patch
+//! `test`, or the status's `metadata.resourceVersion` at a rollout's start and end), and an Event
+//! is published only after the write it announces succeeded. Everything the controller needs to
+//! carry on is in the cluster (the Deployment's held fields, the status), so a restarted operator
+//! continues where the last one stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase, RolloutRecord};
-use crate::drains::{self, DrainTotals, Drains};
+use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase};
+use crate::drains::{self, Drains};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::plan::{PodView, ReplicaSetView, Step, World};
-use crate::revision::{POD_TEMPLATE_HASH, same_template, template_hash};
-use crate::takeover::{self, MANAGER};
+use crate::names::{
+    FINALIZER, HOLD_MIN_READY_SECONDS, MANAGED_LABEL, MANAGER, POD_TEMPLATE_HASH,
+    PROGRESS_DEADLINE_EXCEEDED,
+};
+use crate::pacing;
+use crate::plan::{self, Act, Decision, Observed, PodView, ReplicaSetView};
+use crate::revision::same_template;
 use crate::{Error, Result};
-
-pub const FINALIZER: &str = "graceful.dev/hand-back";
-/// How often a rollout in progress is looked at, besides the watch events that wake it.
-const PROGRESS_RECHECK: Duration = Duration::from_secs(2);
-/// How often a settled rollout is looked at.
-const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Shared by every reconcile.
 pub struct Context {
@@ -79,22 +82,18 @@ pub async fn run(
             }
         }
     };
-    // A Deployment event wakes the GracefulRollout that manages it (template change, scale).
+    // Only managed Deployments are watched. Their status changes with every ReplicaSet and pod
+    // readiness change, so a Deployment event is what wakes its GracefulRollout.
+    let managed = watcher::Config::default()
+        .labels(MANAGED_LABEL)
+        .any_semantic();
     let controller = Controller::new(rollouts, watcher::Config::default().any_semantic())
-        .owns(
-            Api::<ReplicaSet>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .watches(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-            |d| {
-                let ns = d.namespace()?;
-                d.annotations()
-                    .get(takeover::MANAGED_BY)
-                    .map(|gr| ObjectRef::new(gr).within(&ns))
-            },
-        )
+        .watches(Api::<Deployment>::all(client.clone()), managed, |d| {
+            let ns = d.namespace()?;
+            d.labels()
+                .get(MANAGED_LABEL)
+                .map(|gr| ObjectRef::new(gr).within(&ns))
+        })
         .graceful_shutdown_on(lost)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -129,6 +128,10 @@ pub async fn reconcile(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Ac
 }
 
 pub fn error_policy(gr: Arc<GracefulRollout>, error: &Error, ctx: Arc<Context>) -> Action {
+    // A conflict is a stale read, not a failure: look again at once.
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(200));
+    }
     tracing::warn!(rollout = %gr.name_any(), %error, "reconcile failed");
     ctx.metrics
         .reconcile_errors
@@ -139,36 +142,167 @@ pub fn error_policy(gr: Arc<GracefulRollout>, error: &Error, ctx: Arc<Context>) 
     Action::requeue(Duration::from_secs(5))
 }
 
-/// What one reconcile found, before acting.
-struct Observed {
-    deploy: Deployment,
+/// Names one rollout of one GracefulRollout in `Drains`.
+fn rollout_key(gr: &GracefulRollout, started: &Time) -> String {
+    format!(
+        "{}/{}@{}",
+        gr.namespace().unwrap_or_default(),
+        gr.name_any(),
+        started.0
+    )
+}
+
+pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = gr.namespace().unwrap_or_default();
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = gr.status.clone().unwrap_or_default();
+    let Some(deploy) = deploys.get_opt(&gr.spec.target_ref.name).await? else {
+        let status = GracefulRolloutStatus {
+            phase: Phase::Missing,
+            current_step: Some(format!("Deployment {} not found", gr.spec.target_ref.name)),
+            ..status
+        };
+        write_status(&ctx, &gr, status, None).await?;
+        return Ok(Action::requeue(plan::IDLE_RECHECK));
+    };
+    let seen = observe(&ctx, &gr, &deploy, &status).await?;
+    let mut status = status;
+    status.observed_generation = gr.metadata.generation;
+    let decision = plan::step(&seen.observed, &gr.spec, &status, Timestamp::now());
+    act(&ctx, &gr, &deploy, &seen, &decision).await?;
+    let guard = decision.guarded.then(|| gr.resource_version()).flatten();
+    if decision.status != status || guard.is_some() {
+        match write_status(&ctx, &gr, decision.status.clone(), guard).await {
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(rollout = %gr.name_any(), "stale copy: a rollout's start or end is written once");
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            other => other?,
+        }
+    }
+    announce(&ctx, &gr, &status, &decision).await;
+    Ok(Action::requeue(decision.requeue))
+}
+
+/// What one reconcile read, and the decision's input made of it.
+struct Seen {
+    observed: Observed,
     replica_sets: Vec<ReplicaSet>,
-    pods: Vec<Pod>,
-    /// pod name -> ready, as the EndpointSlices list it.
-    listed: HashMap<String, bool>,
 }
 
 async fn observe(
-    client: &Client,
-    ns: &str,
-    deploy: Deployment,
-    owners: &[String],
-) -> Result<Observed> {
-    let selector = selector_string(deploy.spec.as_ref().map(|s| &s.selector))?;
-    let lp = ListParams::default().labels(&selector);
-    let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+    ctx: &Context,
+    gr: &GracefulRollout,
+    deploy: &Deployment,
+    status: &GracefulRolloutStatus,
+) -> Result<Seen> {
+    let ns = gr.namespace().unwrap_or_default();
+    let spec = deploy
+        .spec
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("Deployment without spec".into()))?;
+    let selector = Selector::try_from(spec.selector.clone())
+        .map_err(|e| Error::Invalid(format!("the Deployment's selector: {e}")))?;
+    if selector.selects_all() {
+        return Err(Error::Invalid("the Deployment's selector is empty".into()));
+    }
+    let lp = ListParams::default().labels_from(&selector);
+    let d_uid = deploy.uid().unwrap_or_default();
+    let replica_sets: Vec<ReplicaSet> = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
         .list(&lp)
         .await?
         .items
         .into_iter()
-        .filter(|rs| owners.iter().any(|uid| takeover::owned_by(rs, uid)))
+        .filter(|rs| rs.owner_references().iter().any(|o| o.uid == d_uid))
         .collect();
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .list(&lp)
         .await?
         .items;
+    let listed = listed_ready(ctx, &ns).await?;
+    if let Some(started) = &status.rollout_started_at {
+        ctx.drains.track(&rollout_key(gr, started), &pods);
+    }
+    let drains = status
+        .rollout_started_at
+        .as_ref()
+        .map(|s| ctx.drains.totals(&rollout_key(gr, s)))
+        .unwrap_or_default();
+
+    let mut by_rs: BTreeMap<String, Vec<PodView>> = BTreeMap::new();
+    for pod in &pods {
+        if let Some(owner) = pod
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true))
+        {
+            by_rs
+                .entry(owner.name.clone())
+                .or_default()
+                .push(pod_view(pod, &listed));
+        }
+    }
+    let views = replica_sets
+        .iter()
+        .map(|rs| {
+            let rs_spec = rs.spec.as_ref();
+            ReplicaSetView {
+                name: rs.name_any(),
+                revision: rs
+                    .labels()
+                    .get(POD_TEMPLATE_HASH)
+                    .cloned()
+                    .unwrap_or_else(|| rs.name_any()),
+                replicas: rs_spec.and_then(|s| s.replicas).unwrap_or(0),
+                min_ready_seconds: rs_spec.and_then(|s| s.min_ready_seconds).unwrap_or(0),
+                current: rs_spec
+                    .and_then(|s| s.template.as_ref())
+                    .is_some_and(|t| same_template(t, &spec.template)),
+                created: rs
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or_else(Timestamp::now, |t| t.0),
+                pods: by_rs.remove(&rs.name_any()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let timed_out = deploy.status.as_ref().is_some_and(|s| {
+        s.observed_generation >= deploy.metadata.generation
+            && s.conditions.iter().flatten().any(|c| {
+                c.type_ == "Progressing" && c.reason.as_deref() == Some(PROGRESS_DEADLINE_EXCEEDED)
+            })
+    });
+    let observed = Observed {
+        rollout: gr.name_any(),
+        manager: deploy.labels().get(MANAGED_LABEL).cloned(),
+        replicas: spec.replicas.unwrap_or(1),
+        deployment_paused: spec.paused.unwrap_or(false),
+        recreate: pacing::recreate(deploy),
+        held: pacing::held(deploy),
+        max_unavailable: pacing::max_unavailable(deploy),
+        min_ready_held: spec.min_ready_seconds == Some(HOLD_MIN_READY_SECONDS),
+        available: deploy
+            .status
+            .as_ref()
+            .filter(|s| s.observed_generation >= deploy.metadata.generation)
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0),
+        timed_out,
+        replica_sets: views,
+        slices_expected: pods.iter().any(|p| listed.contains_key(&p.name_any())),
+        drains,
+    };
+    Ok(Seen {
+        observed,
+        replica_sets,
+    })
+}
+
+/// pod name -> listed ready in some EndpointSlice of the namespace.
+async fn listed_ready(ctx: &Context, ns: &str) -> Result<HashMap<String, bool>> {
     let mut listed = HashMap::new();
-    for slice in Api::<EndpointSlice>::namespaced(client.clone(), ns)
+    for slice in Api::<EndpointSlice>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default())
         .await?
         .items
@@ -183,52 +317,10 @@ async fn observe(
                 continue;
             };
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            // A pod listed ready in any slice counts as listed ready.
             *listed.entry(name).or_insert(false) |= ready;
         }
     }
-    Ok(Observed {
-        deploy,
-        replica_sets,
-        pods,
-        listed,
-    })
-}
-
-/// `matchLabels` and `matchExpressions` as a list selector string.
-fn selector_string(selector: Option<&LabelSelector>) -> Result<String> {
-    let selector = selector.ok_or_else(|| Error::Invalid("Deployment without selector".into()))?;
-    let mut parts: Vec<String> = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in selector.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            "DoesNotExist" => format!("!{}", e.key),
-            op => return Err(Error::Invalid(format!("unknown selector operator {op}"))),
-        });
-    }
-    if parts.is_empty() {
-        return Err(Error::Invalid("Deployment with an empty selector".into()));
-    }
-    Ok(parts.join(","))
-}
-
-fn revision_of(rs: &ReplicaSet) -> String {
-    rs.labels()
-        .get(POD_TEMPLATE_HASH)
-        .cloned()
-        .unwrap_or_else(|| rs.name_any())
-}
-
-fn replicas_of(rs: &ReplicaSet) -> i32 {
-    rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
+    Ok(listed)
 }
 
 fn pod_view(pod: &Pod, listed: &HashMap<String, bool>) -> PodView {
@@ -240,8 +332,7 @@ fn pod_view(pod: &Pod, listed: &HashMap<String, bool>) -> PodView {
         .map(|c| {
             c.last_transition_time
                 .as_ref()
-                .map(|t| t.0)
-                .unwrap_or_else(Timestamp::now)
+                .map_or_else(Timestamp::now, |t| t.0)
         });
     PodView {
         name: pod.name_any(),
@@ -251,585 +342,113 @@ fn pod_view(pod: &Pod, listed: &HashMap<String, bool>) -> PodView {
     }
 }
 
-fn now_time() -> Time {
-    Time(Timestamp::now())
-}
-
-pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = gr.namespace().unwrap_or_default();
-    let client = &ctx.client;
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let rs_api: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    let status = gr.status.clone().unwrap_or_default();
-    let gr_uid = takeover::uid_of(gr.as_ref());
-
-    let Some(deploy) = deploys.get_opt(&gr.spec.target_ref.name).await? else {
-        // The Deployment is gone: its ReplicaSets go with it, as they would natively.
-        for rs in rs_api.list(&ListParams::default()).await?.items {
-            if takeover::owned_by(&rs, &gr_uid) {
-                takeover::disown(&rs_api, &rs, &gr_uid).await?;
-            }
-        }
-        let step = format!("Deployment {} not found", gr.spec.target_ref.name);
-        write_status(
-            &ctx,
-            &gr,
-            GracefulRolloutStatus {
-                phase: Phase::Missing,
-                current_step: Some(step),
-                ..status
-            },
-        )
-        .await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    };
-    let deploy = match takeover::take_over(&deploys, &deploy, &gr).await {
-        Ok(Some(d)) => {
-            publish(
-                &ctx,
-                &gr,
-                EventType::Normal,
-                "TakeOver",
-                "Paused the Deployment; pods now roll out through this GracefulRollout",
-            )
-            .await;
-            d
-        }
-        Ok(None) => deploy,
-        Err(Error::Invalid(msg)) => {
-            write_status(
-                &ctx,
-                &gr,
-                degraded(status, Phase::Degraded, "Conflict", &msg),
-            )
-            .await?;
-            return Ok(Action::requeue(IDLE_RECHECK));
-        }
-        Err(e) => return Err(e),
-    };
-    let d_uid = takeover::uid_of(&deploy);
-    let seen = observe(client, &ns, deploy, &[d_uid.clone(), gr_uid.clone()]).await?;
-    let replicas = seen
-        .deploy
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let template = seen
-        .deploy
-        .spec
-        .as_ref()
-        .map(|s| s.template.clone())
-        .unwrap_or_default();
-
-    // The Deployment's revision: the hash label of the ReplicaSet with its template, if any.
-    let updated_rs = seen.replica_sets.iter().find(|rs| {
-        rs.spec
-            .as_ref()
-            .and_then(|s| s.template.as_ref())
-            .is_some_and(|t| same_template(t, &template))
-    });
-    let updated_revision = updated_rs
-        .map(revision_of)
-        .unwrap_or_else(|| template_hash(&template, 0));
-
-    let mut status = GracefulRolloutStatus {
-        observed_generation: gr.metadata.generation,
-        replicas,
-        updated_revision: Some(updated_revision.clone()),
-        ..status
-    };
-
-    // Which revision must end up serving: the Deployment's, unless it failed or is aborted.
-    if gr.spec.abort
-        && status.failed_revision.as_deref() != Some(&updated_revision)
-        && status.stable_revision.as_deref() != Some(&updated_revision)
-    {
-        status.failed_revision = Some(updated_revision.clone());
-        publish(
-            &ctx,
-            &gr,
-            EventType::Warning,
-            "Aborted",
-            &format!("rolling back revision {updated_revision}"),
-        )
-        .await;
-    }
-    let rolling_back = status.failed_revision.as_deref() == Some(&updated_revision);
-    let target = if rolling_back {
-        match status.stable_revision.clone() {
-            Some(stable) => stable,
-            None => updated_revision.clone(),
-        }
-    } else {
-        updated_revision.clone()
-    };
-
-    let rs_by_owner_pods = group_pods(&seen);
-    let world = World {
-        replicas,
-        surge: gr.spec.strategy.surge_for(replicas),
-        min_serving: Duration::from_secs(gr.spec.strategy.min_serving_seconds.max(0) as u64),
-        now: Timestamp::now(),
-        target: target.clone(),
-        replica_sets: seen
-            .replica_sets
-            .iter()
-            .map(|rs| ReplicaSetView {
-                name: rs.name_any(),
-                revision: revision_of(rs),
-                replicas: replicas_of(rs),
-                created: rs
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0)
-                    .unwrap_or_else(Timestamp::now),
-                pods: rs_by_owner_pods
-                    .get(&rs.name_any())
-                    .cloned()
-                    .unwrap_or_default(),
-            })
-            .collect(),
-        slices_expected: seen
-            .pods
-            .iter()
-            .any(|p| seen.listed.contains_key(&p.name_any())),
-    };
-    let counts = world.counts();
-    let step = world.decide();
-    if let Some(started) = &status.rollout_started_at {
-        ctx.drains.track(&rollout_key(&gr, started), &seen.pods);
-    }
-
-    status.updated = counts.updated;
-    status.serving = counts.serving;
-    status.draining = counts.draining;
-    status.progress = Some(format!("{}/{}", counts.updated, replicas));
-
-    // Settled: only the target revision has pods and none is draining. Hand the ReplicaSets
-    // back (the paused Deployment then owns exactly one active ReplicaSet and keeps it at its
-    // replicas) and record the rollout that just finished.
-    let target_exists = world.replica_sets.iter().any(|rs| rs.revision == target);
-    let others_active = world
-        .replica_sets
-        .iter()
-        .any(|rs| rs.revision != target && rs.replicas > 0);
-    // Between rollouts a pod may be deleted (kubectl delete pod, an eviction) and replaced by
-    // its ReplicaSet: that is no rollout, so its drain does not hold the settled state.
-    let drains_pending = counts.draining > 0 && status.rollout_started_at.is_some();
-    if target_exists && !others_active && !drains_pending {
-        takeover::hand_back_all(&rs_api, &seen.replica_sets, &gr_uid, &seen.deploy).await?;
-        let mut finished = None;
-        if let Some(started) = status.rollout_started_at.take() {
-            let outcome = match (rolling_back, gr.spec.abort) {
-                (false, _) => "Succeeded",
-                (true, true) => "Aborted",
-                (true, false) => "RolledBack",
-            };
-            let key = rollout_key(&gr, &started);
-            let drains = ctx.drains.totals(&key);
-            let record = finish_record(drains, &target, started, outcome, replicas);
-            status.last_rollout = Some(record.clone());
-            finished = Some((key, drains, outcome, record));
-        }
-        status.last_progress_at = None;
-        status.stable_revision = Some(target.clone());
-        let available = counts.serving >= replicas;
-        set_conditions(
-            &mut status,
-            &[
-                (
-                    "Available",
-                    available,
-                    if available {
-                        "AllServing"
-                    } else {
-                        "NotAllServing"
-                    },
-                    "",
-                ),
-                ("Progressing", false, "Settled", "no rollout in progress"),
-            ],
-        );
-        if rolling_back {
-            let msg = format!(
-                "revision {updated_revision} failed and was rolled back; change the template to roll out again"
-            );
-            status = degraded(status, Phase::Degraded, "RolledBack", &msg);
-        } else {
-            status.phase = Phase::Healthy;
-            status.current_step = Some(format!(
-                "{}/{replicas} pods serving the Deployment's template",
-                counts.serving
-            ));
-            set_conditions(&mut status, &[("Degraded", false, "Healthy", "")]);
-        }
-        let Some((key, drains, outcome, record)) = finished else {
-            write_status(&ctx, &gr, status).await?;
-            return Ok(Action::requeue(IDLE_RECHECK));
-        };
-        // The record is written once, and announced only once written.
-        if !write_status_unless_stale(&ctx, &gr, status).await? {
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
-        ctx.drains.forget(&key);
-        tracing::info!(rollout = %gr.name_any(), ?drains, "drains of the finished rollout");
-        publish(
-            &ctx,
-            &gr,
-            EventType::Normal,
-            "RolloutFinished",
-            &record.summary,
-        )
-        .await;
-        ctx.metrics
-            .rollouts
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.into(),
-            })
-            .inc();
-        let took = Timestamp::now()
-            .duration_since(record.started_at.0)
-            .as_secs_f64();
-        ctx.metrics.rollout_duration.observe(took.max(0.0));
-        return Ok(Action::requeue(IDLE_RECHECK));
-    }
-
-    // A rollout is needed: take every ReplicaSet of the Deployment, so the paused Deployment owns
-    // none it could scale.
-    takeover::adopt_all(&rs_api, &seen.replica_sets, &gr, &seen.deploy).await?;
-    let now = now_time();
-    if status.rollout_started_at.is_none() {
-        status.rollout_started_at = Some(now.clone());
-        status.last_progress_at = Some(now.clone());
-        // Like its end, a rollout's start is written once (a stale copy would restart the clock
-        // and announce it again) and announced once written.
-        if !write_status_unless_stale(&ctx, &gr, status.clone()).await? {
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
-        publish(
-            &ctx,
-            &gr,
-            EventType::Normal,
-            "RolloutStarted",
-            &format!("rolling out revision {target} to {replicas} pods"),
-        )
-        .await;
-    }
-
-    if gr.spec.paused {
-        status.phase = Phase::Paused;
-        status.current_step = Some("paused (spec.paused); set it to false to resume".into());
-        set_conditions(
-            &mut status,
-            &[("Progressing", false, "Paused", "paused by spec.paused")],
-        );
-        write_status(&ctx, &gr, status).await?;
-        return Ok(Action::requeue(IDLE_RECHECK));
-    }
-
-    // The progress deadline: no scale step and no newly proven pod for too long.
-    let deadline = Duration::from_secs(gr.spec.strategy.progress_deadline_seconds.max(1) as u64);
-    let last_progress = status
-        .last_progress_at
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or_else(Timestamp::now);
-    let stalled = Timestamp::now()
-        .duration_since(last_progress)
-        .unsigned_abs()
-        > deadline;
-    if stalled && !rolling_back && matches!(step, Step::Wait { .. }) {
-        let msg = format!(
-            "no progress for {}s: new pods of revision {target} did not become ready",
-            deadline.as_secs()
-        );
-        if gr.spec.strategy.auto_rollback
-            && status
-                .stable_revision
-                .as_ref()
-                .is_some_and(|s| s != &target)
-        {
-            status.failed_revision = Some(updated_revision.clone());
-            status.last_progress_at = Some(now_time());
-            publish(&ctx, &gr, EventType::Warning, "RollingBack", &msg).await;
-            write_status(
-                &ctx,
-                &gr,
-                degraded(status, Phase::RollingBack, "ProgressDeadlineExceeded", &msg),
-            )
-            .await?;
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
-        publish(
-            &ctx,
-            &gr,
-            EventType::Warning,
-            "ProgressDeadlineExceeded",
-            &msg,
-        )
-        .await;
-        write_status(
-            &ctx,
-            &gr,
-            degraded(status, Phase::Degraded, "ProgressDeadlineExceeded", &msg),
-        )
-        .await?;
-        return Ok(Action::requeue(PROGRESS_RECHECK));
-    }
-
-    status.phase = if rolling_back {
-        Phase::RollingBack
-    } else {
-        Phase::Progressing
-    };
-    let requeue = match step {
-        Step::CreateTarget => {
-            create_target(&rs_api, &gr, &seen.deploy, &template).await?;
-            status.current_step = Some(format!("created the ReplicaSet of revision {target}"));
-            status.last_progress_at = Some(now_time());
-            ctx.metrics.observe_step("create", None);
-            Duration::from_millis(200)
-        }
-        Step::Scale(actions) => {
-            let mut said = Vec::new();
-            for (name, size, why) in &actions {
-                scale(&rs_api, name, *size).await?;
-                ctx.metrics.observe_step(
-                    if why.starts_with("surge") {
-                        "surge"
-                    } else {
-                        "drain"
-                    },
-                    None,
-                );
-                said.push(format!("{name} -> {size} ({why})"));
-            }
-            let line = said.join("; ");
-            publish(&ctx, &gr, EventType::Normal, "Step", &line).await;
-            status.current_step = Some(line);
-            status.last_progress_at = Some(now_time());
-            Duration::from_millis(500)
-        }
-        Step::Wait { reason, recheck } => {
-            status.current_step = Some(reason);
-            recheck.min(PROGRESS_RECHECK)
-        }
-        // Settled states return above; were one to slip through, look again soon.
-        Step::Done => PROGRESS_RECHECK,
-    };
-    if !rolling_back {
-        let step = status.current_step.clone().unwrap_or_default();
-        set_conditions(
-            &mut status,
-            &[
-                ("Progressing", true, "RollingOut", &step),
-                ("Degraded", false, "Progressing", ""),
-            ],
-        );
-    }
-    write_status(&ctx, &gr, status).await?;
-    Ok(Action::requeue(requeue))
-}
-
-/// Pods grouped by the ReplicaSet that controls them.
-fn group_pods(seen: &Observed) -> BTreeMap<String, Vec<PodView>> {
-    let mut by_rs: BTreeMap<String, Vec<PodView>> = BTreeMap::new();
-    for pod in &seen.pods {
-        if let Some(owner) = pod
-            .owner_references()
-            .iter()
-            .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")
-        {
-            by_rs
-                .entry(owner.name.clone())
-                .or_default()
-                .push(pod_view(pod, &seen.listed));
-        }
-    }
-    by_rs
-}
-
-/// The ReplicaSet of the Deployment's template, created at size zero with the Deployment
-/// controller's naming and labels, so it is the Deployment's "new ReplicaSet" once handed back.
-async fn create_target(
-    api: &Api<ReplicaSet>,
+/// The decision's one write, onto the resourceVersion it was decided on.
+async fn act(
+    ctx: &Context,
     gr: &GracefulRollout,
     deploy: &Deployment,
-    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+    seen: &Seen,
+    decision: &Decision,
 ) -> Result<()> {
-    let spec = deploy
-        .spec
-        .as_ref()
-        .ok_or_else(|| Error::Invalid("Deployment without spec".into()))?;
-    for collision in 0..5u32 {
-        let hash = template_hash(template, collision);
-        let mut template = template.clone();
-        template
-            .metadata
-            .get_or_insert_with(Default::default)
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert(POD_TEMPLATE_HASH.into(), hash.clone());
-        let mut selector = spec.selector.clone();
-        selector
-            .match_labels
-            .get_or_insert_with(Default::default)
-            .insert(POD_TEMPLATE_HASH.into(), hash.clone());
-        let mut labels = template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.clone())
-            .unwrap_or_default();
-        labels.insert(POD_TEMPLATE_HASH.into(), hash.clone());
-        let rs = ReplicaSet {
-            metadata: ObjectMeta {
-                name: Some(format!("{}-{hash}", deploy.name_any())),
-                labels: Some(labels),
-                owner_references: Some(takeover::rollout_owners(gr, deploy)),
+    let ns = gr.namespace().unwrap_or_default();
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let rv = deploy.resource_version().unwrap_or_default();
+    let name = deploy.name_any();
+    let held = seen.observed.held.clone().unwrap_or_default();
+    match &decision.act {
+        Act::None => {}
+        Act::Label => {
+            let patch = json!({"metadata": {"labels": {MANAGED_LABEL: gr.name_any()}, "resourceVersion": rv}});
+            let params = PatchParams {
+                field_manager: Some(MANAGER.into()),
                 ..Default::default()
-            },
-            spec: Some(ReplicaSetSpec {
-                replicas: Some(0),
-                min_ready_seconds: spec.min_ready_seconds,
-                selector,
-                template: Some(template),
-            }),
-            status: None,
-        };
-        match api.create(&PostParams::default(), &rs).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e.into()),
+            };
+            deploys.patch(&name, &params, &Patch::Merge(&patch)).await?;
+        }
+        Act::Step { max_unavailable } => {
+            json_patch(&deploys, &name, pacing::step_patch(&rv, *max_unavailable)).await?;
+            let since = gr
+                .status
+                .as_ref()
+                .and_then(|s| s.last_progress_at.as_ref())
+                .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs());
+            ctx.metrics.observe_step("release_old_pods", since);
+        }
+        Act::Release {
+            replica_sets,
+            min_ready_seconds,
+        } => {
+            for rs in seen
+                .replica_sets
+                .iter()
+                .filter(|rs| replica_sets.contains(&rs.name_any()))
+            {
+                let rs_rv = rs.resource_version().unwrap_or_default();
+                json_patch(
+                    &rs_api,
+                    &rs.name_any(),
+                    pacing::release_patch(&rs_rv, *min_ready_seconds),
+                )
+                .await?;
+            }
+        }
+        Act::MakeAvailable { min_ready_seconds } => {
+            json_patch(
+                &deploys,
+                &name,
+                pacing::release_patch(&rv, *min_ready_seconds),
+            )
+            .await?;
+        }
+        Act::Finish => {
+            json_patch(&deploys, &name, pacing::restore_patch(&rv, &held)).await?;
+            ctx.metrics.observe_step("finish", None);
+        }
+        Act::RollBack { to } => {
+            let stable = seen
+                .replica_sets
+                .iter()
+                .find(|rs| rs.name_any() == *to)
+                .and_then(|rs| rs.spec.as_ref()?.template.clone())
+                .ok_or_else(|| Error::Invalid(format!("ReplicaSet {to} has no template")))?;
+            let surge = held.surge(seen.observed.replicas);
+            json_patch(
+                &deploys,
+                &name,
+                pacing::rollback_patch(&rv, &stable, &held, surge),
+            )
+            .await?;
+            ctx.metrics.observe_step("roll_back", None);
         }
     }
-    Err(Error::Invalid(
-        "five ReplicaSet name collisions in a row".into(),
-    ))
-}
-
-async fn scale(api: &Api<ReplicaSet>, name: &str, replicas: i32) -> Result<()> {
-    let patch = json!({"spec": {"replicas": replicas}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
     Ok(())
 }
 
-/// Names one rollout of one GracefulRollout in `Drains`.
-fn rollout_key(gr: &GracefulRollout, started: &Time) -> String {
-    format!(
-        "{}/{}@{}",
-        gr.namespace().unwrap_or_default(),
-        gr.name_any(),
-        started.0
-    )
-}
-
-fn finish_record(
-    drains: DrainTotals,
-    revision: &str,
-    started: Time,
-    outcome: &str,
-    replicas: i32,
-) -> RolloutRecord {
-    let DrainTotals {
-        pods,
-        longest_seconds,
-        connections_cut,
-        ..
-    } = drains;
-    let finished = now_time();
-    let took = finished.0.duration_since(started.0).as_secs();
-    let summary = format!(
-        "{outcome} in {took}s, {replicas} pods, longest drain {longest_seconds}s, {connections_cut} cut"
-    );
-    RolloutRecord {
-        revision: revision.into(),
-        started_at: started,
-        finished_at: finished,
-        outcome: outcome.into(),
-        pods_replaced: replicas.max(pods),
-        longest_drain_seconds: longest_seconds,
-        connections_force_closed: connections_cut,
-        summary,
-    }
-}
-
-fn degraded(
-    mut status: GracefulRolloutStatus,
-    phase: Phase,
-    reason: &str,
-    msg: &str,
-) -> GracefulRolloutStatus {
-    status.phase = phase;
-    status.current_step = Some(msg.into());
-    set_conditions(&mut status, &[("Degraded", true, reason, msg)]);
-    status
-}
-
-/// Upsert conditions by type; lastTransitionTime moves only when the status flips.
-fn set_conditions(status: &mut GracefulRolloutStatus, updates: &[(&str, bool, &str, &str)]) {
-    for (type_, ok, reason, message) in updates {
-        let value = if *ok { "True" } else { "False" };
-        let generation = status.observed_generation;
-        match status.conditions.iter_mut().find(|c| c.type_ == *type_) {
-            Some(c) => {
-                if c.status != value {
-                    c.last_transition_time = now_time();
-                }
-                c.status = value.into();
-                c.reason = (*reason).into();
-                c.message = (*message).into();
-                c.observed_generation = generation;
-            }
-            None => status.conditions.push(Condition {
-                type_: (*type_).into(),
-                status: value.into(),
-                reason: (*reason).into(),
-                message: (*message).into(),
-                last_transition_time: now_time(),
-                observed_generation: generation,
-            }),
-        }
-    }
-}
-
-async fn write_status(
-    ctx: &Context,
-    gr: &GracefulRollout,
-    status: GracefulRolloutStatus,
-) -> Result<()> {
-    if gr.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    apply_status(ctx, gr, status, None).await
-}
-
-/// Writes the status only if the GracefulRollout has not changed since `gr` was read, and
-/// says whether it did. A reconcile can run on a cached copy that predates the last status
-/// write; at a rollout's start or end that copy would record and announce it a second time.
-async fn write_status_unless_stale(
-    ctx: &Context,
-    gr: &GracefulRollout,
-    status: GracefulRolloutStatus,
-) -> Result<bool> {
-    match apply_status(ctx, gr, status, gr.resource_version()).await {
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
-            tracing::debug!(rollout = %gr.name_any(), "stale copy: a rollout's start or end is written once");
-            Ok(false)
-        }
-        other => other.map(|()| true),
-    }
+async fn json_patch<K>(api: &Api<K>, name: &str, ops: Value) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let ops: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Invalid(format!("patch: {e}")))?;
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::<()>::Json(ops)).await?;
+    Ok(())
 }
 
 /// Server-side apply of the status; with `resource_version`, only onto that version.
-async fn apply_status(
+async fn write_status(
     ctx: &Context,
     gr: &GracefulRollout,
     status: GracefulRolloutStatus,
     resource_version: Option<String>,
 ) -> Result<()> {
+    if resource_version.is_none() && gr.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let api: Api<GracefulRollout> =
         Api::namespaced(ctx.client.clone(), &gr.namespace().unwrap_or_default());
     let mut patch = json!({
@@ -849,6 +468,44 @@ async fn apply_status(
     Ok(())
 }
 
+/// The decision's events and metrics, now that its writes succeeded.
+async fn announce(
+    ctx: &Context,
+    gr: &GracefulRollout,
+    before: &GracefulRolloutStatus,
+    decision: &Decision,
+) {
+    for a in &decision.announce {
+        let type_ = if a.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, gr, type_, a.reason, &a.note).await;
+    }
+    let finished = decision.status.last_rollout.as_ref();
+    if decision.guarded
+        && finished != before.last_rollout.as_ref()
+        && let Some(record) = finished
+    {
+        if let Some(started) = &before.rollout_started_at {
+            ctx.drains.forget(&rollout_key(gr, started));
+        }
+        ctx.metrics
+            .rollouts
+            .get_or_create(&OutcomeLabels {
+                outcome: record.outcome.clone(),
+            })
+            .inc();
+        let took = record
+            .finished_at
+            .0
+            .duration_since(record.started_at.0)
+            .as_secs_f64();
+        ctx.metrics.rollout_duration.observe(took.max(0.0));
+    }
+}
+
 async fn publish(ctx: &Context, gr: &GracefulRollout, type_: EventType, reason: &str, note: &str) {
     let reference: ObjectReference = gr.object_ref(&());
     let event = Event {
@@ -864,42 +521,45 @@ async fn publish(ctx: &Context, gr: &GracefulRollout, type_: EventType, reason: 
     tracing::info!(rollout = %gr.name_any(), namespace = gr.namespace().unwrap_or_default(), reason, note);
 }
 
-/// The GracefulRollout is being deleted: give the Deployment its ReplicaSets and its
-/// `spec.paused` back, exactly as the native controller expects them.
+/// The GracefulRollout is being deleted: the Deployment gets the user's values back and loses
+/// our label; a rollout in the middle is finished by the Deployment controller with the user's
+/// own strategy (the injected sidecars still drain every pod it removes).
 pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {
     let ns = gr.namespace().unwrap_or_default();
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let gr_uid = takeover::uid_of(gr.as_ref());
-    let deploy = deploys.get_opt(&gr.spec.target_ref.name).await?;
-    let ours: Vec<ReplicaSet> = rs_api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|rs| takeover::owned_by(rs, &gr_uid))
-        .collect();
-    match &deploy {
-        Some(d) => takeover::hand_back_all(&rs_api, &ours, &gr_uid, d).await?,
-        None => {
-            for rs in &ours {
-                takeover::disown(&rs_api, rs, &gr_uid).await?;
+    let Some(deploy) = deploys.get_opt(&gr.spec.target_ref.name).await? else {
+        return Ok(Action::await_change());
+    };
+    if deploy.labels().get(MANAGED_LABEL) != Some(&gr.name_any()) {
+        return Ok(Action::await_change());
+    }
+    let rv = deploy.resource_version().unwrap_or_default();
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
+    let held = pacing::held(&deploy);
+    if let Some(held) = &held {
+        // Former new ReplicaSets whose minReadySeconds is still held count as available again.
+        let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+        let d_uid = deploy.uid().unwrap_or_default();
+        for rs in rs_api.list(&ListParams::default()).await?.items {
+            let held_here =
+                rs.spec.as_ref().and_then(|s| s.min_ready_seconds) == Some(HOLD_MIN_READY_SECONDS);
+            if held_here && rs.owner_references().iter().any(|o| o.uid == d_uid) {
+                let rs_rv = rs.resource_version().unwrap_or_default();
+                let patch = pacing::release_patch(&rs_rv, held.min_ready_seconds());
+                json_patch(&rs_api, &rs.name_any(), patch).await?;
             }
         }
+        let restore = pacing::restore_patch(&rv, held);
+        ops.extend(restore.as_array().into_iter().flatten().skip(1).cloned());
     }
-    if let Some(d) = &deploy
-        && d.annotations().get(takeover::MANAGED_BY) == Some(&gr.name_any())
-    {
-        takeover::release(&deploys, d).await?;
-        publish(
-            &ctx,
-            &gr,
-            EventType::Normal,
-            "HandedBack",
-            "the Deployment controller manages the Deployment again",
-        )
-        .await;
-    }
+    ops.push(json!({"op": "remove", "path": format!("/metadata/labels/{}", MANAGED_LABEL.replace('/', "~1"))}));
+    json_patch(&deploys, &deploy.name_any(), Value::Array(ops)).await?;
+    let note = if held.is_some() {
+        "the rollout in progress continues with the Deployment's own strategy; the Deployment is as its user wrote it"
+    } else {
+        "the Deployment is as its user wrote it"
+    };
+    publish(&ctx, &gr, EventType::Normal, "HandedBack", note).await;
     Ok(Action::await_change())
 }
 
@@ -908,7 +568,7 @@ mod tests {
     use super::*;
     use crate::fixtures::*;
     use prometheus_client::registry::Registry;
-    use serde_json::json;
+    use serde_json::Value;
 
     fn ctx(api: &FakeApi) -> Arc<Context> {
         Arc::new(Context::new(
@@ -929,338 +589,252 @@ mod tests {
         w.last().expect("a status write").body["status"].clone()
     }
 
-    use serde_json::Value;
+    fn deployment_now(api: &FakeApi) -> Deployment {
+        serde_json::from_value(api.get("apps/v1", "Deployment", "web").unwrap()).unwrap()
+    }
 
-    /// Three ready, listed pods of the old revision.
-    fn old_pods(api: &FakeApi, hash: &str) {
+    /// Three ready, listed pods of `hash`, and one new pod ready for `new_ready` seconds.
+    fn rollout_in_progress(api: &FakeApi, new_ready: Option<i64>) {
+        let started =
+            json!({"phase": "Progressing", "stableRevision": "aaaaa", "rolloutStartedAt": ago(30)});
+        api.put(rollout(json!({}), started));
+        api.put(deployment("v2", 3, true, Some(user_held())));
+        api.put(replica_set("v1", "aaaaa", 3, 0, 900));
+        api.put(replica_set(
+            "v2",
+            "bbbbb",
+            1,
+            crate::names::HOLD_MIN_READY_SECONDS,
+            30,
+        ));
         for i in 1..=3 {
-            api.put(pod(&format!("old-{i}"), hash, Some(600)));
+            api.put(pod(&format!("old-{i}"), "aaaaa", Some(600)));
         }
+        api.put(pod("new-1", "bbbbb", new_ready));
+        let ready = new_ready.is_some();
+        api.put(slice(&[
+            ("old-1", true),
+            ("old-2", true),
+            ("old-3", true),
+            ("new-1", ready),
+        ]));
     }
 
     #[tokio::test]
-    async fn takes_over_an_unpaused_deployment_and_touches_nothing_else() {
+    async fn a_new_rollout_labels_its_deployment_and_touches_nothing_else() {
         let api = FakeApi::default();
         api.put(rollout(json!({}), json!({})));
-        api.put(deployment("v1", 3, false));
-        api.put(replica_set("v1", "aaaaa", 3, false, 900));
-        old_pods(&api, "aaaaa");
-        api.put(slice(&[("old-1", true), ("old-2", true), ("old-3", true)]));
-
+        api.put(deployment("v1", 3, false, None));
+        api.put(replica_set("v1", "aaaaa", 3, 0, 900));
         apply(gr(&api), ctx(&api)).await.unwrap();
-
-        let d = api.writes_to("/deployments/web");
-        assert_eq!(d.len(), 1, "one patch of the Deployment: {d:?}");
-        assert_eq!(d[0].body["spec"], json!({"paused": true}));
+        let writes = api.writes_to("/deployments/web");
+        assert_eq!(writes.len(), 1, "{writes:?}");
         assert_eq!(
-            d[0].body["metadata"]["annotations"][crate::takeover::PAUSED_BEFORE],
-            "false"
+            writes[0].body,
+            json!({"metadata": {"labels": {crate::names::MANAGED_LABEL: "web"}, "resourceVersion": "7"}})
         );
-        assert!(
-            api.writes_to("/replicasets").is_empty(),
-            "steady state: ReplicaSets stay the Deployment's"
-        );
+        let d = deployment_now(&api);
+        assert_eq!(d.spec.as_ref().unwrap().paused, None, "never paused");
+        assert!(api.writes_to("/replicasets").is_empty());
+    }
+
+    #[tokio::test]
+    async fn at_rest_the_rollout_is_healthy_and_writes_nothing_to_the_deployment() {
+        let api = FakeApi::default();
+        api.put(rollout(json!({}), json!({})));
+        api.put(deployment("v1", 3, true, None));
+        api.put(replica_set("v1", "aaaaa", 3, 0, 900));
+        // Another Deployment's ReplicaSet in the namespace: the label selector keeps it out.
+        let mut other = replica_set("v9", "zzzzz", 2, 0, 900);
+        other["metadata"]["labels"]["app"] = json!("other");
+        other["metadata"]["ownerReferences"][0]["uid"] = json!("uid-other");
+        api.put(other);
+        for i in 1..=3 {
+            api.put(pod(&format!("old-{i}"), "aaaaa", Some(600)));
+        }
+        apply(gr(&api), ctx(&api)).await.unwrap();
+        assert!(api.writes_to("/deployments").is_empty());
         let st = status_written(&api);
         assert_eq!(st["phase"], "Healthy");
         assert_eq!(st["stableRevision"], "aaaaa");
+        assert_eq!(st["progress"], "3/3");
     }
 
     #[tokio::test]
-    async fn template_change_adopts_every_replicaset_and_creates_the_new_one_at_zero() {
+    async fn a_proven_new_pod_lets_one_old_pod_go_and_the_step_is_announced_after_the_write() {
         let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa"})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, false, 900));
-        api.put(replica_set("v0", "zzzzz", 0, false, 2000));
-        old_pods(&api, "aaaaa");
-
+        rollout_in_progress(&api, Some(60));
         apply(gr(&api), ctx(&api)).await.unwrap();
+        let d = deployment_now(&api);
+        assert_eq!(crate::pacing::max_unavailable(&d), Some(1));
+        let patch = &api.writes_to("/deployments/web")[0].body;
+        assert_eq!(
+            patch[0],
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"})
+        );
+        assert_eq!(api.events_for("Step"), 1);
+    }
 
-        let adopted: Vec<String> = api
-            .writes_to("/replicasets/")
-            .iter()
-            .filter(|w| w.body["metadata"]["ownerReferences"][0]["kind"] == "GracefulRollout")
-            .map(|w| w.path.rsplit('/').next().unwrap().to_string())
-            .collect();
-        assert_eq!(
-            adopted.len(),
-            2,
-            "both ReplicaSets, history included, are adopted: {adopted:?}"
-        );
-        let created: Vec<Write> = api
-            .writes()
-            .into_iter()
-            .filter(|w| w.method == http::Method::POST)
-            .collect();
-        assert_eq!(created.len(), 1);
-        let rs = &created[0].body;
-        assert_eq!(rs["spec"]["replicas"], 0);
-        assert_eq!(
-            rs["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"],
-            "v2"
-        );
-        let hash = rs["metadata"]["labels"][POD_TEMPLATE_HASH]
-            .as_str()
+    #[tokio::test]
+    async fn a_step_on_a_stale_read_is_neither_made_nor_announced() {
+        let api = FakeApi::default();
+        rollout_in_progress(&api, Some(60));
+        let gr = gr(&api);
+        let ctx = ctx(&api);
+        let deploy = deployment_now(&api);
+        // Someone writes the Deployment between our read and our step.
+        let mut newer = api.get("apps/v1", "Deployment", "web").unwrap();
+        newer["metadata"]["resourceVersion"] = json!("8");
+        api.put(newer);
+        let seen = observe(&ctx, &gr, &deploy, gr.status.as_ref().unwrap())
+            .await
             .unwrap();
+        let decision = plan::step(
+            &seen.observed,
+            &gr.spec,
+            gr.status.as_ref().unwrap(),
+            Timestamp::now(),
+        );
+        let err = act(&ctx, &gr, &deploy, &seen, &decision).await.unwrap_err();
+        assert!(err.is_conflict(), "{err}");
         assert_eq!(
-            rs["spec"]["selector"]["matchLabels"][POD_TEMPLATE_HASH],
-            hash
+            crate::pacing::max_unavailable(&deployment_now(&api)),
+            Some(0)
         );
-        assert_eq!(rs["metadata"]["ownerReferences"][0]["controller"], true);
-        assert_eq!(rs["metadata"]["ownerReferences"][1]["kind"], "Deployment");
-        assert_eq!(status_written(&api)["phase"], "Progressing");
-        assert!(
-            api.writes_to("/deployments/").is_empty(),
-            "the Deployment itself is not written"
-        );
+        assert_eq!(api.events_for("Step"), 0);
     }
 
-    /// A rollout one step in: three old pods serving, one new pod ready for 20 s, listed in
-    /// the EndpointSlices or not.
-    fn one_new_pod_ready(api: &FakeApi, listed: bool) {
-        api.put(rollout(
-            json!({}),
-            json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(30), "lastProgressAt": ago(20)}),
+    #[tokio::test]
+    async fn a_ready_pod_not_listed_in_the_endpointslices_takes_no_step() {
+        let api = FakeApi::default();
+        rollout_in_progress(&api, Some(60));
+        api.put(slice(&[
+            ("old-1", true),
+            ("old-2", true),
+            ("old-3", true),
+            ("new-1", false),
+        ]));
+        apply(gr(&api), ctx(&api)).await.unwrap();
+        assert!(api.writes_to("/deployments").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_end_restores_the_users_values_then_records_the_rollout_once() {
+        let api = FakeApi::default();
+        rollout_in_progress(&api, Some(60));
+        api.put(replica_set("v1", "aaaaa", 0, 0, 900));
+        api.put(replica_set(
+            "v2",
+            "bbbbb",
+            3,
+            crate::names::HOLD_MIN_READY_SECONDS,
+            30,
         ));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, true, 900));
-        old_pods(api, "aaaaa");
-        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
-        api.put(replica_set("v2", &new_hash, 1, true, 30));
-        api.put(pod("new-1", &new_hash, Some(20)));
-        let mut listed_pods = vec![("old-1", true), ("old-2", true), ("old-3", true)];
-        if listed {
-            listed_pods.push(("new-1", true));
+        for name in ["old-1", "old-2", "old-3"] {
+            api.delete("v1", "Pod", name);
         }
-        api.put(slice(&listed_pods));
-    }
-
-    #[tokio::test]
-    async fn a_proven_new_pod_drains_one_old_pod() {
-        let api = FakeApi::default();
-        one_new_pod_ready(&api, true);
-
+        for i in 2..=3 {
+            api.put(pod(&format!("new-{i}"), "bbbbb", Some(60)));
+        }
+        api.put(slice(&[("new-1", true), ("new-2", true), ("new-3", true)]));
         apply(gr(&api), ctx(&api)).await.unwrap();
-
-        let scaled: Vec<Write> = api.writes_to("/replicasets/web-aaaaa");
-        assert_eq!(scaled.len(), 1);
-        assert_eq!(scaled[0].body, json!({"spec": {"replicas": 2}}));
-    }
-
-    #[tokio::test]
-    async fn a_ready_pod_not_yet_in_the_endpointslices_does_not_count() {
-        let api = FakeApi::default();
-        one_new_pod_ready(&api, false);
-
-        apply(gr(&api), ctx(&api)).await.unwrap();
-
-        assert!(
-            api.writes_to("/replicasets/").is_empty(),
-            "no step while the new pod is not listed"
+        let d = deployment_now(&api);
+        assert_eq!(
+            d.spec.as_ref().unwrap().min_ready_seconds,
+            Some(0),
+            "availability first"
         );
-        assert!(
-            status_written(&api)["currentStep"]
-                .as_str()
-                .unwrap()
-                .contains("waiting for new pods")
+        assert_eq!(
+            crate::pacing::max_unavailable(&d),
+            Some(0),
+            "the strategy still held"
         );
-    }
-
-    #[tokio::test]
-    async fn paused_takes_no_step() {
-        let api = FakeApi::default();
-        api.put(rollout(
-            json!({"paused": true}),
-            json!({"stableRevision": "aaaaa"}),
-        ));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, true, 900));
-        old_pods(&api, "aaaaa");
+        // The Deployment controller counts the new pods as available.
+        let mut d = api.get("apps/v1", "Deployment", "web").unwrap();
+        d["status"]["availableReplicas"] = json!(3);
+        api.put(d);
+        apply(gr(&api), ctx(&api)).await.unwrap();
+        let d = deployment_now(&api);
+        let expected: Deployment = serde_json::from_value(deployment("v2", 3, true, None)).unwrap();
+        assert_eq!(
+            d.spec, expected.spec,
+            "the user's strategy and minReadySeconds are back"
+        );
+        assert!(d.annotations().get(crate::names::HELD_ANNOTATION).is_none());
+        assert_eq!(
+            api.events_for("RolloutFinished"),
+            0,
+            "not before the record is written"
+        );
 
         apply(gr(&api), ctx(&api)).await.unwrap();
-
-        assert!(
-            api.writes().iter().all(|w| w.method != http::Method::POST),
-            "no ReplicaSet created while paused"
-        );
-        assert_eq!(status_written(&api)["phase"], "Paused");
-    }
-
-    #[tokio::test]
-    async fn a_finished_rollout_hands_the_replicasets_back_and_is_recorded() {
-        let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(60), "lastProgressAt": ago(5)})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 0, true, 900));
-        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
-        api.put(replica_set("v2", &new_hash, 3, true, 60));
-        for i in 1..=3 {
-            api.put(pod(&format!("new-{i}"), &new_hash, Some(30)));
-        }
-
-        apply(gr(&api), ctx(&api)).await.unwrap();
-
-        let handed: Vec<Write> = api.writes_to("/replicasets/");
-        assert_eq!(handed.len(), 2);
-        assert!(
-            handed[0].path.ends_with(&format!("web-{new_hash}")),
-            "the active ReplicaSet goes back first"
-        );
-        for w in &handed {
-            assert_eq!(
-                w.body["metadata"]["ownerReferences"],
-                json!([deploy_owner(true)])
-            );
-        }
-        let st = status_written(&api);
-        assert_eq!(st["phase"], "Healthy");
-        assert_eq!(st["stableRevision"], new_hash.as_str());
-        assert_eq!(st["lastRollout"]["outcome"], "Succeeded");
-        assert!(st.get("rolloutStartedAt").is_none());
-    }
-
-    #[tokio::test]
-    async fn a_pod_deleted_between_rollouts_starts_no_rollout() {
-        let api = FakeApi::default();
-        let hash = template_hash(&serde_json::from_value(template("v1")).unwrap(), 0);
-        api.put(rollout(json!({}), json!({"stableRevision": hash})));
-        api.put(deployment("v1", 3, true));
-        api.put(replica_set("v1", &hash, 3, false, 900));
-        for i in 1..=3 {
-            api.put(pod(&format!("p-{i}"), &hash, Some(900)));
-        }
-        // Deleted by someone else; its ReplicaSet has already replaced it.
-        let mut deleted = pod("p-0", &hash, Some(900));
-        deleted["metadata"]["deletionTimestamp"] = json!(ago(-30));
-        deleted["metadata"]["deletionGracePeriodSeconds"] = json!(40);
-        api.put(deleted);
-
-        apply(gr(&api), ctx(&api)).await.unwrap();
-
-        assert_eq!(api.events_for("RolloutStarted"), 0, "{:?}", api.events());
-        assert!(api.writes_to("/replicasets/").is_empty(), "nothing adopted");
-        let st = status_written(&api);
-        assert_eq!(st["phase"], "Healthy");
-        assert!(st.get("rolloutStartedAt").is_none());
-    }
-
-    #[tokio::test]
-    async fn a_stale_copy_does_not_start_a_rollout_twice() {
-        let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa"})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, false, 900));
-        old_pods(&api, "aaaaa");
-        let cached = gr(&api);
-        apply(cached.clone(), ctx(&api)).await.unwrap();
-        let first = gr(&api).status.clone().unwrap().rollout_started_at;
-        assert!(first.is_some());
-        assert_eq!(api.events_for("RolloutStarted"), 1);
-
-        apply(cached, ctx(&api)).await.unwrap();
-        assert_eq!(gr(&api).status.clone().unwrap().rollout_started_at, first);
-        assert_eq!(api.events_for("RolloutStarted"), 1, "announced once");
-    }
-
-    #[tokio::test]
-    async fn a_stale_copy_does_not_record_a_finished_rollout_twice() {
-        let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(60), "lastProgressAt": ago(5)})));
-        api.put(deployment("v2", 3, true));
-        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
-        api.put(replica_set("v2", &new_hash, 3, true, 60));
-        for i in 1..=3 {
-            api.put(pod(&format!("new-{i}"), &new_hash, Some(30)));
-        }
-        // A reconcile can run on a cached copy from before the last status write.
-        let cached = gr(&api);
-        apply(cached.clone(), ctx(&api)).await.unwrap();
-        let recorded = gr(&api).status.clone().unwrap().last_rollout.unwrap();
+        assert_eq!(status_written(&api)["lastRollout"]["outcome"], "Succeeded");
         assert_eq!(api.events_for("RolloutFinished"), 1);
-
-        apply(cached, ctx(&api)).await.unwrap();
-        let now = gr(&api).status.clone().unwrap().last_rollout.unwrap();
-        assert_eq!(now, recorded, "the record stands");
-        assert_eq!(api.events_for("RolloutFinished"), 1, "announced once");
+        // A reconcile on the stale cached copy (it still says Progressing) records nothing.
+        let stale = gr(&api);
+        let mut stale_copy = (*stale).clone();
+        stale_copy.status = Some(serde_json::from_value(json!({"phase": "Progressing", "stableRevision": "aaaaa", "rolloutStartedAt": ago(30)})).unwrap());
+        stale_copy.metadata.resource_version = Some("5".into());
+        apply(Arc::new(stale_copy), ctx(&api)).await.unwrap();
+        assert_eq!(api.events_for("RolloutFinished"), 1);
     }
 
     #[tokio::test]
-    async fn no_progress_past_the_deadline_rolls_back() {
+    async fn a_timed_out_revision_is_rolled_back_to_the_stable_template() {
         let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({"stableRevision": "aaaaa", "rolloutStartedAt": ago(300), "lastProgressAt": ago(200)})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 3, true, 900));
-        old_pods(&api, "aaaaa");
-        let new_hash = template_hash(&serde_json::from_value(template("v2")).unwrap(), 0);
-        api.put(replica_set("v2", &new_hash, 1, true, 200));
-        api.put(pod("new-1", &new_hash, None));
-
+        rollout_in_progress(&api, None);
+        let mut d = api.get("apps/v1", "Deployment", "web").unwrap();
+        d["status"]["conditions"] = json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]);
+        api.put(d);
         apply(gr(&api), ctx(&api)).await.unwrap();
+        let d = deployment_now(&api);
+        let stable: Deployment = serde_json::from_value(deployment("v1", 3, true, None)).unwrap();
+        assert_eq!(
+            d.spec.as_ref().unwrap().template,
+            stable.spec.as_ref().unwrap().template,
+            "the stable template, without its hash label"
+        );
+        assert_eq!(d.spec.as_ref().unwrap().min_ready_seconds, Some(0));
+        assert_eq!(crate::pacing::max_unavailable(&d), Some(0));
+        assert!(
+            crate::pacing::held(&d).is_some(),
+            "the hold's record stays until the rollback ends"
+        );
         let st = status_written(&api);
         assert_eq!(st["phase"], "RollingBack");
-        assert_eq!(st["failedRevision"], new_hash.as_str());
-
-        // The next reconcile removes the never-ready pod and leaves every old pod alone.
-        let v = api
-            .get("graceful.dev/v1alpha1", "GracefulRollout", "web")
-            .unwrap();
-        let mut next: GracefulRollout = serde_json::from_value(v).unwrap();
-        next.status = Some(serde_json::from_value(st).unwrap());
-        apply(Arc::new(next), ctx(&api)).await.unwrap();
-        let scaled = api.writes_to(&format!("/replicasets/web-{new_hash}"));
-        assert_eq!(
-            scaled.last().unwrap().body,
-            json!({"spec": {"replicas": 0}})
-        );
-        assert!(
-            api.writes_to("/replicasets/web-aaaaa").is_empty(),
-            "old pods untouched"
-        );
+        assert_eq!(st["failedRevision"], "bbbbb");
+        assert_eq!(api.events_for("RollingBack"), 1);
     }
 
     #[tokio::test]
-    async fn deleting_the_rollout_hands_the_deployment_back_as_it_was() {
+    async fn deleting_the_rollout_mid_way_gives_the_deployment_back_as_its_user_wrote_it() {
         let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({})));
-        api.put(deployment("v2", 3, true));
-        api.put(replica_set("v1", "aaaaa", 2, true, 900));
-        api.put(replica_set("v2", "bbbbb", 2, true, 30));
-
+        rollout_in_progress(&api, Some(60));
+        // A former new ReplicaSet still held.
+        api.put(replica_set(
+            "v15",
+            "ccccc",
+            1,
+            crate::names::HOLD_MIN_READY_SECONDS,
+            60,
+        ));
         cleanup(gr(&api), ctx(&api)).await.unwrap();
-
-        let rs = api.writes_to("/replicasets/");
-        assert_eq!(rs.len(), 2);
-        assert!(
-            rs.iter()
-                .all(|w| w.body["metadata"]["ownerReferences"] == json!([deploy_owner(true)]))
-        );
-        let d = api.writes_to("/deployments/web");
-        assert_eq!(d.len(), 1);
-        assert_eq!(d[0].body["spec"]["paused"], false);
-        assert_eq!(
-            d[0].body["metadata"]["annotations"][crate::takeover::MANAGED_BY],
-            Value::Null
-        );
-    }
-
-    #[tokio::test]
-    async fn a_deployment_managed_by_another_rollout_is_refused() {
-        let api = FakeApi::default();
-        api.put(rollout(json!({}), json!({})));
-        let mut d = deployment("v1", 3, true);
-        d["metadata"]["annotations"][crate::takeover::MANAGED_BY] = json!("other");
-        api.put(d);
-
-        apply(gr(&api), ctx(&api)).await.unwrap();
-
-        assert!(api.writes_to("/deployments/").is_empty());
-        let st = status_written(&api);
-        assert_eq!(st["phase"], "Degraded");
-        assert!(
-            st["currentStep"]
-                .as_str()
-                .unwrap()
-                .contains("already managed by GracefulRollout other")
-        );
+        let d = deployment_now(&api);
+        let mut expected: Deployment =
+            serde_json::from_value(deployment("v2", 3, false, None)).unwrap();
+        expected.metadata.labels = None;
+        assert_eq!(d.spec, expected.spec);
+        assert!(d.labels().get(crate::names::MANAGED_LABEL).is_none());
+        assert!(d.annotations().get(crate::names::HELD_ANNOTATION).is_none());
+        for hash in ["bbbbb", "ccccc"] {
+            let rs = api
+                .get("apps/v1", "ReplicaSet", &format!("web-{hash}"))
+                .unwrap();
+            assert_eq!(
+                rs["spec"]["minReadySeconds"], 0,
+                "{hash} counts as available again"
+            );
+        }
+        assert_eq!(api.events_for("HandedBack"), 1);
     }
 }

@@ -1,10 +1,12 @@
-//! The sidecar-injection webhook: a mutating admission webhook on Pod CREATE, served over TLS on
-//! its own port. `serve` is the one entry point main.rs calls.
+//! The admission webhooks, served over TLS on their own port: sidecar injection on Pod CREATE
+//! (`/mutate`) and the pacing of managed Deployments on UPDATE (`/pace`). `serve` is the one
+//! entry point main.rs calls.
 
 pub mod admission;
 pub mod annotations;
 pub mod endpoint_reader;
 pub mod inject;
+pub mod pace;
 mod server;
 
 use std::net::SocketAddr;
@@ -79,6 +81,14 @@ pub struct WebhookArgs {
     /// (else the sidecar falls back to its deregister delay).
     #[arg(long, env = "GRACEFUL_GRANT_ENDPOINTSLICE_READ", default_value_t = true, action = clap::ArgAction::Set)]
     pub grant_endpointslice_read: bool,
+    /// The operator's own ServiceAccount (in the operator's namespace): the Deployment webhook
+    /// lets its writes through untouched.
+    #[arg(
+        long,
+        env = "GRACEFUL_SERVICE_ACCOUNT",
+        default_value = "graceful-operator"
+    )]
+    pub service_account: String,
 }
 
 #[derive(Debug, thiserror::Error)]

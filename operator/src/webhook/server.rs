@@ -1,4 +1,5 @@
-//! The HTTPS server the API server calls: `POST /mutate` (AdmissionReview) and `GET /readyz`.
+//! The HTTPS server the API server calls: `POST /mutate` and `POST /pace` (AdmissionReviews) and
+//! `GET /readyz`.
 //! TLS only, on its own port. The certificate is reloaded from its Secret every minute, which
 //! also puts the caBundle back if someone reset it.
 
@@ -31,6 +32,7 @@ use super::admission::{self, Lookup, Policy};
 use super::annotations;
 use super::endpoint_reader::EndpointReader;
 use super::inject::SidecarImage;
+use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
 use crate::certs::{self, TlsMaterial};
 
@@ -48,6 +50,8 @@ struct State {
     client: Client,
     policy: Policy,
     reader: Option<EndpointReader>,
+    /// The operator's ServiceAccount user name, whose Deployment writes pass unpaced.
+    operator_user: String,
 }
 
 /// Serves the webhook until `shutdown` resolves, then finishes the reviews in flight.
@@ -86,6 +90,10 @@ pub async fn serve(
             excluded_namespaces: vec![args.operator_namespace.clone()],
         },
         reader,
+        operator_user: format!(
+            "system:serviceaccount:{}:{}",
+            args.operator_namespace, args.service_account
+        ),
     });
 
     let listener = TcpListener::bind(args.webhook_addr)
@@ -213,12 +221,17 @@ async fn handle(
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, READYZ_PATH) => Ok(reply(StatusCode::OK, b"{\"ready\":true}".to_vec())),
-        (&Method::POST, MUTATE_PATH) => {
+        (&Method::POST, path @ (MUTATE_PATH | PACE_PATH)) => {
+            let pace = path == PACE_PATH;
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
             };
-            let response = mutate(&body, &state).await;
+            let response = if pace {
+                pace_deployment(&body, &state)
+            } else {
+                mutate(&body, &state).await
+            };
             let review = response.into_review();
             match serde_json::to_vec(&review) {
                 Ok(json) => Ok(reply(StatusCode::OK, json)),
@@ -229,6 +242,18 @@ async fn handle(
             }
         }
         _ => Ok(reply(StatusCode::NOT_FOUND, b"{}".to_vec())),
+    }
+}
+
+fn pace_deployment(body: &[u8], state: &State) -> AdmissionResponse {
+    let review: AdmissionReview<Deployment> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")),
+    };
+    let req: Result<AdmissionRequest<Deployment>, _> = review.try_into();
+    match req {
+        Ok(req) => pace::review(&req, &state.operator_user),
+        Err(e) => AdmissionResponse::invalid(format!("AdmissionReview without request: {e}")),
     }
 }
 

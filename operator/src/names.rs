@@ -1,0 +1,21 @@
+//! Every name and key the operator writes into the cluster, in one place (docs/rollout.md says
+//! who writes which, and when).
+
+/// Field manager of every write of the operator, and the Event reporter.
+pub const MANAGER: &str = "graceful-operator";
+/// On a GracefulRollout: the finalizer that hands the Deployment back exactly as it was.
+pub const FINALIZER: &str = "graceful.dev/hand-back";
+/// Label on a managed Deployment: the GracefulRollout that manages it. It stays at rest; the
+/// Deployment webhook selects on it, so unmanaged Deployments never reach the operator.
+pub const MANAGED_LABEL: &str = "graceful.dev/rollout";
+/// Annotation on a managed Deployment, present only while a rollout is paced: the user's own
+/// values of the fields graceful holds (`minReadySeconds`, `strategy`), restored at the end.
+pub const HELD_ANNOTATION: &str = "graceful.dev/held";
+/// `minReadySeconds` of the new ReplicaSet while a rollout is paced: its pods serve as soon as
+/// they are ready, but never count as *available* to the Deployment controller, so the old pods
+/// it may remove are exactly the ones `maxUnavailable` allows (about 31 years).
+pub const HOLD_MIN_READY_SECONDS: i32 = 1_000_000_000;
+/// The `pod-template-hash` label the Deployment controller puts on its ReplicaSets and pods.
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// The Deployment condition reason the Deployment controller sets when progress stalled.
+pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
