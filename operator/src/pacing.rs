@@ -155,6 +155,11 @@ pub fn admit(old: &Deployment, new: &Deployment, by_operator: bool) -> Option<De
             }
             set_held(&mut out, Some(&user));
         }
+        // Already held earlier in this request (a second webhook of the chain, a reinvocation):
+        // the request's annotation has the user's values, the fields hold.
+        None if new.spec.as_ref().and_then(|s| s.min_ready_seconds)
+            == Some(HOLD_MIN_READY_SECONDS)
+            && held(new).is_some() => {}
         None if template(old) != template(new) && !recreate(new) => {
             let user = Held::of(new);
             let surge = user.surge(replicas(new));
@@ -387,6 +392,17 @@ mod tests {
             Some(held.clone()),
         );
         assert!(admit(&old, &new, false).is_none(), "nothing to change");
+    }
+
+    #[test]
+    fn holding_twice_in_one_request_keeps_the_users_values() {
+        let old = deployment("v1", user_strategy(), 3, None);
+        let new = deployment("v2", user_strategy(), 3, None);
+        let once = admit(&old, &new, false).unwrap();
+        assert!(
+            admit(&old, &once, false).is_none(),
+            "nothing more to change"
+        );
     }
 
     #[test]

@@ -949,6 +949,8 @@ mod tests {
         old_replicas: i32,
         new_replicas: i32,
         created: i32,
+        /// Old pods taken out of traffic so far.
+        released: i32,
     }
 
     const READY_AFTER: i64 = 2;
@@ -996,6 +998,7 @@ mod tests {
             while Cluster::live(&self.old) > self.old_replicas {
                 let p = self.old.iter_mut().find(|p| p.2.is_none()).unwrap();
                 p.2 = Some(self.now);
+                self.released += 1;
             }
             let now = self.now;
             self.old.retain(|p| {
@@ -1055,6 +1058,7 @@ mod tests {
             old_replicas: replicas,
             new_replicas: 0,
             created: 0,
+            released: 0,
         };
         let mut status = GracefulRolloutStatus {
             phase: Phase::Healthy,
@@ -1072,6 +1076,12 @@ mod tests {
             assert!(
                 c.serving() >= replicas,
                 "t={second}: after the ReplicaSet controllers"
+            );
+            let proven = c.observed().counts(Duration::from_secs(5), c.now).proven;
+            assert!(
+                c.released <= proven,
+                "t={second}: {} old pods out of traffic for {proven} new ones proven",
+                c.released
             );
             let d = step(&c.observed(), &spec(), &status, c.now);
             match d.act {
