@@ -366,7 +366,7 @@ pub fn deployment(version: &str, replicas: i32, managed: bool, held: Option<Valu
     }
     if let Some(h) = held {
         d["metadata"]["annotations"] = json!({crate::names::HELD_ANNOTATION: h.to_string()});
-        d["spec"]["minReadySeconds"] = json!(crate::names::HOLD_MIN_READY_SECONDS);
+        d["spec"]["minReadySeconds"] = json!(crate::names::DEFAULT_PROGRESS_DEADLINE_SECONDS - 1);
         d["spec"]["strategy"] =
             json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
     }

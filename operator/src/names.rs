@@ -11,10 +11,8 @@ pub const MANAGED_LABEL: &str = "graceful.dev/rollout";
 /// Annotation on a managed Deployment, present only while a rollout is paced: the user's own
 /// values of the fields graceful holds (`minReadySeconds`, `strategy`), restored at the end.
 pub const HELD_ANNOTATION: &str = "graceful.dev/held";
-/// `minReadySeconds` of the new ReplicaSet while a rollout is paced: its pods serve as soon as
-/// they are ready, but never count as *available* to the Deployment controller, so the old pods
-/// it may remove are exactly the ones `maxUnavailable` allows (about 31 years).
-pub const HOLD_MIN_READY_SECONDS: i32 = 1_000_000_000;
+/// What the API server defaults a Deployment's `progressDeadlineSeconds` to.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i32 = 600;
 /// The `pod-template-hash` label the Deployment controller puts on its ReplicaSets and pods.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// The Deployment condition reason the Deployment controller sets when progress stalled.

@@ -3,13 +3,17 @@
 //! A managed Deployment stays a normal, unpaused Deployment: the Deployment controller creates
 //! and scales its ReplicaSets as always. While a rollout runs, graceful holds two of its fields:
 //!
-//! - `minReadySeconds` = [`HOLD_MIN_READY_SECONDS`]: copied by the Deployment controller onto the
-//!   new ReplicaSet only, so new pods serve as soon as they are ready but never count as
-//!   available; old pods keep the user's value and stay available;
+//! - `minReadySeconds` = [`hold_seconds`], the longest the API server accepts
+//!   (`progressDeadlineSeconds - 1`): copied by the Deployment controller onto the new
+//!   ReplicaSet only, so new pods serve as soon as they are ready but count as available only
+//!   after that long; old pods keep the user's value and stay available;
 //! - `strategy` = RollingUpdate with the user's `maxSurge` (at least 1) and `maxUnavailable` = the
-//!   number of new pods the operator has seen serving for `minServingSeconds`. The Deployment
-//!   controller keeps `available >= replicas - maxUnavailable`, and only old pods are available,
-//!   so it removes an old pod exactly when a proven new pod replaces it, never sooner.
+//!   number of new pods the operator has seen serving for `minServingSeconds`, less those the
+//!   Deployment controller already counts as available. It keeps
+//!   `available >= replicas - maxUnavailable`, so it removes an old pod exactly when a proven new
+//!   pod replaces it, never sooner. Should the operator vanish, the hold ends by itself: a new
+//!   pod that has been ready for `progressDeadlineSeconds - 1` counts as available, and the
+//!   Deployment controller finishes the rollout on that evidence alone.
 //!
 //! The user's own values wait in the [`HELD_ANNOTATION`] and are put back when the rollout ends,
 //! the GracefulRollout is deleted, or the rollout is rolled back. The hold starts in the
@@ -23,7 +27,7 @@ use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::names::{HELD_ANNOTATION, HOLD_MIN_READY_SECONDS, POD_TEMPLATE_HASH};
+use crate::names::{DEFAULT_PROGRESS_DEADLINE_SECONDS, HELD_ANNOTATION, POD_TEMPLATE_HASH};
 
 /// The user's values of the fields graceful holds during a rollout.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -79,6 +83,17 @@ pub fn held(d: &Deployment) -> Option<Held> {
             Some(Held::default())
         }
     }
+}
+
+/// The held `minReadySeconds`: the longest the API server accepts, which must stay below
+/// `progressDeadlineSeconds` (a Deployment validation rule).
+pub fn hold_seconds(d: &Deployment) -> i32 {
+    let deadline = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.progress_deadline_seconds)
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
+    (deadline - 1).max(0)
 }
 
 /// Whether the Deployment uses the Recreate strategy: it is never paced (it has no overlap of
@@ -147,24 +162,28 @@ pub fn admit(old: &Deployment, new: &Deployment, by_operator: bool) -> Option<De
             let (old_spec, out_spec) = (old.spec.as_ref()?, out.spec.as_mut()?);
             if out_spec.min_ready_seconds != old_spec.min_ready_seconds {
                 user.min_ready_seconds = out_spec.min_ready_seconds.filter(|s| *s != 0);
-                out_spec.min_ready_seconds = old_spec.min_ready_seconds;
             }
             if out_spec.strategy != old_spec.strategy {
                 user.strategy = out_spec.strategy.clone();
                 out_spec.strategy = old_spec.strategy.clone();
             }
+            // Recomputed: the request may change progressDeadlineSeconds.
+            let hold = hold_seconds(&out);
+            if let Some(spec) = out.spec.as_mut() {
+                spec.min_ready_seconds = Some(hold);
+            }
             set_held(&mut out, Some(&user));
         }
         // Already held earlier in this request (a second webhook of the chain, a reinvocation):
         // the request's annotation has the user's values, the fields hold.
-        None if new.spec.as_ref().and_then(|s| s.min_ready_seconds)
-            == Some(HOLD_MIN_READY_SECONDS)
+        None if new.spec.as_ref().and_then(|s| s.min_ready_seconds) == Some(hold_seconds(new))
             && held(new).is_some() => {}
         None if template(old) != template(new) && !recreate(new) => {
             let user = Held::of(new);
             let surge = user.surge(replicas(new));
+            let hold = hold_seconds(new);
             let spec = out.spec.as_mut()?;
-            spec.min_ready_seconds = Some(HOLD_MIN_READY_SECONDS);
+            spec.min_ready_seconds = Some(hold);
             spec.strategy = Some(paced_strategy(surge, 0));
             set_held(&mut out, Some(&user));
         }
@@ -268,6 +287,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The hold of a Deployment with the default progressDeadlineSeconds.
+    const HOLD: i32 = DEFAULT_PROGRESS_DEADLINE_SECONDS - 1;
+
     fn deployment(image: &str, strategy: Value, min_ready: i32, held: Option<Value>) -> Deployment {
         let mut d = json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -306,7 +328,7 @@ mod tests {
         let new = deployment("v2", user_strategy(), 3, None);
         let out = admit(&old, &new, false).expect("paced");
         let spec = out.spec.as_ref().unwrap();
-        assert_eq!(spec.min_ready_seconds, Some(HOLD_MIN_READY_SECONDS));
+        assert_eq!(spec.min_ready_seconds, Some(HOLD));
         assert_eq!(spec.strategy, Some(paced_strategy(1, 0)));
         assert_eq!(
             annotation(&out),
@@ -357,18 +379,13 @@ mod tests {
     #[test]
     fn during_a_rollout_a_reapplied_strategy_updates_the_held_values_not_the_hold() {
         let held = json!({"minReadySeconds": 3, "strategy": user_strategy()});
-        let old = deployment(
-            "v2",
-            rolling(json!(1), json!(2)),
-            HOLD_MIN_READY_SECONDS,
-            Some(held),
-        );
+        let old = deployment("v2", rolling(json!(1), json!(2)), HOLD, Some(held));
         // GitOps re-applies the manifest: the user's strategy and minReadySeconds, no annotation.
         let mut new = deployment("v2", rolling(json!("50%"), json!("25%")), 3, None);
         new.metadata.annotations = None;
         let out = admit(&old, &new, false).unwrap();
         let spec = out.spec.as_ref().unwrap();
-        assert_eq!(spec.min_ready_seconds, Some(HOLD_MIN_READY_SECONDS));
+        assert_eq!(spec.min_ready_seconds, Some(HOLD));
         assert_eq!(spec.strategy, old.spec.as_ref().unwrap().strategy);
         assert_eq!(
             annotation(&out),
@@ -379,19 +396,19 @@ mod tests {
     #[test]
     fn during_a_rollout_a_template_change_keeps_the_hold() {
         let held = json!({"strategy": user_strategy()});
-        let old = deployment(
-            "v2",
-            rolling(json!(1), json!(1)),
-            HOLD_MIN_READY_SECONDS,
-            Some(held.clone()),
-        );
-        let new = deployment(
-            "v3",
-            rolling(json!(1), json!(1)),
-            HOLD_MIN_READY_SECONDS,
-            Some(held.clone()),
-        );
+        let old = deployment("v2", rolling(json!(1), json!(1)), HOLD, Some(held.clone()));
+        let new = deployment("v3", rolling(json!(1), json!(1)), HOLD, Some(held.clone()));
         assert!(admit(&old, &new, false).is_none(), "nothing to change");
+    }
+
+    #[test]
+    fn the_hold_follows_progress_deadline_seconds_which_must_stay_above_it() {
+        let held = json!({"strategy": user_strategy()});
+        let old = deployment("v2", rolling(json!(1), json!(0)), HOLD, Some(held));
+        let mut new = old.clone();
+        new.spec.as_mut().unwrap().progress_deadline_seconds = Some(60);
+        let out = admit(&old, &new, false).unwrap();
+        assert_eq!(out.spec.unwrap().min_ready_seconds, Some(59));
     }
 
     #[test]
@@ -440,12 +457,7 @@ mod tests {
                 .unwrap();
         let patch = restore_patch("42", &user);
         let held = json!({"minReadySeconds": 3, "strategy": user_strategy()});
-        let d = deployment(
-            "v2",
-            rolling(json!(1), json!(4)),
-            HOLD_MIN_READY_SECONDS,
-            Some(held),
-        );
+        let d = deployment("v2", rolling(json!(1), json!(4)), HOLD, Some(held));
         let mut value = serde_json::to_value(&d).unwrap();
         value["metadata"]["resourceVersion"] = json!("42");
         let ops: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();

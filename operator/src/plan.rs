@@ -6,7 +6,7 @@
 //! The Deployment controller does the scaling (docs/rollout.md). The step only decides how many
 //! old pods it may remove (`maxUnavailable`): as many as new pods have been serving, ready and
 //! listed ready in the EndpointSlices, for `minServingSeconds`. Old pods are available and new
-//! ones are not (their `minReadySeconds` is held), so at every moment
+//! ones are not yet (their `minReadySeconds` is held), so at every moment
 //! `serving old + proven new >= replicas`.
 
 use std::time::Duration;
@@ -16,13 +16,15 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{GracefulRolloutSpec, GracefulRolloutStatus, Phase, RolloutRecord};
 use crate::drains::DrainTotals;
-use crate::names::HOLD_MIN_READY_SECONDS;
 use crate::pacing::Held;
 
 /// How often a rollout in progress is looked at, besides the watch events that wake it.
 pub const PROGRESS_RECHECK: Duration = Duration::from_secs(2);
 /// How often a settled rollout is looked at.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// A proven pod stops standing in for an old one this long before its hold ends, so the
+/// operator's next look (and a little clock skew) comes before the Deployment controller counts it.
+pub const AVAILABLE_MARGIN: Duration = Duration::from_secs(5);
 
 /// One pod as the step needs to see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,10 +76,14 @@ pub struct Observed {
     pub held: Option<Held>,
     /// The Deployment's `maxUnavailable`, when it is a count.
     pub max_unavailable: Option<i32>,
-    /// The Deployment's `minReadySeconds` is the hold's.
+    /// The `minReadySeconds` a hold uses for this Deployment (`pacing::hold_seconds`).
+    pub hold: i32,
+    /// The Deployment's `minReadySeconds` is held (not the user's).
     pub min_ready_held: bool,
     /// The Deployment's `status.availableReplicas`, as of its current generation.
     pub available: i32,
+    /// The Deployment's own `minReadySeconds` (the user's, when nothing is held).
+    pub user_min_ready_at_rest: i32,
     /// The Deployment controller reported `ProgressDeadlineExceeded` for the current generation.
     pub timed_out: bool,
     pub replica_sets: Vec<ReplicaSetView>,
@@ -143,9 +149,10 @@ pub struct Counts {
     pub updated: i32,
     pub serving: i32,
     pub draining: i32,
-    /// Current-revision pods that have served for at least `minServingSeconds`.
+    /// Current-revision pods that have served for at least `minServingSeconds` and are not
+    /// about to count as available to the Deployment controller: each stands in for an old pod.
     pub proven: i32,
-    /// When the next not-yet-proven serving pod becomes proven.
+    /// When the next pod enters or leaves `proven`.
     pub next_proof: Option<Duration>,
 }
 
@@ -175,14 +182,25 @@ impl Observed {
                     continue;
                 }
                 c.updated += 1;
-                if let (true, Some(since)) = (serving, pod.ready_since) {
-                    let served = now.duration_since(since).unsigned_abs();
-                    match min_serving.checked_sub(served) {
-                        None | Some(Duration::ZERO) => c.proven += 1,
-                        Some(left) => {
-                            c.next_proof = Some(c.next_proof.map_or(left, |n| n.min(left)))
-                        }
-                    }
+                let (true, Some(since)) = (serving, pod.ready_since) else {
+                    continue;
+                };
+                // Proven from minServing on, until shortly before the Deployment controller
+                // counts it as available by itself (ready for the hold): counted by both, it
+                // would release two old pods.
+                let served = now.duration_since(since).unsigned_abs();
+                let hold = Duration::from_secs(self.hold.max(0) as u64);
+                let counted_until = hold.saturating_sub(AVAILABLE_MARGIN);
+                let next = if served < min_serving {
+                    Some(min_serving - served)
+                } else if served < counted_until {
+                    c.proven += 1;
+                    Some(counted_until - served)
+                } else {
+                    None
+                };
+                if let Some(left) = next {
+                    c.next_proof = Some(c.next_proof.map_or(left, |n| n.min(left)));
                 }
             }
         }
@@ -234,16 +252,23 @@ pub fn step(
 
     // A ReplicaSet that stopped being the new one while held: its serving pods must count as
     // available again before anything else is decided.
+    let user_min_ready = seen
+        .held
+        .as_ref()
+        .map_or(seen.user_min_ready_at_rest, Held::min_ready_seconds);
     let held_old: Vec<String> = seen
         .replica_sets
         .iter()
-        .filter(|rs| !rs.current && rs.min_ready_seconds == HOLD_MIN_READY_SECONDS)
+        .filter(|rs| {
+            !rs.current && rs.min_ready_seconds == seen.hold && seen.hold != user_min_ready
+        })
+        .filter(|rs| rs.replicas > 0 || !rs.pods.is_empty())
         .map(|rs| rs.name.clone())
         .collect();
     if !held_old.is_empty() {
         d.act = Act::Release {
             replica_sets: held_old,
-            min_ready_seconds: seen.held.as_ref().map_or(0, Held::min_ready_seconds),
+            min_ready_seconds: user_min_ready,
         };
         d.requeue = Duration::ZERO;
         return d;
@@ -463,7 +488,7 @@ fn paced(
         finish(seen, &mut d);
         return d;
     }
-    let allowed = counts.proven.min(replicas);
+    let allowed = counts.proven.clamp(0, replicas);
     let now_allowed = seen.max_unavailable.unwrap_or(0);
     st.phase = if paused {
         Phase::Paused
@@ -602,6 +627,8 @@ mod tests {
     use crate::crd::Strategy;
     use k8s_openapi::jiff::SignedDuration;
 
+    const HOLD: i32 = 599;
+
     fn at(t0: Timestamp, secs: i64) -> Timestamp {
         t0.checked_add(SignedDuration::from_secs(secs)).unwrap()
     }
@@ -628,7 +655,7 @@ mod tests {
             name: name.into(),
             revision: name.into(),
             replicas,
-            min_ready_seconds: if current { HOLD_MIN_READY_SECONDS } else { 0 },
+            min_ready_seconds: if current { HOLD } else { 0 },
             current,
             created: Timestamp::UNIX_EPOCH,
             pods,
@@ -644,8 +671,10 @@ mod tests {
             recreate: false,
             held: held.then(Held::default),
             max_unavailable: Some(0),
+            hold: HOLD,
             min_ready_held: held,
             available: 3,
+            user_min_ready_at_rest: 0,
             timed_out: false,
             replica_sets: sets,
             slices_expected: true,
@@ -922,7 +951,7 @@ mod tests {
     fn a_former_new_replicaset_gets_its_availability_back_first() {
         let now = Timestamp::now();
         let mut middle = rs("middle", 1, false, vec![pod("m-1", Some(at(now, -60)))]);
-        middle.min_ready_seconds = HOLD_MIN_READY_SECONDS;
+        middle.min_ready_seconds = HOLD;
         let seen = observed(vec![old3(now), middle, rs("new", 1, true, vec![])], true);
         let d = step(&seen, &spec(), &started(now), now);
         assert_eq!(
@@ -942,6 +971,8 @@ mod tests {
         replicas: i32,
         surge: i32,
         max_unavailable: i32,
+        /// The held minReadySeconds of the new pods, while held.
+        hold: i64,
         held: bool,
         finished: bool,
         old: Vec<(String, Option<Timestamp>, Option<Timestamp>)>,
@@ -975,11 +1006,7 @@ mod tests {
                 .iter()
                 .filter(|p| p.2.is_none() && p.1.is_some_and(|r| r <= self.now))
                 .count() as i32;
-            let available_new = if self.held {
-                0
-            } else {
-                self.serving() - available_old
-            };
+            let available_new = self.available_new();
             let min_available = self.replicas - self.max_unavailable;
             let new_unavailable = self.new_replicas - available_new;
             if self.old_replicas + self.new_replicas - min_available - new_unavailable > 0 {
@@ -987,6 +1014,18 @@ mod tests {
                     (available_old + available_new - min_available).clamp(0, self.old_replicas);
                 self.old_replicas -= down;
             }
+        }
+        /// New pods ready for the held minReadySeconds (all ready ones once released).
+        fn available_new(&self) -> i32 {
+            let min_ready = if self.held { self.hold } else { 0 };
+            self.new
+                .iter()
+                .filter(|p| {
+                    p.1.is_some_and(|r| {
+                        r <= self.now && self.now.duration_since(r).as_secs() >= min_ready
+                    })
+                })
+                .count() as i32
         }
         fn replica_set_controllers(&mut self) {
             while Cluster::live(&self.new) < self.new_replicas {
@@ -1021,19 +1060,14 @@ mod tests {
             };
             let mut old = rs("old", self.old_replicas, false, view(&self.old));
             old.min_ready_seconds = 0;
-            let mut seen = observed(
-                vec![old, rs("new", self.new_replicas, true, view(&self.new))],
-                !self.finished,
-            );
+            let new = rs("new", self.new_replicas, true, view(&self.new));
+            let available_old = old.pods.iter().filter(|p| p.serving(true)).count() as i32;
+            let mut seen = observed(vec![old, new], !self.finished);
             seen.replicas = self.replicas;
             seen.max_unavailable = Some(self.max_unavailable);
             seen.min_ready_held = self.held;
-            seen.available = self.serving()
-                - if self.held {
-                    Cluster::live(&self.new)
-                } else {
-                    0
-                };
+            seen.hold = self.hold as i32;
+            seen.available = available_old + self.available_new();
             seen
         }
     }
@@ -1041,7 +1075,7 @@ mod tests {
     /// Walk a whole rollout second by second, in the order the cluster applies things (the
     /// Deployment controller, then the ReplicaSet controllers and pod readiness, then the
     /// operator), and check after every one of them that `replicas` pods are serving.
-    fn walk(replicas: i32, surge: i32) -> (i64, GracefulRolloutStatus) {
+    fn walk(replicas: i32, surge: i32, hold: i64) -> (i64, GracefulRolloutStatus) {
         let t0 = Timestamp::now();
         let long_ago = Some(at(t0, -600));
         let mut c = Cluster {
@@ -1049,6 +1083,7 @@ mod tests {
             replicas,
             surge,
             max_unavailable: 0,
+            hold,
             held: true,
             finished: false,
             old: (0..replicas)
@@ -1077,7 +1112,12 @@ mod tests {
                 c.serving() >= replicas,
                 "t={second}: after the ReplicaSet controllers"
             );
-            let proven = c.observed().counts(Duration::from_secs(5), c.now).proven;
+            // Old pods out of traffic never outnumber the new pods that served minServing.
+            let proven = c
+                .new
+                .iter()
+                .filter(|p| p.1.is_some_and(|r| c.now.duration_since(r).as_secs() >= 5))
+                .count() as i32;
             assert!(
                 c.released <= proven,
                 "t={second}: {} old pods out of traffic for {proven} new ones proven",
@@ -1101,17 +1141,29 @@ mod tests {
         panic!("the rollout never finished: {status:?}");
     }
 
+    fn seen_note(took: i64, status: &GracefulRolloutStatus) {
+        assert_eq!(
+            status.last_rollout.as_ref().map(|r| r.outcome.as_str()),
+            Some("Succeeded"),
+            "finished in {took}s"
+        );
+    }
+
     #[test]
     fn never_fewer_than_replicas_serving_through_a_whole_rollout() {
-        let (took, status) = walk(3, 1);
+        let (took, status) = walk(3, 1, 599);
         assert_eq!(status.last_rollout.unwrap().outcome, "Succeeded");
         // Each new pod: ready after 2 s, proven 5 s later. The next surge overlaps the last
         // drain instead of waiting for it: faster than one pod after another, drain included.
         assert!(took < 3 * (READY_AFTER + 5 + 1 + DRAIN_FOR), "took {took}s");
-        let (took_wide, _) = walk(4, 2);
+        let (took_wide, _) = walk(4, 2, 599);
         assert!(
-            took_wide < walk(4, 1).0,
+            took_wide < walk(4, 1, 599).0,
             "a wider surge is faster: {took_wide}s"
         );
+        // A short progressDeadlineSeconds (the hold ends 7 s after a pod is ready, before the
+        // rollout does): pods the Deployment controller counts as available are not counted twice.
+        let (took_short, status) = walk(5, 1, 15);
+        seen_note(took_short, &status);
     }
 }

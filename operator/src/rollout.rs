@@ -31,8 +31,7 @@ use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase};
 use crate::drains::{self, Drains};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::names::{
-    FINALIZER, HOLD_MIN_READY_SECONDS, MANAGED_LABEL, MANAGER, POD_TEMPLATE_HASH,
-    PROGRESS_DEADLINE_EXCEEDED,
+    FINALIZER, MANAGED_LABEL, MANAGER, POD_TEMPLATE_HASH, PROGRESS_DEADLINE_EXCEEDED,
 };
 use crate::pacing;
 use crate::plan::{self, Act, Decision, Observed, PodView, ReplicaSetView};
@@ -273,15 +272,20 @@ async fn observe(
                 c.type_ == "Progressing" && c.reason.as_deref() == Some(PROGRESS_DEADLINE_EXCEEDED)
             })
     });
+    let held = pacing::held(deploy);
     let observed = Observed {
         rollout: gr.name_any(),
         manager: deploy.labels().get(MANAGED_LABEL).cloned(),
         replicas: spec.replicas.unwrap_or(1),
         deployment_paused: spec.paused.unwrap_or(false),
         recreate: pacing::recreate(deploy),
-        held: pacing::held(deploy),
+        held: held.clone(),
         max_unavailable: pacing::max_unavailable(deploy),
-        min_ready_held: spec.min_ready_seconds == Some(HOLD_MIN_READY_SECONDS),
+        hold: pacing::hold_seconds(deploy),
+        min_ready_held: held
+            .as_ref()
+            .is_some_and(|h| spec.min_ready_seconds.unwrap_or(0) != h.min_ready_seconds()),
+        user_min_ready_at_rest: spec.min_ready_seconds.unwrap_or(0),
         available: deploy
             .status
             .as_ref()
@@ -538,11 +542,12 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
     let held = pacing::held(&deploy);
     if let Some(held) = &held {
         // Former new ReplicaSets whose minReadySeconds is still held count as available again.
+        let hold = pacing::hold_seconds(&deploy);
         let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
         let d_uid = deploy.uid().unwrap_or_default();
         for rs in rs_api.list(&ListParams::default()).await?.items {
-            let held_here =
-                rs.spec.as_ref().and_then(|s| s.min_ready_seconds) == Some(HOLD_MIN_READY_SECONDS);
+            let held_here = rs.spec.as_ref().and_then(|s| s.min_ready_seconds) == Some(hold)
+                && hold != held.min_ready_seconds();
             if held_here && rs.owner_references().iter().any(|o| o.uid == d_uid) {
                 let rs_rv = rs.resource_version().unwrap_or_default();
                 let patch = pacing::release_patch(&rs_rv, held.min_ready_seconds());
@@ -567,6 +572,9 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
 mod tests {
     use super::*;
     use crate::fixtures::*;
+
+    /// The hold of the fixture Deployment (default progressDeadlineSeconds).
+    const HOLD: i32 = crate::names::DEFAULT_PROGRESS_DEADLINE_SECONDS - 1;
     use prometheus_client::registry::Registry;
     use serde_json::Value;
 
@@ -600,13 +608,7 @@ mod tests {
         api.put(rollout(json!({}), started));
         api.put(deployment("v2", 3, true, Some(user_held())));
         api.put(replica_set("v1", "aaaaa", 3, 0, 900));
-        api.put(replica_set(
-            "v2",
-            "bbbbb",
-            1,
-            crate::names::HOLD_MIN_READY_SECONDS,
-            30,
-        ));
+        api.put(replica_set("v2", "bbbbb", 1, HOLD, 30));
         for i in 1..=3 {
             api.put(pod(&format!("old-{i}"), "aaaaa", Some(600)));
         }
@@ -723,13 +725,7 @@ mod tests {
         let api = FakeApi::default();
         rollout_in_progress(&api, Some(60));
         api.put(replica_set("v1", "aaaaa", 0, 0, 900));
-        api.put(replica_set(
-            "v2",
-            "bbbbb",
-            3,
-            crate::names::HOLD_MIN_READY_SECONDS,
-            30,
-        ));
+        api.put(replica_set("v2", "bbbbb", 3, HOLD, 30));
         for name in ["old-1", "old-2", "old-3"] {
             api.delete("v1", "Pod", name);
         }
@@ -811,13 +807,7 @@ mod tests {
         let api = FakeApi::default();
         rollout_in_progress(&api, Some(60));
         // A former new ReplicaSet still held.
-        api.put(replica_set(
-            "v15",
-            "ccccc",
-            1,
-            crate::names::HOLD_MIN_READY_SECONDS,
-            60,
-        ));
+        api.put(replica_set("v15", "ccccc", 1, HOLD, 60));
         cleanup(gr(&api), ctx(&api)).await.unwrap();
         let d = deployment_now(&api);
         let mut expected: Deployment =
