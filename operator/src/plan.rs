@@ -315,13 +315,7 @@ fn at_rest(
         } else {
             settle(st, current, counts, seen.replicas);
         }
-        set_condition(
-            st,
-            "Progressing",
-            false,
-            "Settled",
-            "no rollout in progress",
-        );
+        no_rollout(st);
         d.announce.push(Announcement {
             warning: rolled_back,
             reason: if rolled_back {
@@ -362,6 +356,12 @@ fn at_rest(
         st.stable_revision = Some(current.revision.clone());
         settle(st, current, counts, seen.replicas);
     }
+    no_rollout(st);
+    d.requeue = IDLE_RECHECK;
+    d
+}
+
+fn no_rollout(st: &mut GracefulRolloutStatus) {
     set_condition(
         st,
         "Progressing",
@@ -369,8 +369,6 @@ fn at_rest(
         "Settled",
         "no rollout in progress",
     );
-    d.requeue = IDLE_RECHECK;
-    d
 }
 
 fn settle(
