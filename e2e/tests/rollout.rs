@@ -534,3 +534,73 @@ async fn with_the_operator_down_a_template_change_rolls_out_natively_and_the_sid
             )
         });
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster (make e2e)"]
+async fn abort_rolls_back_at_once_and_rollout_status_says_it_failed() {
+    // New pods must serve a minute before an old one goes: the abort lands mid-rollout.
+    let (ns, url) = setup("grro-abort", json!({"minServingSeconds": 60})).await;
+    let written = users_fields(&deployment(&ns).await);
+    let template = deployment(&ns).await.spec.unwrap().template;
+    let pods = ns.api::<Pod>();
+    let lp = ListParams::default().labels(&format!("app={APP}"));
+    let old: Vec<String> = pods
+        .list(&lp)
+        .await
+        .expect("pods")
+        .items
+        .iter()
+        .map(|p| p.uid().unwrap_or_default())
+        .collect();
+    let (result, report) = Load::default()
+        .during(&url, async {
+            graceful::trigger(&ns, APP).await?;
+            let status = RolloutStatus::start(&ns, APP, ROLLOUT_TIMEOUT)?;
+            graceful::wait_first_new_pod(&ns, APP, Duration::from_secs(60)).await?;
+            graceful::patch_spec(&ns, APP, json!({"abort": true})).await?;
+            let (ok, out) = status.finish().await?;
+            let gr = wait::until(
+                "rolled back (phase Degraded)",
+                Duration::from_secs(120),
+                || async {
+                    let gr = ns.api::<GracefulRollout>().get(APP).await?;
+                    Ok(gr
+                        .status
+                        .clone()
+                        .filter(|s| s.phase == Phase::Degraded && s.last_rollout.is_some())
+                        .map(|_| gr))
+                },
+            )
+            .await?;
+            Ok::<_, graceful_e2e::Error>((ok, out, gr))
+        })
+        .await
+        .expect("load run");
+    let (ok, out, gr) = result.unwrap_or_else(|e| fail(&ns, format!("abort: {e}")));
+    eprintln!("abort: {report}; rollout status said: {}", out.trim());
+    assert!(
+        !ok,
+        "kubectl rollout status must fail on an aborted rollout: {out}"
+    );
+    assert_eq!(
+        gr.status.unwrap().last_rollout.unwrap().outcome,
+        "RolledBack"
+    );
+    let now: Vec<Pod> = pods.list(&lp).await.expect("pods").items;
+    for uid in &old {
+        match now.iter().find(|p| p.uid().as_deref() == Some(uid)) {
+            Some(p) if p.metadata.deletion_timestamp.is_none() => {}
+            _ => fail(&ns, format!("old pod {uid} was touched by the abort")),
+        }
+    }
+    let d = deployment(&ns).await;
+    assert_eq!(users_fields(&d), written);
+    assert_eq!(
+        d.spec.unwrap().template,
+        template,
+        "the stable template is back"
+    );
+    if report.failed != 0 {
+        fail(&ns, format!("failed requests across the abort: {report}"));
+    }
+}

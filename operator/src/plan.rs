@@ -117,9 +117,12 @@ pub enum Act {
     },
     /// The rollout is over and its pods available: the user's strategy back, the hold gone.
     Finish,
-    /// Put this ReplicaSet's template back into the Deployment.
+    /// Put this ReplicaSet's template back into the Deployment. With `report`, first say why in
+    /// the Deployment's own Progressing condition (the Deployment controller has not: an abort),
+    /// so a running `kubectl rollout status` fails instead of watching the rollback complete.
     RollBack {
         to: String,
+        report: Option<String>,
     },
 }
 
@@ -136,8 +139,9 @@ pub struct Decision {
     pub status: GracefulRolloutStatus,
     pub act: Act,
     pub announce: Vec<Announcement>,
-    /// The status marks a rollout's start or end: write it only onto the version read, so a
-    /// stale copy never records or announces it twice.
+    /// The status marks a rollout's start or end: written even if it looks unchanged, and
+    /// counted in the metrics once written. (Every status write goes only onto the version read,
+    /// so a stale copy never records or announces a start or end twice.)
     pub guarded: bool,
     pub requeue: Duration,
 }
@@ -470,14 +474,15 @@ fn paced(
         st.current_step = Some(msg.clone());
         set_condition(st, "Progressing", true, "RollingBack", &msg);
         set_condition(st, "Degraded", true, "RollingBack", &msg);
+        d.act = Act::RollBack {
+            to: stable.name.clone(),
+            report: (!seen.timed_out).then(|| format!("graceful: {msg}")),
+        };
         d.announce.push(Announcement {
             warning: true,
             reason: "RollingBack",
             note: msg,
         });
-        d.act = Act::RollBack {
-            to: stable.name.clone(),
-        };
         d.guarded = true;
         return d;
     }
@@ -902,7 +907,14 @@ mod tests {
         );
         seen.timed_out = true;
         let d = step(&seen, &spec(), &started(now), now);
-        assert_eq!(d.act, Act::RollBack { to: "old".into() });
+        assert_eq!(
+            d.act,
+            Act::RollBack {
+                to: "old".into(),
+                report: None
+            },
+            "the Deployment controller has reported it already"
+        );
         assert_eq!(d.status.phase, Phase::RollingBack);
         assert_eq!(d.status.failed_revision.as_deref(), Some("new"));
         assert!(d.guarded);
@@ -930,7 +942,14 @@ mod tests {
         let mut abort = spec();
         abort.abort = true;
         let d = step(&seen, &abort, &started(now), now);
-        assert_eq!(d.act, Act::RollBack { to: "old".into() });
+        let Act::RollBack { to, report } = &d.act else {
+            panic!("{:?}", d.act)
+        };
+        assert_eq!(to, "old");
+        assert!(
+            report.as_ref().is_some_and(|r| r.contains("aborted")),
+            "{report:?}"
+        );
         // The template is back: "old" is current; the aborted pods are gone.
         let mut back = old3(now);
         back.current = true;

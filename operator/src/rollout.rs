@@ -161,7 +161,9 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
             current_step: Some(format!("Deployment {} not found", gr.spec.target_ref.name)),
             ..status
         };
-        write_status(&ctx, &gr, status, None).await?;
+        if gr.status.as_ref() != Some(&status) {
+            write_status(&ctx, &gr, status).await?;
+        }
         return Ok(Action::requeue(plan::IDLE_RECHECK));
     };
     let seen = observe(&ctx, &gr, &deploy, &status).await?;
@@ -169,11 +171,10 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
     status.observed_generation = gr.metadata.generation;
     let decision = plan::step(&seen.observed, &gr.spec, &status, Timestamp::now());
     act(&ctx, &gr, &deploy, &seen, &decision).await?;
-    let guard = decision.guarded.then(|| gr.resource_version()).flatten();
-    if decision.status != status || guard.is_some() {
-        match write_status(&ctx, &gr, decision.status.clone(), guard).await {
+    if gr.status.as_ref() != Some(&decision.status) || decision.guarded {
+        match write_status(&ctx, &gr, decision.status.clone()).await {
             Err(e) if e.is_conflict() => {
-                tracing::debug!(rollout = %gr.name_any(), "stale copy: a rollout's start or end is written once");
+                tracing::debug!(rollout = %gr.name_any(), "stale copy: the status is written onto the version read only");
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
             other => other?,
@@ -409,7 +410,11 @@ async fn act(
             json_patch(&deploys, &name, pacing::restore_patch(&rv, &held)).await?;
             ctx.metrics.observe_step("finish", None);
         }
-        Act::RollBack { to } => {
+        Act::RollBack { to, report } => {
+            let mut rv = rv;
+            if let Some(message) = report {
+                rv = report_failure(&deploys, deploy, message).await?;
+            }
             let stable = seen
                 .replica_sets
                 .iter()
@@ -429,6 +434,44 @@ async fn act(
     Ok(())
 }
 
+/// The Deployment's Progressing condition set to ProgressDeadlineExceeded with `message`, onto
+/// the version read: the one reason `kubectl rollout status` and Argo CD take as failure.
+/// Returns the Deployment's new resourceVersion.
+async fn report_failure(
+    api: &Api<Deployment>,
+    deploy: &Deployment,
+    message: &str,
+) -> Result<String> {
+    let now = Time(Timestamp::now());
+    let mut conditions: Vec<Value> = deploy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ != "Progressing")
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .collect();
+    conditions.push(json!({
+        "type": "Progressing", "status": "False", "reason": PROGRESS_DEADLINE_EXCEEDED,
+        "message": message, "lastUpdateTime": now, "lastTransitionTime": now,
+    }));
+    let ops = json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": deploy.resource_version()},
+        {"op": "add", "path": "/status/conditions", "value": conditions},
+    ]);
+    let ops: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Invalid(format!("patch: {e}")))?;
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    let d = api
+        .patch_status(&deploy.name_any(), &params, &Patch::<()>::Json(ops))
+        .await?;
+    Ok(d.resource_version().unwrap_or_default())
+}
+
 async fn json_patch<K>(api: &Api<K>, name: &str, ops: Value) -> Result<()>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -443,16 +486,13 @@ where
     Ok(())
 }
 
-/// Server-side apply of the status; with `resource_version`, only onto that version.
+/// Server-side apply of the status, only onto the resourceVersion it was decided on: a
+/// decision made on a stale copy (the cache can lag our own last write) is never written.
 async fn write_status(
     ctx: &Context,
     gr: &GracefulRollout,
     status: GracefulRolloutStatus,
-    resource_version: Option<String>,
 ) -> Result<()> {
-    if resource_version.is_none() && gr.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
     let api: Api<GracefulRollout> =
         Api::namespaced(ctx.client.clone(), &gr.namespace().unwrap_or_default());
     let mut patch = json!({
@@ -460,7 +500,7 @@ async fn write_status(
         "kind": "GracefulRollout",
         "status": status,
     });
-    if let Some(rv) = resource_version {
+    if let Some(rv) = gr.resource_version() {
         patch["metadata"] = json!({ "resourceVersion": rv });
     }
     api.patch_status(
