@@ -62,6 +62,16 @@ fn users_fields(d: &Deployment) -> DeploymentSpec {
     }
 }
 
+/// Whether graceful-operator has a managedFields entry for the Deployment's spec.
+fn owns_spec_fields(d: &Deployment) -> bool {
+    d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some("graceful-operator")
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.get("f:spec").is_some())
+    })
+}
+
 async fn deployment(ns: &TestNamespace) -> Deployment {
     ns.api::<Deployment>().get(APP).await.expect("deployment")
 }
@@ -134,6 +144,10 @@ async fn check_at_rest(ns: &TestNamespace, written: &DeploymentSpec) {
         &users_fields(&d),
         written,
         "the Deployment is as its user wrote it"
+    );
+    assert!(
+        !owns_spec_fields(&d),
+        "graceful-operator still owns spec fields: a server-side apply would conflict"
     );
     assert_eq!(graceful_e2e::argo::deployment_health(&d), Health::Healthy);
 }
@@ -427,6 +441,10 @@ async fn deleting_the_rollout_mid_way_leaves_the_deployment_as_written_and_nativ
     );
     assert!(d.annotations().get(HELD).is_none());
     assert!(d.labels().get("graceful.dev/rollout").is_none());
+    assert!(
+        !owns_spec_fields(&d),
+        "graceful-operator still owns spec fields"
+    );
     if report.failed != 0 {
         fail(&ns, format!("failed requests: {report}"));
     }

@@ -84,6 +84,9 @@ pub struct Observed {
     pub available: i32,
     /// The Deployment's own `minReadySeconds` (the user's, when nothing is held).
     pub user_min_ready_at_rest: i32,
+    /// Index in the Deployment's managedFields of the operator's own entry for spec fields (the
+    /// held ones it wrote back), if there is one.
+    pub spec_fields_entry: Option<usize>,
     /// The Deployment controller reported `ProgressDeadlineExceeded` for the current generation.
     pub timed_out: bool,
     pub replica_sets: Vec<ReplicaSetView>,
@@ -117,6 +120,12 @@ pub enum Act {
     },
     /// The rollout is over and its pods available: the user's strategy back, the hold gone.
     Finish,
+    /// Drop the operator's managedFields entry for the Deployment's spec: the fields it wrote
+    /// back are the user's again, and a server-side apply of other values must not conflict
+    /// with "graceful-operator".
+    Disown {
+        entry: usize,
+    },
     /// Put this ReplicaSet's template back into the Deployment. With `report`, first say why in
     /// the Deployment's own Progressing condition (the Deployment controller has not: an abort),
     /// so a running `kubectl rollout status` fails instead of watching the rollback complete.
@@ -291,6 +300,9 @@ fn at_rest(
     counts: &Counts,
     mut d: Decision,
 ) -> Decision {
+    if let Some(entry) = seen.spec_fields_entry {
+        d.act = Act::Disown { entry };
+    }
     let st = &mut d.status;
     if let Some(started) = st.rollout_started_at.take() {
         // The hold was lifted (by us, at the end): record the rollout that just finished.
@@ -678,6 +690,7 @@ mod tests {
             min_ready_held: held,
             available: 3,
             user_min_ready_at_rest: 0,
+            spec_fields_entry: None,
             timed_out: false,
             replica_sets: sets,
             slices_expected: true,
@@ -879,6 +892,23 @@ mod tests {
         let again = step(&seen, &spec(), &d.status, now);
         assert!(!again.guarded && again.announce.is_empty());
         assert_eq!(again.status.last_rollout, d.status.last_rollout);
+    }
+
+    #[test]
+    fn at_rest_the_operator_gives_up_ownership_of_the_fields_it_wrote_back() {
+        let now = Timestamp::now();
+        let mut seen = observed(vec![rs("new", 3, true, vec![])], false);
+        seen.spec_fields_entry = Some(2);
+        assert_eq!(
+            step(&seen, &spec(), &started(now), now).act,
+            Act::Disown { entry: 2 }
+        );
+        let mut paced = observed(vec![rs("new", 3, true, vec![])], true);
+        paced.spec_fields_entry = Some(2);
+        assert_ne!(
+            step(&paced, &spec(), &started(now), now).act,
+            Act::Disown { entry: 2 }
+        );
     }
 
     #[test]

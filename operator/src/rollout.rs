@@ -287,6 +287,7 @@ async fn observe(
             .as_ref()
             .is_some_and(|h| spec.min_ready_seconds.unwrap_or(0) != h.min_ready_seconds()),
         user_min_ready_at_rest: spec.min_ready_seconds.unwrap_or(0),
+        spec_fields_entry: own_spec_fields(deploy),
         available: deploy
             .status
             .as_ref()
@@ -302,6 +303,22 @@ async fn observe(
         observed,
         replica_sets,
     })
+}
+
+/// Index of the operator's managedFields entry that owns fields of the Deployment's spec.
+fn own_spec_fields(deploy: &Deployment) -> Option<usize> {
+    deploy
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .position(|m| {
+            m.manager.as_deref() == Some(MANAGER)
+                && m.subresource.as_deref().unwrap_or("").is_empty()
+                && m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.get("f:spec").is_some())
+        })
 }
 
 /// pod name -> listed ready in some EndpointSlice of the namespace.
@@ -397,6 +414,15 @@ async fn act(
                 )
                 .await?;
             }
+        }
+        Act::Disown { entry } => {
+            // A request that changes managedFields is taken as it is: this one only drops ours.
+            let ops = json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+                {"op": "test", "path": format!("/metadata/managedFields/{entry}/manager"), "value": MANAGER},
+                {"op": "remove", "path": format!("/metadata/managedFields/{entry}")},
+            ]);
+            json_patch(&deploys, &name, ops).await?;
         }
         Act::MakeAvailable { min_ready_seconds } => {
             json_patch(
@@ -599,6 +625,15 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
     }
     ops.push(json!({"op": "remove", "path": format!("/metadata/labels/{}", MANAGED_LABEL.replace('/', "~1"))}));
     json_patch(&deploys, &deploy.name_any(), Value::Array(ops)).await?;
+    // The fields just written back are the user's: no ownership of ours may linger on them.
+    let deploy = deploys.get(&deploy.name_any()).await?;
+    if let Some(entry) = own_spec_fields(&deploy) {
+        let ops = json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": deploy.resource_version()},
+            {"op": "remove", "path": format!("/metadata/managedFields/{entry}")},
+        ]);
+        json_patch(&deploys, &deploy.name_any(), ops).await?;
+    }
     let note = if held.is_some() {
         "the rollout in progress continues with the Deployment's own strategy; the Deployment is as its user wrote it"
     } else {
