@@ -349,7 +349,7 @@ async fn owner_annotations(
     else {
         return Ok(BTreeMap::new());
     };
-    let Some(deploy) = deployment_of(rs.metadata.owner_references.as_deref()) else {
+    let Some(deploy) = controller(rs.metadata.owner_references.as_deref(), "Deployment") else {
         return Ok(BTreeMap::new());
     };
     let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
@@ -364,21 +364,6 @@ fn controller(owners: Option<&[OwnerReference]>, kind: &str) -> Option<String> {
     owners?
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == kind)
-        .map(|o| o.name.clone())
-}
-
-/// The Deployment a ReplicaSet belongs to. While a GracefulRollout runs, it is the ReplicaSet's
-/// controller and the Deployment only an owner (operator/src/takeover.rs): either counts.
-fn deployment_of(owners: Option<&[OwnerReference]>) -> Option<String> {
-    let deployments = || {
-        owners
-            .into_iter()
-            .flatten()
-            .filter(|o| o.kind == "Deployment")
-    };
-    deployments()
-        .find(|o| o.controller == Some(true))
-        .or_else(|| deployments().next())
         .map(|o| o.name.clone())
 }
 
@@ -403,19 +388,15 @@ mod tests {
     }
 
     #[test]
-    fn a_replicaset_belongs_to_its_deployment_also_during_a_graceful_rollout() {
+    fn a_replicaset_belongs_to_the_deployment_that_controls_it() {
         let native = [owner("Deployment", "web", true)];
-        assert_eq!(deployment_of(Some(&native)).as_deref(), Some("web"));
-        let taken_over = [
-            owner("GracefulRollout", "web-rollout", true),
-            owner("Deployment", "web", false),
-        ];
-        assert_eq!(deployment_of(Some(&taken_over)).as_deref(), Some("web"));
         assert_eq!(
-            deployment_of(Some(&[owner("GracefulRollout", "x", true)])),
-            None
+            controller(Some(&native), "Deployment").as_deref(),
+            Some("web")
         );
-        assert_eq!(deployment_of(None), None);
+        let other = [owner("Deployment", "web", false)];
+        assert_eq!(controller(Some(&other), "Deployment"), None);
+        assert_eq!(controller(None, "Deployment"), None);
     }
 
     #[test]
