@@ -141,6 +141,8 @@ pub struct Announcement {
     pub warning: bool,
     pub reason: &'static str,
     pub note: String,
+    /// It announces the action's write (published once that succeeded), not the status's.
+    pub of_act: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -340,6 +342,7 @@ fn at_rest(
                 "RolloutFinished"
             },
             note: record.summary.clone(),
+            of_act: false,
         });
         st.last_rollout = Some(record);
         d.guarded = true;
@@ -434,6 +437,7 @@ fn paced(
             warning: false,
             reason: "RolloutStarted",
             note: msg,
+            of_act: false,
         });
         d.guarded = true;
         d.requeue = Duration::ZERO;
@@ -494,6 +498,7 @@ fn paced(
             warning: true,
             reason: "RollingBack",
             note: msg,
+            of_act: false,
         });
         d.guarded = true;
         return d;
@@ -524,6 +529,7 @@ fn paced(
                     spec.strategy.min_serving_seconds,
                     allowed - now_allowed
                 ),
+                of_act: true,
             });
         }
     }

@@ -171,6 +171,10 @@ pub(crate) async fn apply(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result
     status.observed_generation = gr.metadata.generation;
     let decision = plan::step(&seen.observed, &gr.spec, &status, Timestamp::now());
     act(&ctx, &gr, &deploy, &seen, &decision).await?;
+    // The action's own events stand for its write, whatever becomes of the status write.
+    for a in decision.announce.iter().filter(|a| a.of_act) {
+        publish(&ctx, &gr, event_type(a.warning), a.reason, &a.note).await;
+    }
     if gr.status.as_ref() != Some(&decision.status) || decision.guarded {
         match write_status(&ctx, &gr, decision.status.clone()).await {
             Err(e) if e.is_conflict() => {
@@ -545,13 +549,8 @@ async fn announce(
     before: &GracefulRolloutStatus,
     decision: &Decision,
 ) {
-    for a in &decision.announce {
-        let type_ = if a.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(ctx, gr, type_, a.reason, &a.note).await;
+    for a in decision.announce.iter().filter(|a| !a.of_act) {
+        publish(ctx, gr, event_type(a.warning), a.reason, &a.note).await;
     }
     let finished = decision.status.last_rollout.as_ref();
     if decision.guarded
@@ -573,6 +572,14 @@ async fn announce(
             .duration_since(record.started_at.0)
             .as_secs_f64();
         ctx.metrics.rollout_duration.observe(took.max(0.0));
+    }
+}
+
+fn event_type(warning: bool) -> EventType {
+    if warning {
+        EventType::Warning
+    } else {
+        EventType::Normal
     }
 }
 
@@ -748,6 +755,25 @@ mod tests {
         assert_eq!(
             patch[0],
             json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"})
+        );
+        assert_eq!(api.events_for("Step"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_step_made_is_announced_even_when_the_status_write_meets_a_newer_version() {
+        let api = FakeApi::default();
+        rollout_in_progress(&api, Some(60));
+        let mut stale = (*gr(&api)).clone();
+        stale.metadata.resource_version = Some("4".into());
+        apply(Arc::new(stale), ctx(&api)).await.unwrap();
+        assert_eq!(
+            crate::pacing::max_unavailable(&deployment_now(&api)),
+            Some(1)
+        );
+        assert!(
+            api.get("graceful.dev/v1alpha1", "GracefulRollout", "web")
+                .unwrap()["status"]["lastProgressAt"]
+                .is_null()
         );
         assert_eq!(api.events_for("Step"), 1);
     }
