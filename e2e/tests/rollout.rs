@@ -72,6 +72,25 @@ fn owns_spec_fields(d: &Deployment) -> bool {
     })
 }
 
+/// The uids of the app's pods now.
+async fn pod_uids(ns: &TestNamespace) -> Vec<String> {
+    let lp = ListParams::default().labels(&format!("app={APP}"));
+    let pods = ns.api::<Pod>().list(&lp).await.expect("pods").items;
+    pods.iter().map(|p| p.uid().unwrap_or_default()).collect()
+}
+
+/// Every pod of `old` still runs, not terminating: `what` never touched it.
+async fn assert_untouched(ns: &TestNamespace, old: &[String], what: &str) {
+    let lp = ListParams::default().labels(&format!("app={APP}"));
+    let now = ns.api::<Pod>().list(&lp).await.expect("pods").items;
+    for uid in old {
+        match now.iter().find(|p| p.uid().as_deref() == Some(uid)) {
+            Some(p) if p.metadata.deletion_timestamp.is_none() => {}
+            _ => fail(ns, format!("old pod {uid} was touched by the {what}")),
+        }
+    }
+}
+
 async fn deployment(ns: &TestNamespace) -> Deployment {
     ns.api::<Deployment>().get(APP).await.expect("deployment")
 }
@@ -257,15 +276,7 @@ async fn a_revision_that_never_becomes_ready_is_rolled_back_with_old_pods_untouc
         .expect("settled");
     let written = users_fields(&deployment(&ns).await);
     let pods = ns.api::<Pod>();
-    let lp = ListParams::default().labels(&format!("app={APP}"));
-    let old: Vec<String> = pods
-        .list(&lp)
-        .await
-        .expect("pods")
-        .items
-        .iter()
-        .map(|p| p.uid().unwrap_or_default())
-        .collect();
+    let old = pod_uids(&ns).await;
     assert_eq!(old.len(), 3);
     let (result, report) = Load::default()
         .during(&url, async {
@@ -295,13 +306,7 @@ async fn a_revision_that_never_becomes_ready_is_rolled_back_with_old_pods_untouc
     let status = gr.status.unwrap();
     assert!(status.failed_revision.is_some());
     assert_eq!(status.last_rollout.unwrap().outcome, "RolledBack");
-    let now: Vec<Pod> = pods.list(&lp).await.expect("pods").items;
-    for uid in &old {
-        match now.iter().find(|p| p.uid().as_deref() == Some(uid)) {
-            Some(p) if p.metadata.deletion_timestamp.is_none() => {}
-            _ => fail(&ns, format!("old pod {uid} was touched by the rollback")),
-        }
-    }
+    assert_untouched(&ns, &old, "rollback").await;
     wait::pods_gone(
         &pods,
         &format!(
@@ -560,16 +565,7 @@ async fn abort_rolls_back_at_once_and_rollout_status_says_it_failed() {
     let (ns, url) = setup("grro-abort", json!({"minServingSeconds": 60})).await;
     let written = users_fields(&deployment(&ns).await);
     let template = deployment(&ns).await.spec.unwrap().template;
-    let pods = ns.api::<Pod>();
-    let lp = ListParams::default().labels(&format!("app={APP}"));
-    let old: Vec<String> = pods
-        .list(&lp)
-        .await
-        .expect("pods")
-        .items
-        .iter()
-        .map(|p| p.uid().unwrap_or_default())
-        .collect();
+    let old = pod_uids(&ns).await;
     let (result, report) = Load::default()
         .during(&url, async {
             graceful::trigger(&ns, APP).await?;
@@ -604,13 +600,7 @@ async fn abort_rolls_back_at_once_and_rollout_status_says_it_failed() {
         gr.status.unwrap().last_rollout.unwrap().outcome,
         "RolledBack"
     );
-    let now: Vec<Pod> = pods.list(&lp).await.expect("pods").items;
-    for uid in &old {
-        match now.iter().find(|p| p.uid().as_deref() == Some(uid)) {
-            Some(p) if p.metadata.deletion_timestamp.is_none() => {}
-            _ => fail(&ns, format!("old pod {uid} was touched by the abort")),
-        }
-    }
+    assert_untouched(&ns, &old, "abort").await;
     let d = deployment(&ns).await;
     assert_eq!(users_fields(&d), written);
     assert_eq!(
