@@ -27,7 +27,9 @@ use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::names::{DEFAULT_PROGRESS_DEADLINE_SECONDS, HELD_ANNOTATION, POD_TEMPLATE_HASH};
+use crate::names::{
+    DEFAULT_PROGRESS_DEADLINE_SECONDS, HELD_ANNOTATION, MANAGED_LABEL, MANAGER, POD_TEMPLATE_HASH,
+};
 
 /// The user's values of the fields graceful holds during a rollout.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -210,7 +212,7 @@ fn set_held(d: &mut Deployment, user: Option<&Held>) {
 
 /// JSON Patch operations that apply only onto `resource_version` (a `test` first), so a write
 /// made on a stale read fails instead of undoing someone else's.
-fn guarded(resource_version: &str, mut ops: Vec<Value>) -> Value {
+pub fn guarded(resource_version: &str, mut ops: Vec<Value>) -> Value {
     ops.insert(
         0,
         json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
@@ -236,6 +238,27 @@ fn restore_ops(user: &Held) -> Vec<Value> {
 /// normally back already: see `plan::Act::MakeAvailable`).
 pub fn restore_patch(resource_version: &str, user: &Held) -> Value {
     guarded(resource_version, restore_ops(user))
+}
+
+/// The GracefulRollout is gone: the user's values back if a rollout was held, our label gone.
+pub fn hand_back_patch(resource_version: &str, user: Option<&Held>) -> Value {
+    let mut ops = user.map(restore_ops).unwrap_or_default();
+    ops.push(
+        json!({"op": "remove", "path": format!("/metadata/labels/{}", pointer_key(MANAGED_LABEL))}),
+    );
+    guarded(resource_version, ops)
+}
+
+/// Drop the operator's own managedFields entry number `entry`. A request that changes
+/// managedFields is taken as it is, so this one leaves the fields unowned by us.
+pub fn disown_patch(resource_version: &str, entry: usize) -> Value {
+    guarded(
+        resource_version,
+        vec![
+            json!({"op": "test", "path": format!("/metadata/managedFields/{entry}/manager"), "value": MANAGER}),
+            json!({"op": "remove", "path": format!("/metadata/managedFields/{entry}")}),
+        ],
+    )
 }
 
 /// One step: the Deployment controller may now remove `max_unavailable` old pods in all.

@@ -386,11 +386,9 @@ async fn act(
         Act::None => {}
         Act::Label => {
             let patch = json!({"metadata": {"labels": {MANAGED_LABEL: gr.name_any()}, "resourceVersion": rv}});
-            let params = PatchParams {
-                field_manager: Some(MANAGER.into()),
-                ..Default::default()
-            };
-            deploys.patch(&name, &params, &Patch::Merge(&patch)).await?;
+            deploys
+                .patch(&name, &params(), &Patch::Merge(&patch))
+                .await?;
         }
         Act::Step { max_unavailable } => {
             json_patch(&deploys, &name, pacing::step_patch(&rv, *max_unavailable)).await?;
@@ -420,13 +418,7 @@ async fn act(
             }
         }
         Act::Disown { entry } => {
-            // A request that changes managedFields is taken as it is: this one only drops ours.
-            let ops = json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                {"op": "test", "path": format!("/metadata/managedFields/{entry}/manager"), "value": MANAGER},
-                {"op": "remove", "path": format!("/metadata/managedFields/{entry}")},
-            ]);
-            json_patch(&deploys, &name, ops).await?;
+            json_patch(&deploys, &name, pacing::disown_patch(&rv, *entry)).await?;
         }
         Act::MakeAvailable { min_ready_seconds } => {
             json_patch(
@@ -486,18 +478,17 @@ async fn report_failure(
         "type": "Progressing", "status": "False", "reason": PROGRESS_DEADLINE_EXCEEDED,
         "message": message, "lastUpdateTime": now, "lastTransitionTime": now,
     }));
-    let ops = json!([
-        {"op": "test", "path": "/metadata/resourceVersion", "value": deploy.resource_version()},
-        {"op": "add", "path": "/status/conditions", "value": conditions},
-    ]);
-    let ops: json_patch::Patch =
-        serde_json::from_value(ops).map_err(|e| Error::Invalid(format!("patch: {e}")))?;
-    let params = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    };
+    let rv = deploy.resource_version().unwrap_or_default();
+    let ops = pacing::guarded(
+        &rv,
+        vec![json!({"op": "add", "path": "/status/conditions", "value": conditions})],
+    );
     let d = api
-        .patch_status(&deploy.name_any(), &params, &Patch::<()>::Json(ops))
+        .patch_status(
+            &deploy.name_any(),
+            &params(),
+            &Patch::<()>::Json(parse(ops)?),
+        )
         .await?;
     Ok(d.resource_version().unwrap_or_default())
 }
@@ -506,14 +497,21 @@ async fn json_patch<K>(api: &Api<K>, name: &str, ops: Value) -> Result<()>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let ops: json_patch::Patch =
-        serde_json::from_value(ops).map_err(|e| Error::Invalid(format!("patch: {e}")))?;
-    let params = PatchParams {
+    api.patch(name, &params(), &Patch::<()>::Json(parse(ops)?))
+        .await?;
+    Ok(())
+}
+
+fn parse(ops: Value) -> Result<json_patch::Patch> {
+    serde_json::from_value(ops).map_err(|e| Error::Invalid(format!("patch: {e}")))
+}
+
+/// Every write of the operator names it as the field manager.
+fn params() -> PatchParams {
+    PatchParams {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
-    };
-    api.patch(name, &params, &Patch::<()>::Json(ops)).await?;
-    Ok(())
+    }
 }
 
 /// Server-side apply of the status, only onto the resourceVersion it was decided on: a
@@ -611,7 +609,6 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
         return Ok(Action::await_change());
     }
     let rv = deploy.resource_version().unwrap_or_default();
-    let mut ops = vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
     let held = pacing::held(&deploy);
     if let Some(held) = &held {
         // Former new ReplicaSets whose minReadySeconds is still held count as available again.
@@ -627,19 +624,19 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
                 json_patch(&rs_api, &rs.name_any(), patch).await?;
             }
         }
-        let restore = pacing::restore_patch(&rv, held);
-        ops.extend(restore.as_array().into_iter().flatten().skip(1).cloned());
     }
-    ops.push(json!({"op": "remove", "path": format!("/metadata/labels/{}", MANAGED_LABEL.replace('/', "~1"))}));
-    json_patch(&deploys, &deploy.name_any(), Value::Array(ops)).await?;
+    let patch = pacing::hand_back_patch(&rv, held.as_ref());
+    json_patch(&deploys, &deploy.name_any(), patch).await?;
     // The fields just written back are the user's: no ownership of ours may linger on them.
     let deploy = deploys.get(&deploy.name_any()).await?;
     if let Some(entry) = own_spec_fields(&deploy) {
-        let ops = json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": deploy.resource_version()},
-            {"op": "remove", "path": format!("/metadata/managedFields/{entry}")},
-        ]);
-        json_patch(&deploys, &deploy.name_any(), ops).await?;
+        let rv = deploy.resource_version().unwrap_or_default();
+        json_patch(
+            &deploys,
+            &deploy.name_any(),
+            pacing::disown_patch(&rv, entry),
+        )
+        .await?;
     }
     let note = if held.is_some() {
         "the rollout in progress continues with the Deployment's own strategy; the Deployment is as its user wrote it"
