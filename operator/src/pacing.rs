@@ -98,6 +98,11 @@ pub fn hold_seconds(d: &Deployment) -> i32 {
     (deadline - 1).max(0)
 }
 
+/// Whether a ReplicaSet's `minReadySeconds` is the hold rather than the user's value.
+pub fn held_min_ready(rs_min_ready_seconds: i32, hold: i32, user_min_ready_seconds: i32) -> bool {
+    rs_min_ready_seconds == hold && hold != user_min_ready_seconds
+}
+
 /// Whether the Deployment uses the Recreate strategy: it is never paced (it has no overlap of
 /// old and new pods to sequence), and rolls out natively.
 pub fn recreate(d: &Deployment) -> bool {

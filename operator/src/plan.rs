@@ -275,7 +275,8 @@ pub fn step(
         .replica_sets
         .iter()
         .filter(|rs| {
-            !rs.current && rs.min_ready_seconds == seen.hold && seen.hold != user_min_ready
+            !rs.current
+                && crate::pacing::held_min_ready(rs.min_ready_seconds, seen.hold, user_min_ready)
         })
         .filter(|rs| rs.replicas > 0 || !rs.pods.is_empty())
         .map(|rs| rs.name.clone())

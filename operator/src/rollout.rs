@@ -616,8 +616,9 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
         let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
         let d_uid = deploy.uid().unwrap_or_default();
         for rs in rs_api.list(&ListParams::default()).await?.items {
-            let held_here = rs.spec.as_ref().and_then(|s| s.min_ready_seconds) == Some(hold)
-                && hold != held.min_ready_seconds();
+            let rs_min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds);
+            let held_here =
+                pacing::held_min_ready(rs_min_ready.unwrap_or(0), hold, held.min_ready_seconds());
             if held_here && rs.owner_references().iter().any(|o| o.uid == d_uid) {
                 let rs_rv = rs.resource_version().unwrap_or_default();
                 let patch = pacing::release_patch(&rs_rv, held.min_ready_seconds());
