@@ -605,31 +605,41 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
     let Some(deploy) = deploys.get_opt(&gr.spec.target_ref.name).await? else {
         return Ok(Action::await_change());
     };
-    if deploy.labels().get(MANAGED_LABEL) != Some(&gr.name_any()) {
+    let label = deploy.labels().get(MANAGED_LABEL).cloned();
+    if label.as_ref().is_some_and(|l| *l != gr.name_any()) {
         return Ok(Action::await_change());
     }
-    let rv = deploy.resource_version().unwrap_or_default();
     let held = pacing::held(&deploy);
-    if let Some(held) = &held {
-        // Former new ReplicaSets whose minReadySeconds is still held count as available again.
-        let hold = pacing::hold_seconds(&deploy);
-        let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-        let d_uid = deploy.uid().unwrap_or_default();
-        for rs in rs_api.list(&ListParams::default()).await?.items {
-            let rs_min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds);
-            let held_here =
-                pacing::held_min_ready(rs_min_ready.unwrap_or(0), hold, held.min_ready_seconds());
-            if held_here && rs.owner_references().iter().any(|o| o.uid == d_uid) {
-                let rs_rv = rs.resource_version().unwrap_or_default();
-                let patch = pacing::release_patch(&rs_rv, held.min_ready_seconds());
-                json_patch(&rs_api, &rs.name_any(), patch).await?;
+    let mut deploy = deploy;
+    if label.is_some() {
+        if let Some(held) = &held {
+            // Former new ReplicaSets whose minReadySeconds is still held count as available again.
+            let hold = pacing::hold_seconds(&deploy);
+            let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+            let d_uid = deploy.uid().unwrap_or_default();
+            for rs in rs_api.list(&ListParams::default()).await?.items {
+                let rs_min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds);
+                let held_here = pacing::held_min_ready(
+                    rs_min_ready.unwrap_or(0),
+                    hold,
+                    held.min_ready_seconds(),
+                );
+                if held_here && rs.owner_references().iter().any(|o| o.uid == d_uid) {
+                    let rs_rv = rs.resource_version().unwrap_or_default();
+                    let patch = pacing::release_patch(&rs_rv, held.min_ready_seconds());
+                    json_patch(&rs_api, &rs.name_any(), patch).await?;
+                }
             }
         }
+        let rv = deploy.resource_version().unwrap_or_default();
+        let patch = pacing::hand_back_patch(&rv, held.as_ref());
+        json_patch(&deploys, &deploy.name_any(), patch).await?;
+        deploy = deploys.get(&deploy.name_any()).await?;
     }
-    let patch = pacing::hand_back_patch(&rv, held.as_ref());
-    json_patch(&deploys, &deploy.name_any(), patch).await?;
     // The fields just written back are the user's: no ownership of ours may linger on them.
-    let deploy = deploys.get(&deploy.name_any()).await?;
+    // The Deployment controller writes the Deployment right after the hand-back, so this can
+    // meet a newer version: the finalizer then runs again, finds the label gone, and retries
+    // only this.
     if let Some(entry) = own_spec_fields(&deploy) {
         let rv = deploy.resource_version().unwrap_or_default();
         json_patch(
@@ -638,6 +648,9 @@ pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Resu
             pacing::disown_patch(&rv, entry),
         )
         .await?;
+    }
+    if label.is_none() {
+        return Ok(Action::await_change());
     }
     let note = if held.is_some() {
         "the rollout in progress continues with the Deployment's own strategy; the Deployment is as its user wrote it"
@@ -899,6 +912,27 @@ mod tests {
         assert_eq!(st["phase"], "RollingBack");
         assert_eq!(st["failedRevision"], "bbbbb");
         assert_eq!(api.events_for("RollingBack"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_finalizer_retried_after_the_hand_back_still_drops_our_field_ownership() {
+        let api = FakeApi::default();
+        api.put(rollout(json!({}), json!({})));
+        let mut d = deployment("v2", 3, false, None);
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}},
+            {"manager": MANAGER, "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:minReadySeconds": {}}}},
+        ]);
+        api.put(d);
+        cleanup(gr(&api), ctx(&api)).await.unwrap();
+        let d = deployment_now(&api);
+        assert_eq!(own_spec_fields(&d), None);
+        assert_eq!(d.metadata.managed_fields.map(|m| m.len()), Some(1));
+        assert_eq!(
+            api.events_for("HandedBack"),
+            0,
+            "announced on the first run only"
+        );
     }
 
     #[tokio::test]
