@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::arrivals::QuietRule;
 use crate::defaults;
+use crate::deregister::PodRef;
+use crate::drain::{Following, WindowChoice};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -39,9 +42,22 @@ pub struct Config {
     #[arg(long, env = "GRACEFUL_DRAIN_TIMEOUT", value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
 
-    /// After no EndpointSlice lists the pod as ready: time for kube-proxy to catch up.
-    #[arg(long, env = "GRACEFUL_PROPAGATION_MARGIN", value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
+    /// The least time from deregistration to the end of the drain, for a pod that had traffic:
+    /// a bound on kube-proxy's lag, which the pod cannot see (an idle pod skips it).
+    #[arg(long, env = "GRACEFUL_PROPAGATION_MARGIN", value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
     pub propagation_margin: Duration,
+
+    /// Silence (no new connection, no new request) that tells the data planes have let the pod
+    /// go: `auto` derives it from the traffic before the trigger (3x its longest gap, within
+    /// --min-quiet-window and 10s; 1s for a pod that had none); a duration fixes it (0s: stop
+    /// as soon as nothing is open).
+    #[arg(long, env = "GRACEFUL_QUIET_WINDOW", value_name = "auto|DUR", value_parser = parse_quiet_window, default_value = "auto")]
+    pub quiet_window: QuietWindowArg,
+
+    /// The shortest quiet window `auto` picks. Raise it when a balancer that sends sparse
+    /// traffic lags (a silence shorter than its gaps proves nothing).
+    #[arg(long, env = "GRACEFUL_MIN_QUIET_WINDOW", value_name = "DUR", value_parser = parse_duration, default_value = "250ms")]
+    pub min_quiet_window: Duration,
 
     /// Bearer token /prestop requires; without it /prestop only accepts loopback peers.
     #[arg(long, env = defaults::ENV_PRESTOP_TOKEN, value_name = "TOKEN", hide_env_values = true)]
@@ -64,6 +80,11 @@ pub struct Config {
     #[arg(long, env = defaults::ENV_POD_NAMESPACE, value_name = "NS")]
     pub pod_namespace: Option<String>,
 
+    /// The Services that select the pod: the drain watches only their EndpointSlices. Empty:
+    /// every slice of the namespace.
+    #[arg(long, env = defaults::ENV_SERVICES, value_name = "NAME,...", value_delimiter = ',')]
+    pub services: Vec<String>,
+
     /// Traffic threads, each with its own event loop and listening socket (SO_REUSEPORT);
     /// 0 means one per available core.
     #[arg(long, env = "GRACEFUL_WORKERS", value_name = "N", default_value_t = 0)]
@@ -77,6 +98,54 @@ pub struct Config {
         default_value = "info"
     )]
     pub log: String,
+}
+
+/// `--quiet-window`: derived from the traffic, or fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuietWindowArg {
+    Auto,
+    Fixed(Duration),
+}
+
+impl Config {
+    /// How Quiescing decides that the data planes have let go.
+    pub fn following(&self) -> Following {
+        let window = match self.quiet_window {
+            QuietWindowArg::Auto => WindowChoice::Traffic(QuietRule {
+                min: self.min_quiet_window,
+                idle: defaults::IDLE_QUIET_WINDOW.max(self.min_quiet_window),
+                max: defaults::MAX_QUIET_WINDOW.max(self.min_quiet_window),
+            }),
+            QuietWindowArg::Fixed(d) => WindowChoice::Fixed(d),
+        };
+        Following {
+            window,
+            margin: self.propagation_margin,
+        }
+    }
+
+    /// The pod as its EndpointSlices know it, when the downward API told enough.
+    pub fn pod(&self) -> Option<PodRef> {
+        Some(PodRef {
+            ip: self.pod_ip?,
+            namespace: self.pod_namespace.clone()?,
+            services: self
+                .services
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        })
+    }
+}
+
+fn parse_quiet_window(s: &str) -> Result<QuietWindowArg, String> {
+    if s == "auto" {
+        return Ok(QuietWindowArg::Auto);
+    }
+    parse_duration(s)
+        .map(QuietWindowArg::Fixed)
+        .map_err(|e| format!("{e}, or auto"))
 }
 
 /// A configuration that parses but cannot work.
@@ -163,6 +232,43 @@ mod tests {
         assert_eq!(cfg.deregister_delay, defaults::DEREGISTER_DELAY);
         assert_eq!(cfg.drain_timeout, defaults::DRAIN_TIMEOUT);
         assert_eq!(cfg.propagation_margin, defaults::PROPAGATION_MARGIN);
+        assert_eq!(cfg.quiet_window, QuietWindowArg::Auto);
+        assert_eq!(cfg.min_quiet_window, defaults::MIN_QUIET_WINDOW);
+    }
+
+    #[test]
+    fn quiet_window_is_auto_or_a_duration() {
+        let cfg = parse(&["--quiet-window", "0s"]).unwrap();
+        assert_eq!(cfg.quiet_window, QuietWindowArg::Fixed(Duration::ZERO));
+        let e = parse(&["--quiet-window", "soon"]).unwrap_err();
+        assert!(e.contains("--quiet-window") && e.contains("auto"), "{e}");
+        let cfg = parse(&["--min-quiet-window", "3s"]).unwrap();
+        let WindowChoice::Traffic(rule) = cfg.following().window else {
+            panic!("auto follows the traffic")
+        };
+        assert_eq!(
+            rule.idle,
+            Duration::from_secs(3),
+            "idle never below the minimum"
+        );
+    }
+
+    #[test]
+    fn services_are_a_comma_separated_list() {
+        let services = |list: &str| {
+            let args = [
+                "--pod-ip",
+                "10.0.0.1",
+                "--pod-namespace",
+                "web",
+                "--services",
+                list,
+            ];
+            parse(&args).unwrap().pod().unwrap().services
+        };
+        assert_eq!(services("a,b"), ["a", "b"]);
+        assert!(services("").is_empty());
+        assert!(parse(&["--pod-ip", "10.0.0.1"]).unwrap().pod().is_none());
     }
 
     #[test]

@@ -21,25 +21,31 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const DEREGISTER_DELAY: Duration = Duration::from_secs(5);
 /// From the trigger to the forced close of whatever is still open.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// After no EndpointSlice lists the pod as ready: time for kube-proxy (and other consumers of
-/// the slices) to apply the change.
-pub const PROPAGATION_MARGIN: Duration = Duration::from_secs(2);
+/// The least time from deregistration to the end of a drain of a pod that had traffic (a bound
+/// on kube-proxy's lag). None by default: the quiet window measures what a margin guesses, and
+/// the injector sets its own (see the operator's annotations).
+pub const PROPAGATION_MARGIN: Duration = Duration::ZERO;
+/// The quiet window's bounds (see `arrivals::QuietRule` and docs/drain.md): the shortest
+/// silence that counts, the silence asked of a pod that had no traffic, and the longest.
+pub const MIN_QUIET_WINDOW: Duration = Duration::from_millis(250);
+pub const IDLE_QUIET_WINDOW: Duration = Duration::from_secs(1);
+pub const MAX_QUIET_WINDOW: Duration = Duration::from_secs(10);
 
 /// Environment variables (downward API) the injector sets and the sidecar reads.
 pub const ENV_POD_IP: &str = "GRACEFUL_POD_IP";
 pub const ENV_POD_NAMESPACE: &str = "GRACEFUL_POD_NAMESPACE";
 pub const ENV_POD_NAME: &str = "GRACEFUL_POD_NAME";
+/// The Services that select the pod (comma-separated), whose EndpointSlices the drain watches.
+pub const ENV_SERVICES: &str = "GRACEFUL_SERVICES";
+/// The label the EndpointSlice controller puts on each slice: the name of its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Shared secret the kubelet's preStop httpGet presents (`Authorization: Bearer <token>`).
 pub const ENV_PRESTOP_TOKEN: &str = "GRACEFUL_PRESTOP_TOKEN";
 
 /// Where the final drain summary goes, so it shows in the container status after exit.
 pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
-/// How often the EndpointSlices are listed while deregistering.
-pub const ENDPOINTSLICE_POLL: Duration = Duration::from_millis(500);
-/// During quiesce an HTTP/1.1 connection is closed once it has sent no request for this long
-/// (a busy one closes itself after its next response, which says `Connection: close`): closing
-/// it at once could cross a request already on the wire, which the client sees as a failure.
+/// During quiesce an idle HTTP/1.1 connection is closed once the traffic is quiet and it has
+/// sent no request for this long (a busy one closes itself after its next response, which says
+/// `Connection: close`): closing it sooner could cross a request already on the wire, which the
+/// client sees as a failure.
 pub const QUIESCE_IDLE_GRACE: Duration = Duration::from_secs(1);
-/// Quiesce ends only when no connection is open and none was accepted for this long: while
-/// kube-proxy (or any balancer) still sends new connections here, the drain keeps serving them.
-pub const QUIET_PERIOD: Duration = Duration::from_secs(1);

@@ -1,14 +1,21 @@
-//! Deregister: wait until the pod is out of the load-balancing path. Where the pod may read
-//! EndpointSlices, until no slice lists its IP as ready (plus a propagation margin for
-//! kube-proxy); otherwise a fixed delay. The API client is built only here, at drain time,
-//! so an idle sidecar holds no watch, no TLS state and no extra memory.
+//! Deregister: wait until the pod is out of the API's endpoints. Where the pod may read
+//! EndpointSlices, until no slice lists its IP as ready; otherwise a fixed delay. The API client is built only here, at drain time, so an idle sidecar
+//! holds no watch, no TLS state and no extra memory.
+//!
+//! One drain costs two API requests: a LIST and a WATCH of the slices of the pod's Services
+//! (label `kubernetes.io/service-name`, names given by the injector), so its cost does not grow
+//! with the namespace. Without names it watches the whole namespace's slices, still with one
+//! LIST and one WATCH.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams};
-use tokio::time::{Instant, sleep, sleep_until};
+use kube::Api;
+use kube::runtime::watcher::{self, Event};
+use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
 use crate::defaults;
@@ -19,41 +26,37 @@ pub enum EndpointWatchError {
     Config(#[from] kube::config::InClusterError),
     #[error("cannot build API client: {0}")]
     Client(#[source] kube::Error),
-    #[error("cannot list EndpointSlices: {0}")]
-    List(#[source] kube::Error),
+    #[error("cannot watch EndpointSlices: {0}")]
+    Watch(#[from] watcher::Error),
+    #[error("the EndpointSlice watch ended")]
+    Ended,
+}
+
+/// The pod as its EndpointSlices know it.
+#[derive(Clone, Debug)]
+pub struct PodRef {
+    pub ip: IpAddr,
+    pub namespace: String,
+    /// The Services that select the pod; empty: any slice of the namespace.
+    pub services: Vec<String>,
 }
 
 pub struct Deregister {
-    pod: Option<(IpAddr, String)>,
+    pod: Option<PodRef>,
     delay: Duration,
-    margin: Duration,
 }
 
 impl Deregister {
-    pub fn new(
-        pod_ip: Option<IpAddr>,
-        namespace: Option<String>,
-        delay: Duration,
-        margin: Duration,
-    ) -> Self {
-        Self {
-            pod: pod_ip.zip(namespace),
-            delay,
-            margin,
-        }
+    pub fn new(pod: Option<PodRef>, delay: Duration) -> Self {
+        Self { pod, delay }
     }
 
     /// Returns the path taken: "endpointslices" or "delay" (logged once).
     pub async fn wait(&self, since: Instant) -> &'static str {
         match &self.pod {
-            Some((ip, ns)) => match EndpointWatch::until_not_ready(*ip, ns).await {
+            Some(pod) => match EndpointWatch::until_not_ready(pod).await {
                 Ok(()) => {
-                    info!(
-                        pod_ip = %ip,
-                        margin = ?self.margin,
-                        "no EndpointSlice lists the pod as ready; waiting the propagation margin"
-                    );
-                    sleep(self.margin).await;
+                    info!(pod_ip = %pod.ip, "no EndpointSlice lists the pod as ready");
                     return "endpointslices";
                 }
                 Err(e) => {
@@ -72,27 +75,66 @@ impl Deregister {
     }
 }
 
-/// Lists the namespace's EndpointSlices until none lists the pod as ready.
+/// Watches the pod's EndpointSlices until none lists it as ready.
 pub struct EndpointWatch;
 
 impl EndpointWatch {
-    pub async fn until_not_ready(ip: IpAddr, namespace: &str) -> Result<(), EndpointWatchError> {
+    pub async fn until_not_ready(pod: &PodRef) -> Result<(), EndpointWatchError> {
         // Only ring is compiled in; make that explicit for rustls.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube::Config::incluster()?;
         let client = kube::Client::try_from(config).map_err(EndpointWatchError::Client)?;
-        let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
-        loop {
-            let slices = api
-                .list(&ListParams::default())
-                .await
-                .map_err(EndpointWatchError::List)?;
-            if !listed_ready(&slices.items, ip) {
+        let api: Api<EndpointSlice> = Api::namespaced(client, &pod.namespace);
+        let mut config = watcher::Config::default();
+        if let Some(selector) = service_selector(&pod.services) {
+            config = config.labels(&selector);
+        }
+        // No backoff: an error (forbidden, say) falls back to the delay at once.
+        let events = watcher::watcher(api, config);
+        futures::pin_mut!(events);
+        // Slice name -> lists the pod as ready; `pending` is filled while a (re)list runs.
+        let mut listed = HashMap::new();
+        let mut pending = HashMap::new();
+        let mut synced = false;
+        while let Some(event) = events.try_next().await? {
+            match event {
+                Event::Init => pending.clear(),
+                Event::InitApply(s) => {
+                    pending.insert(name(&s), listed_ready(std::slice::from_ref(&s), pod.ip));
+                }
+                Event::InitDone => {
+                    listed = std::mem::take(&mut pending);
+                    synced = true;
+                }
+                Event::Apply(s) => {
+                    listed.insert(name(&s), listed_ready(std::slice::from_ref(&s), pod.ip));
+                }
+                Event::Delete(s) => {
+                    listed.remove(&name(&s));
+                }
+            }
+            if synced && !listed.values().any(|&ready| ready) {
                 return Ok(());
             }
-            sleep(defaults::ENDPOINTSLICE_POLL).await;
         }
+        Err(EndpointWatchError::Ended)
     }
+}
+
+fn name(slice: &EndpointSlice) -> String {
+    slice.metadata.name.clone().unwrap_or_default()
+}
+
+/// `kubernetes.io/service-name in (a,b)`: the label the EndpointSlice controller puts on
+/// every slice of a Service.
+pub fn service_selector(services: &[String]) -> Option<String> {
+    (!services.is_empty()).then(|| {
+        format!(
+            "{} in ({})",
+            defaults::SERVICE_NAME_LABEL,
+            services.join(",")
+        )
+    })
 }
 
 /// True while some slice lists `ip` as an endpoint whose `ready` condition is not false
@@ -173,14 +215,18 @@ mod tests {
         assert!(!listed_ready(&[], me()));
     }
 
+    #[test]
+    fn the_selector_names_the_pods_services() {
+        assert_eq!(service_selector(&[]), None);
+        assert_eq!(
+            service_selector(&["web".into(), "web-canary".into()]).as_deref(),
+            Some("kubernetes.io/service-name in (web,web-canary)")
+        );
+    }
+
     #[tokio::test]
     async fn without_pod_env_it_waits_the_delay() {
-        let d = Deregister::new(
-            None,
-            None,
-            Duration::from_millis(200),
-            Duration::from_secs(9),
-        );
+        let d = Deregister::new(None, Duration::from_millis(200));
         let t0 = Instant::now();
         assert_eq!(d.wait(t0).await, "delay");
         let waited = t0.elapsed();
@@ -194,10 +240,12 @@ mod tests {
     async fn outside_a_cluster_it_falls_back_to_the_delay() {
         // No service-account env or files here: the in-cluster config fails at once.
         let d = Deregister::new(
-            Some(me()),
-            Some("default".into()),
+            Some(PodRef {
+                ip: me(),
+                namespace: "default".into(),
+                services: vec!["web".into()],
+            }),
             Duration::from_millis(200),
-            Duration::from_secs(9),
         );
         let t0 = Instant::now();
         assert_eq!(d.wait(t0).await, "delay");

@@ -1,8 +1,12 @@
 //! The drain, as design.md orders it: Serving -> Deregistering -> Quiescing -> Done.
 //! The phase is a `watch` broadcast: the accept loops, every connection and the admin API
 //! listen to it, so each one reacts to the same transition at the same time.
+//!
+//! Deregistering lasts until the API no longer lists the pod (the data planes have been told);
+//! Quiescing until the traffic shows that they listened: no new connection and no new request
+//! for the quiet window (see `arrivals` and docs/drain.md), and nothing left open.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -12,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{info, warn};
 
+use crate::arrivals::{Arrivals, QuietRule, QuietWindow};
 use crate::defaults;
 use crate::deregister::Deregister;
 use crate::metrics::Metrics;
@@ -57,6 +62,50 @@ pub enum Trigger {
     Signal,
 }
 
+/// What the traffic has shown since the pod left the API's endpoints; connections act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Calm {
+    /// New connections still arrive (or the drain is not that far yet).
+    Busy,
+    /// No new connection for the quiet window: connection-level balancers (kube-proxy) have let
+    /// go, so an HTTP/2 client told GOAWAY reconnects elsewhere.
+    NoNewConnections,
+    /// No new connection and no new request for the quiet window: every data plane has let go,
+    /// so an idle keep-alive connection may be closed without crossing a request.
+    Quiet,
+}
+
+/// How Quiescing decides that the data planes have let go.
+#[derive(Clone, Copy, Debug)]
+pub struct Following {
+    pub window: WindowChoice,
+    /// The least time after deregistration for a pod that had traffic: a bound on the lag of
+    /// connection-level balancers (kube-proxy), which re-route only new connections, and so
+    /// may send one here from a client this pod never saw (docs/drain.md).
+    pub margin: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum WindowChoice {
+    /// A window derived from the traffic before the trigger.
+    Traffic(QuietRule),
+    /// The same window every time (zero: stop following the traffic at all).
+    Fixed(Duration),
+}
+
+impl Following {
+    fn window(&self, arrivals: &Arrivals, trigger: Instant) -> QuietWindow {
+        match self.window {
+            WindowChoice::Traffic(rule) => rule.window(&arrivals.record(trigger)),
+            WindowChoice::Fixed(d) => QuietWindow {
+                seconds: d.as_secs_f64(),
+                basis: "fixed",
+                longest_gap_seconds: None,
+            },
+        }
+    }
+}
+
 /// The drain's result: the /prestop answer, the termination log and the last log line.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -67,6 +116,14 @@ pub struct Summary {
     pub quiescing_seconds: f64,
     pub total_seconds: f64,
     pub requests_after_trigger: u64,
+    /// The silence that counted as "every data plane has let go", and how it was chosen.
+    pub quiet_window: QuietWindow,
+    /// The last new connection or request, in seconds after the trigger (none: no traffic
+    /// came after it).
+    pub last_arrival_seconds: Option<f64>,
+    /// How long traffic kept arriving after the pod left the API's endpoints: the lag of the
+    /// slowest data plane this drain saw.
+    pub traffic_after_deregistration_seconds: f64,
     pub requests_cut: u64,
     pub connections_cut: u64,
     pub forced: bool,
@@ -84,9 +141,9 @@ pub struct Drain {
     entered: Mutex<[Option<Instant>; 4]>,
     /// Every open connection and tunnel holds a receiver; `closed()` means none is left.
     connections: watch::Sender<()>,
-    /// When the last traffic connection was accepted, in ms since `born`.
-    last_accept_ms: AtomicU64,
-    born: Instant,
+    /// New connections and requests: the evidence Quiescing follows.
+    pub arrivals: Arrivals,
+    calm: watch::Sender<Calm>,
     summary: OnceLock<Summary>,
     pub metrics: Metrics,
 }
@@ -104,8 +161,8 @@ impl Drain {
             trigger: OnceLock::new(),
             entered: Mutex::new([Some(Instant::now()), None, None, None]),
             connections: watch::Sender::new(()),
-            last_accept_ms: AtomicU64::new(0),
-            born: Instant::now(),
+            arrivals: Arrivals::new(),
+            calm: watch::Sender::new(Calm::Busy),
             summary: OnceLock::new(),
             metrics,
         })
@@ -124,24 +181,54 @@ impl Drain {
         self.force.subscribe()
     }
 
-    /// Called for every accepted traffic connection: the drain's quiet period counts from it.
-    pub fn note_accept(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_accept_ms.fetch_max(ms, Ordering::Relaxed);
+    /// What the traffic has shown since the pod left the API's endpoints.
+    pub fn calm(&self) -> watch::Receiver<Calm> {
+        self.calm.subscribe()
     }
 
-    /// Resolves when no connection is open and none arrived for `QUIET_PERIOD`: whoever still
-    /// routes new connections here (a lagging kube-proxy) keeps being served until it stops.
-    async fn settled(&self) {
+    /// Resolves once no new connection and no new request has arrived for `window` since
+    /// `since`, and no connection is left open. Meanwhile it tells the connections what the
+    /// traffic has shown, so each closes as soon as that is safe; a straggler is served and
+    /// starts the window over.
+    async fn follow_traffic(&self, window: Duration, since: Instant, not_before: Instant) {
         loop {
-            self.connections.closed().await;
-            let last =
-                self.born + Duration::from_millis(self.last_accept_ms.load(Ordering::Relaxed));
-            let quiet_until = last + defaults::QUIET_PERIOD;
-            if Instant::now() >= quiet_until && self.connections.receiver_count() == 0 {
+            let last = self.arrivals.last();
+            let now = Instant::now();
+            let quiet_at = last.map_or(since, |l| l.max(since)) + window;
+            let connections_quiet_at = self
+                .arrivals
+                .last_connection()
+                .map_or(since, |l| l.max(since))
+                + window;
+            let calm = if now >= quiet_at {
+                Calm::Quiet
+            } else if now >= connections_quiet_at {
+                Calm::NoNewConnections
+            } else {
+                Calm::Busy
+            };
+            self.calm
+                .send_if_modified(|c| std::mem::replace(c, calm) != calm);
+            // A request that started after `last` was read is caught here; a connection counts
+            // as open from its accept on.
+            if calm == Calm::Quiet
+                && now >= not_before
+                && self.connections.receiver_count() == 0
+                && self.arrivals.last() == last
+            {
                 return;
             }
-            sleep_until(quiet_until).await;
+            let next = match calm {
+                Calm::Busy => connections_quiet_at.min(quiet_at),
+                Calm::NoNewConnections => quiet_at,
+                // Open connections are closing; look again when they are gone, something
+                // arrives or the margin is over.
+                Calm::Quiet => (now + crate::arrivals::BUCKET).min(not_before.max(now)),
+            };
+            tokio::select! {
+                _ = sleep_until(next) => {}
+                _ = self.connections.closed(), if calm == Calm::Quiet => {}
+            }
         }
     }
 
@@ -182,10 +269,19 @@ impl Drain {
         self.summary().expect("summary is set before Done")
     }
 
-    /// Seconds spent in each phase up to now, for /metrics.
+    /// Seconds spent in each phase up to now, and the last arrival after the trigger, for
+    /// /metrics.
     pub fn refresh_phase_seconds(&self) {
         let entered = *self.entered.lock().expect("not poisoned");
         let now = Instant::now();
+        if let (Some(t0), Some(last)) =
+            (entered[Phase::Deregistering as usize], self.arrivals.last())
+            && last >= t0
+        {
+            self.metrics
+                .last_arrival_seconds
+                .set(last.duration_since(t0).as_secs_f64());
+        }
         for (i, phase) in Phase::ALL.into_iter().enumerate().take(3) {
             if let Some(start) = entered[i] {
                 let end = entered[i + 1..]
@@ -210,12 +306,20 @@ impl Drain {
 
     /// The drain itself: waits for a trigger, then runs each phase in order. At `timeout`
     /// after the trigger (or on `force()`), whatever is still open is closed and counted.
-    pub async fn run(self: Arc<Self>, deregister: Deregister, drain_timeout: Duration) {
+    pub async fn run(
+        self: Arc<Self>,
+        deregister: Deregister,
+        following: Following,
+        drain_timeout: Duration,
+    ) {
         let mut phase = self.subscribe();
         reached(&mut phase, Phase::Deregistering).await;
         let (trigger, t0) = *self.trigger.get().expect("phase left Serving on a trigger");
         let deadline = t0 + drain_timeout;
         let mut force = self.force_requested.subscribe();
+        // Read before anything of the drain itself could count as traffic.
+        let window = following.window(&self.arrivals, t0);
+        self.metrics.quiet_window_seconds.set(window.seconds);
 
         // Deregister: everything that still arrives is served meanwhile.
         let deregistration = tokio::select! {
@@ -224,16 +328,28 @@ impl Drain {
             _ = forced(&mut force) => "forced",
         };
         let t1 = Instant::now();
-        info!(deregistration, "out of the load-balancing path: quiescing");
+        // An idle pod has no client that a lagging connection balancer could still send.
+        let margin = if window.basis == "idle" {
+            Duration::ZERO
+        } else {
+            following.margin
+        };
+        info!(
+            deregistration,
+            quiet_window = ?window.duration(),
+            basis = window.basis,
+            ?margin,
+            "out of the API's endpoints: quiescing until the traffic stops"
+        );
         self.enter(Phase::Quiescing);
 
-        // Quiesce: connections close themselves once their last response is out; new ones are
-        // served until none has come for a quiet period.
+        // Quiesce: connections are asked to close as the traffic allows; everything that still
+        // arrives is served, until nothing has come for the quiet window.
         let quiet = tokio::select! {
             // A forced close wins over connections that are closing because of it.
             biased;
             _ = forced(&mut force) => false,
-            _ = self.settled() => true,
+            _ = self.follow_traffic(window.duration(), t1, t1 + margin) => true,
             _ = sleep_until(deadline) => false,
         };
         let (requests_cut, connections_cut) = if quiet {
@@ -254,6 +370,7 @@ impl Drain {
             (requests, connections)
         };
         let t2 = Instant::now();
+        let last = self.arrivals.last().filter(|l| *l >= t0);
         let summary = Summary {
             trigger,
             deregistration,
@@ -261,6 +378,10 @@ impl Drain {
             quiescing_seconds: t2.duration_since(t1).as_secs_f64(),
             total_seconds: t2.duration_since(t0).as_secs_f64(),
             requests_after_trigger: self.metrics.requests_after_trigger.get(),
+            quiet_window: window,
+            last_arrival_seconds: last.map(|l| l.duration_since(t0).as_secs_f64()),
+            traffic_after_deregistration_seconds: last
+                .map_or(0.0, |l| l.saturating_duration_since(t1).as_secs_f64()),
             requests_cut,
             connections_cut,
             forced: !quiet,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod arrivals;
 pub mod config;
 pub mod defaults;
 pub mod deregister;
@@ -94,12 +95,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         cfg.app_ready_path.as_deref(),
         cfg.app_drain_url.clone(),
     ));
-    let deregister = Deregister::new(
-        cfg.pod_ip,
-        cfg.pod_namespace.clone(),
-        cfg.deregister_delay,
-        cfg.propagation_margin,
-    );
+    let deregister = Deregister::new(cfg.pod(), cfg.deregister_delay);
     for (i, listener) in traffic_listeners.into_iter().enumerate() {
         let (proxy, drain) = (proxy.clone(), drain.clone());
         std::thread::Builder::new()
@@ -116,7 +112,11 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         )),
     ));
     tokio::spawn(app.drain_hook(drain.clone()));
-    tokio::spawn(drain.clone().run(deregister, cfg.drain_timeout));
+    tokio::spawn(
+        drain
+            .clone()
+            .run(deregister, cfg.following(), cfg.drain_timeout),
+    );
     info!(listen = %cfg.listen, admin = %cfg.admin, upstream = %cfg.upstream, "serving");
 
     let mut signals_seen = 0;

@@ -40,6 +40,8 @@ pub struct Metrics {
     phase: [Gauge; 4],
     phase_seconds: [Gauge<f64, AtomicU64>; 4],
     pub requests_after_trigger: Counter,
+    pub quiet_window_seconds: Gauge<f64, AtomicU64>,
+    pub last_arrival_seconds: Gauge<f64, AtomicU64>,
     pub requests_force_closed: Counter,
     pub connections_force_closed: Counter,
     pub upstream_errors: Counter,
@@ -107,6 +109,18 @@ impl Metrics {
             "Requests received after the drain was triggered (served, not refused)",
             requests_after_trigger.clone(),
         );
+        let quiet_window_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "drain_quiet_window_seconds",
+            "Silence (no new connection, no new request) that ends the drain, from the traffic before the trigger",
+            quiet_window_seconds.clone(),
+        );
+        let last_arrival_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "drain_last_arrival_seconds",
+            "Seconds after the trigger of the last new connection or request",
+            last_arrival_seconds.clone(),
+        );
         let requests_force_closed = Counter::default();
         registry.register(
             "requests_force_closed",
@@ -133,6 +147,8 @@ impl Metrics {
             phase,
             phase_seconds,
             requests_after_trigger,
+            quiet_window_seconds,
+            last_arrival_seconds,
             requests_force_closed,
             connections_force_closed,
             upstream_errors,

@@ -18,7 +18,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, warn};
 
 use crate::defaults;
-use crate::drain::{self, Drain, Phase};
+use crate::drain::{self, Calm, ConnectionGuard, Drain, Phase};
 use crate::metrics::Protocol;
 use crate::proxy::{Downstream, GaugeGuard, Proxy};
 
@@ -54,9 +54,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) 
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    drain.note_accept();
+                    // Counted as open from the accept on, so the drain never ends between an
+                    // accept and its task's start.
+                    let open = drain.connection();
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, peer, proxy.clone(), drain.clone(), builder.clone()));
+                    tokio::spawn(connection(stream, peer, open, proxy.clone(), drain.clone(), builder.clone()));
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
                 Err(e) => {
@@ -88,8 +90,10 @@ impl ConnState {
         if self.seen_request.load(Ordering::Relaxed)
             || self.seen_request.swap(true, Ordering::Relaxed)
         {
+            drain.arrivals.request(false);
             return;
         }
+        drain.arrivals.request(true);
         let protocol = if version == Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
             Protocol::http2
@@ -109,11 +113,11 @@ impl ConnState {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    _open: ConnectionGuard,
     proxy: Arc<Proxy>,
     drain: Arc<Drain>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
-    let _open = drain.connection();
     let state = Arc::new(ConnState {
         seen_request: AtomicBool::new(false),
         http2: AtomicBool::new(false),
@@ -137,16 +141,26 @@ async fn connection(
     tokio::pin!(conn);
 
     let mut phase = drain.subscribe();
+    let mut calm = drain.calm();
     let quiesce = async {
+        // From here every HTTP/1.1 response says `Connection: close` (see Proxy::handle): a
+        // client that still reaches this pod comes back on a new connection, which its data
+        // plane routes afresh.
         drain::reached(&mut phase, Phase::Quiescing).await;
-        // HTTP/2: GOAWAY at once (the client learns which streams were served and retries the
-        // rest elsewhere). HTTP/1.1 has no such signal: a busy connection closes itself after
-        // its next response (Connection: close), an idle one once it has stayed idle a moment,
-        // since closing it at once could cross a request already on the wire.
-        while !state.http2.load(Ordering::Relaxed) {
+        loop {
+            if state.http2.load(Ordering::Relaxed) {
+                // GOAWAY once new connections stopped coming: the client's reconnection then
+                // goes elsewhere instead of back here.
+                let _ = calm.wait_for(|c| *c >= Calm::NoNewConnections).await;
+                return;
+            }
+            // HTTP/1.1 has no such signal: an idle connection is closed only once no traffic
+            // has come for the quiet window and it has itself been idle a moment, since
+            // closing it sooner could cross a request already on the wire.
+            let _ = calm.wait_for(|c| *c == Calm::Quiet).await;
             let deadline = state.idle_deadline();
             if Instant::now() >= deadline {
-                break;
+                return;
             }
             sleep_until(deadline).await;
         }

@@ -104,8 +104,15 @@ fn help_shows_every_option_with_its_default_and_env() {
         (
             "--propagation-margin",
             "GRACEFUL_PROPAGATION_MARGIN",
-            Some("2s"),
+            Some("0s"),
         ),
+        ("--quiet-window", "GRACEFUL_QUIET_WINDOW", Some("auto")),
+        (
+            "--min-quiet-window",
+            "GRACEFUL_MIN_QUIET_WINDOW",
+            Some("250ms"),
+        ),
+        ("--services", "GRACEFUL_SERVICES", None),
         ("--prestop-token", "GRACEFUL_PRESTOP_TOKEN", None),
         ("--app-drain-url", "GRACEFUL_APP_DRAIN_URL", None),
         ("--app-ready-path", "GRACEFUL_APP_READY_PATH", None),

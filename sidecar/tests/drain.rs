@@ -139,31 +139,142 @@ async fn keepalive_request_sent_just_after_quiesce_begins_is_served_with_connect
     assert_eq!(prestop.await.unwrap().status, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn new_connections_during_quiesce_keep_the_drain_serving_until_they_stop() {
-    let (_demo, app) = start_demo().await;
-    let sc = start_sidecar(app, &["--deregister-delay", "200ms"]).await;
-    let prestop = sc.prestop(None);
-    // Quiesce begins 200 ms after the trigger, with no connection open.
-    tokio::time::sleep(secs(0.3)).await;
-    // A lagging load balancer keeps sending new connections for 2 s: every one is served,
-    // and the drain does not end while they come.
-    let t0 = Instant::now();
-    while t0.elapsed() < secs(2.0) {
-        let resp = get(sc.listen, "/").await;
-        assert_eq!(resp.status, 200);
-        assert!(
-            !prestop.is_finished(),
-            "drain ended while new connections still arrived"
-        );
+/// A new connection (one request each, as from a load balancer that reconnects) every 200 ms
+/// until `until` after `t0`; every one must be answered 200.
+async fn new_connection_every_200ms(listen: std::net::SocketAddr, t0: Instant, until: Duration) {
+    while t0.elapsed() < until {
+        let resp = get(listen, "/").await;
+        assert_eq!(resp.status, 200, "a straggler is served, never refused");
         tokio::time::sleep(secs(0.2)).await;
     }
-    let summary = prestop.await.unwrap();
-    assert_eq!(summary.status, 200);
+}
+
+fn summary_of(resp: &Response) -> serde_json::Value {
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    serde_json::from_str(&resp.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_plane_that_keeps_sending_for_seconds_after_deregistration_is_served_to_the_end() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    // The balancer's cadence before the trigger sets the quiet window: gaps of ~200 ms.
+    let t0 = Instant::now();
+    new_connection_every_200ms(sc.listen, t0, secs(2.0)).await;
+    let prestop = sc.prestop(None);
+    let trigger = Instant::now();
+    // It lags: 3 s more of new connections after the trigger, 2.7 s after deregistration.
+    let lag = secs(3.0);
+    new_connection_every_200ms(sc.listen, trigger, lag).await;
     assert!(
-        t0.elapsed() >= secs(2.5),
-        "quiet period not waited after the last connection"
+        !prestop.is_finished(),
+        "drain ended while new connections still arrived"
     );
+    let summary = summary_of(&prestop.await.unwrap());
+    let window = summary["quiet_window"]["seconds"].as_f64().unwrap();
+    let last = summary["last_arrival_seconds"].as_f64().unwrap();
+    let total = summary["total_seconds"].as_f64().unwrap();
+    assert_eq!(summary["quiet_window"]["basis"], "traffic", "{summary}");
+    assert!(
+        (0.5..=1.5).contains(&window),
+        "3 x gaps of 200-300 ms: {summary}"
+    );
+    assert!(last >= 2.7, "the last straggler came at {last}s: {summary}");
+    // The drain lasted as long as the data plane lagged, plus the window: not a fixed time.
+    assert!(
+        total >= last + window && total < last + window + 0.5,
+        "{summary}"
+    );
+    assert!(
+        summary["traffic_after_deregistration_seconds"]
+            .as_f64()
+            .unwrap()
+            >= 2.4,
+        "{summary}"
+    );
+    assert_eq!(summary["forced"], false);
+    assert_eq!(
+        sc.metric("graceful_drain_quiet_window_seconds").await,
+        window
+    );
+    assert!(sc.metric("graceful_drain_last_arrival_seconds").await >= 2.7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_pod_whose_traffic_stops_at_once_finishes_at_once() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    // Busy keep-alive traffic that stops right at the trigger (all its data planes let go with
+    // the deregistration itself).
+    let report = hey(&format!("http://{}/", sc.listen), 4, secs(2.0))
+        .await
+        .unwrap();
+    assert_eq!(report.failed(), 0, "{}", report.raw);
+    let started = Instant::now();
+    let summary = summary_of(&sc.prestop(None).await.unwrap());
+    let window = summary["quiet_window"]["seconds"].as_f64().unwrap();
+    assert!(
+        window < 0.5,
+        "a busy pod knows within a fraction of a second: {summary}"
+    );
+    assert_eq!(summary["last_arrival_seconds"], serde_json::Value::Null);
+    // Deregistration (300 ms), then the window; hey's connections closed when it stopped.
+    assert!(started.elapsed() < secs(0.3 + window + 0.5), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_pod_finishes_one_second_after_deregistration() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    let started = Instant::now();
+    let summary = summary_of(&sc.prestop(None).await.unwrap());
+    assert_eq!(summary["quiet_window"]["basis"], "idle", "{summary}");
+    let took = started.elapsed();
+    assert!(took >= secs(1.3) && took < secs(1.8), "{took:?}: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_propagation_margin_holds_a_pod_that_had_traffic_and_not_an_idle_one() {
+    let (_demo, app) = start_demo().await;
+    let args = [
+        "--deregister-delay",
+        "300ms",
+        "--propagation-margin",
+        "1500ms",
+    ];
+    let busy = start_sidecar(app, &args).await;
+    let idle = start_sidecar(app, &args).await;
+    let report = hey(&format!("http://{}/", busy.listen), 2, secs(1.0))
+        .await
+        .unwrap();
+    assert_eq!(report.failed(), 0, "{}", report.raw);
+    let started = Instant::now();
+    let (busy_done, idle_done) = (busy.prestop(None), idle.prestop(None));
+    let idle_summary = summary_of(&idle_done.await.unwrap());
+    let idle_took = started.elapsed();
+    summary_of(&busy_done.await.unwrap());
+    let busy_took = started.elapsed();
+    assert!(busy_took >= secs(1.8), "margin not held: {busy_took:?}");
+    assert!(
+        idle_took < secs(1.5),
+        "idle pod waited the margin: {idle_took:?} {idle_summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fixed_quiet_window_of_zero_stops_as_soon_as_nothing_is_open() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(
+        app,
+        &["--deregister-delay", "300ms", "--quiet-window", "0s"],
+    )
+    .await;
+    let t0 = Instant::now();
+    new_connection_every_200ms(sc.listen, t0, secs(1.0)).await;
+    let started = Instant::now();
+    let summary = summary_of(&sc.prestop(None).await.unwrap());
+    assert_eq!(summary["quiet_window"]["basis"], "fixed", "{summary}");
+    assert!(started.elapsed() < secs(0.6), "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -12,12 +12,20 @@ pub const INJECT: &str = "graceful.dev/inject";
 pub const DEREGISTER_DELAY: &str = "graceful.dev/deregister-delay";
 /// From the drain trigger to the forced close of what is still open (e.g. `30s`).
 pub const DRAIN_TIMEOUT: &str = "graceful.dev/drain-timeout";
-/// After no EndpointSlice lists the pod as ready: how long kube-proxy and other consumers of
-/// the slices get to apply that before the drain proceeds (e.g. `4s`).
+/// The least time from deregistration to the end of the drain of a pod that had traffic: a
+/// bound on kube-proxy's lag, which no pod can see (e.g. `4s`).
 pub const PROPAGATION_MARGIN: &str = "graceful.dev/propagation-margin";
-/// Injected pods wait longer than the sidecar's own 2s default: on the busy 2-core e2e node
-/// kube-proxy took up to 3s to program a change, and 2s dropped requests (docs/injection.md).
+/// Injected pods get 5s where the sidecar alone has none: kube-proxy re-routes only new
+/// connections, and one may come from a client this pod never served (reconnecting after a
+/// sibling's drain) for as long as kube-proxy lags, which reached 2-3s on the busy 2-core e2e
+/// node (docs/injection.md, docs/drain.md). An idle pod skips it.
 pub const DEFAULT_PROPAGATION_MARGIN: Duration = Duration::from_secs(5);
+/// The silence that ends the drain: `auto` (from the traffic before the trigger) or a fixed
+/// duration (`0s`: stop as soon as nothing is open). docs/drain.md.
+pub const QUIET_WINDOW: &str = "graceful.dev/quiet-window";
+/// The shortest quiet window `auto` picks: raise it behind a balancer that lags and sends
+/// sparse traffic (e.g. `5s`).
+pub const MIN_QUIET_WINDOW: &str = "graceful.dev/min-quiet-window";
 /// The app's port the sidecar takes over: a port name of the app container, or a number.
 pub const APP_PORT: &str = "graceful.dev/app-port";
 /// The container the sidecar fronts, when the pod has more than one.
@@ -73,6 +81,9 @@ pub struct Settings {
     pub deregister_delay: Duration,
     pub drain_timeout: Duration,
     pub propagation_margin: Duration,
+    /// None: `auto`.
+    pub quiet_window: Option<Duration>,
+    pub min_quiet_window: Duration,
     pub app_port: Option<PortRef>,
     pub app_container: Option<String>,
     pub grace_policy: GracePolicy,
@@ -124,6 +135,17 @@ impl Settings {
             Some(v) => duration(PROPAGATION_MARGIN, v)?,
             None => DEFAULT_PROPAGATION_MARGIN,
         };
+        let quiet_window = match get(QUIET_WINDOW) {
+            None | Some("auto") => None,
+            Some(v) => Some(duration(QUIET_WINDOW, v).map_err(|mut e| {
+                e.reason = format!("\"auto\" or {}", e.reason);
+                e
+            })?),
+        };
+        let min_quiet_window = match get(MIN_QUIET_WINDOW) {
+            Some(v) => duration(MIN_QUIET_WINDOW, v)?,
+            None => defaults::MIN_QUIET_WINDOW,
+        };
         let app_port = get(APP_PORT).map(port_ref).transpose()?;
         let app_container = match get(APP_CONTAINER) {
             Some("") => {
@@ -151,6 +173,8 @@ impl Settings {
             deregister_delay,
             drain_timeout,
             propagation_margin,
+            quiet_window,
+            min_quiet_window,
             app_port,
             app_container,
             grace_policy,

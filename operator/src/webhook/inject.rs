@@ -134,7 +134,8 @@ fn build(
     replace_prestop(app, ctx.prestop_token, &mut warnings)?;
     let app_name = app.name.clone();
 
-    let mut sidecar = sidecar_container(settings, &port, ctx);
+    let labels = original.metadata.labels.clone().unwrap_or_default();
+    let mut sidecar = sidecar_container(settings, &port, &labels, ctx);
     // The ServiceAccount admission plugin ran before this webhook and mounted the API token
     // only into the containers that existed then: the sidecar needs it to watch EndpointSlices.
     let token_mounts: Vec<VolumeMount> = app
@@ -383,7 +384,12 @@ fn replace_prestop(
     Ok(())
 }
 
-fn sidecar_container(settings: &Settings, port: &AppPort, ctx: &Context<'_>) -> Container {
+fn sidecar_container(
+    settings: &Settings,
+    port: &AppPort,
+    original_labels: &BTreeMap<String, String>,
+    ctx: &Context<'_>,
+) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.to_owned(),
@@ -420,6 +426,12 @@ fn sidecar_container(settings: &Settings, port: &AppPort, ctx: &Context<'_>) -> 
             format!("{}ms", settings.drain_timeout.as_millis()),
             "--propagation-margin".into(),
             format!("{}ms", settings.propagation_margin.as_millis()),
+            "--quiet-window".into(),
+            settings
+                .quiet_window
+                .map_or_else(|| "auto".to_owned(), |d| format!("{}ms", d.as_millis())),
+            "--min-quiet-window".into(),
+            format!("{}ms", settings.min_quiet_window.as_millis()),
         ]),
         env: Some(vec![
             env_from(defaults::ENV_POD_IP, "status.podIP"),
@@ -428,6 +440,13 @@ fn sidecar_container(settings: &Settings, port: &AppPort, ctx: &Context<'_>) -> 
             EnvVar {
                 name: defaults::ENV_PRESTOP_TOKEN.to_owned(),
                 value: Some(ctx.prestop_token.to_owned()),
+                ..Default::default()
+            },
+            // The drain watches only these Services' EndpointSlices. One created after the pod
+            // is not watched; the quiet window still covers it (docs/drain.md).
+            EnvVar {
+                name: defaults::ENV_SERVICES.to_owned(),
+                value: Some(selecting_services(original_labels, ctx.services).join(",")),
                 ..Default::default()
             },
         ]),
@@ -486,19 +505,36 @@ fn sidecar_container(settings: &Settings, port: &AppPort, ctx: &Context<'_>) -> 
     }
 }
 
+/// Whether the Service's selector picks a pod with these labels (a Service without one picks
+/// none: its endpoints are managed by hand).
+fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+        .is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// The names of the Services that select a pod with these labels, sorted.
+fn selecting_services(labels: &BTreeMap<String, String>, services: &[Service]) -> Vec<String> {
+    let mut names: Vec<String> = services
+        .iter()
+        .filter(|svc| selects(svc, labels))
+        .filter_map(|svc| svc.metadata.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Services that select this pod but reach the app port by number go around the sidecar.
 fn bypassing_services(pod: &Pod, services: &[Service], port: &AppPort) -> Vec<String> {
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     let mut warnings = Vec::new();
     for svc in services {
-        let Some(spec) = &svc.spec else { continue };
-        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        let Some(spec) = svc.spec.as_ref().filter(|_| selects(svc, labels)) else {
             continue;
         };
-        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-            continue;
-        }
         for sp in spec.ports.iter().flatten() {
             if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                 continue;

@@ -317,9 +317,15 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
     assert!(args.contains("--deregister-delay 1500ms"), "{args}");
     assert!(args.contains("--drain-timeout 50000ms"), "{args}");
     assert!(args.contains("--propagation-margin 5000ms"), "{args}");
+    assert!(
+        args.contains("--quiet-window auto --min-quiet-window 250ms"),
+        "{args}"
+    );
 
     let mut review_json = fixture();
     object(&mut review_json)["metadata"]["annotations"][ann::PROPAGATION_MARGIN] = json!("4s");
+    object(&mut review_json)["metadata"]["annotations"][ann::QUIET_WINDOW] = json!("0s");
+    object(&mut review_json)["metadata"]["annotations"][ann::MIN_QUIET_WINDOW] = json!("5s");
     let r = run(&review_json);
     let args = sidecar(&patched(&review_json, &r))
         .args
@@ -327,6 +333,17 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
         .unwrap()
         .join(" ");
     assert!(args.contains("--propagation-margin 4000ms"), "{args}");
+    assert!(
+        args.contains("--quiet-window 0ms --min-quiet-window 5000ms"),
+        "{args}"
+    );
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"][ann::QUIET_WINDOW] = json!("soon");
+    let denied = denial(&run(&review_json));
+    assert!(
+        denied.contains(ann::QUIET_WINDOW) && denied.contains("auto"),
+        "{denied}"
+    );
     // 1.5 + 50 + 5 = 56.5 -> 57 whole seconds.
     assert_eq!(pod.spec.unwrap().termination_grace_period_seconds, Some(57));
 }
@@ -348,6 +365,18 @@ fn numeric_target_port_services_are_named_in_a_warning() {
             .any(|w| w.contains("Service web ") || w.contains("Service other")),
         "{w:?}"
     );
+}
+
+#[test]
+fn the_sidecar_watches_the_slices_of_the_services_that_select_the_pod() {
+    let review_json = fixture();
+    let pod = patched(&review_json, &run(&review_json));
+    let env = sidecar(&pod).env.clone().unwrap();
+    let services = env
+        .iter()
+        .find(|e| e.name == graceful_sidecar::defaults::ENV_SERVICES)
+        .and_then(|e| e.value.clone());
+    assert_eq!(services.as_deref(), Some("web,web-legacy"));
 }
 
 #[test]
