@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Tells whether the e2e cluster is up: each daemon's pid, the apiserver, the node, the network
-# rule's routes, the images. Exits 0 only when the cluster is healthy.
+# Tells whether the e2e cluster is up: each daemon's pid, the apiserver, the node, the ingress
+# (Traefik instances), the network rule's routes, the images. Exits 0 only when all are healthy.
 set -euo pipefail
 here=$(dirname "$0")
 source "$here/common.sh"
 source "$here/daemons.sh"
+source "$here/traefik.sh"
 
 status=0
 echo "daemons (pids in $PIDS, logs in $LOGS):"
@@ -15,6 +16,10 @@ if node_ready; then
   kubectl_admin get pods -A --no-headers 2>/dev/null | awk '{n[$1]++} END {for (ns in n) printf "  %s: %d pods\n", ns, n[ns]}'
 else
   echo "node: $NODE_NAME not Ready"; status=1
+fi
+if apiserver_ready; then
+  echo "ingress: traefik $TRAEFIK_VERSION in namespace $TRAEFIK_NAMESPACE (curl -H 'Host: <host>' $INGRESS_URL/)"
+  traefik_status || status=1
 fi
 echo "routes: $(ip -o route get "$SERVICE_IP_APISERVER" 2>/dev/null | awk '{print $1, "via dev", $3}'); pod net $(ip -br addr show "$BRIDGE" 2>/dev/null || echo "$BRIDGE missing")"
 if [[ -S $CONTAINERD_SOCK ]]; then

@@ -8,14 +8,26 @@ source "$here/common.sh"
 source "$here/daemons.sh"
 source "$here/host.sh"
 source "$here/pki.sh"
+source "$here/traefik.sh"
 
 [[ $EUID == 0 ]] || die "cluster-up needs root (network, mounts, containerd)"
 started=$SECONDS
+
+# The ingress on a ready cluster: Traefik's image, the Gateway API CRDs, its objects
+# (traefik.sh). A warm run changes nothing.
+ingress_up() {
+  step "ingress: traefik $TRAEFIK_VERSION at $INGRESS_URL (namespace $TRAEFIK_NAMESPACE)"
+  traefik_install
+  done_step
+}
 
 if cluster_healthy; then
   log "cluster already up ($(daemons_running | tr '\n' ' '))"
   host_network_up # idempotent: puts back a route or guard someone removed
   host_check_routes
+  "$here/build-traefik.sh" # a cluster started before the ingress existed: built once
+  ingress_up
+  log "cluster up in $((SECONDS - started))s"
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
   exit 0
 fi
@@ -35,6 +47,9 @@ if [[ -n $(host_tools_missing) ]]; then
   "$REPO/scripts/deps.sh"
   [[ -z $(host_tools_missing) ]] || die "still missing after scripts/deps.sh: $(host_tools_missing)"
 fi
+done_step
+step "binaries: traefik $TRAEFIK_VERSION, gateway-api $GATEWAY_API_VERSION CRDs (build-traefik.sh)"
+"$here/build-traefik.sh"
 done_step
 
 # Anything left by an earlier cluster (stopped or killed) goes first: stale pids, sandboxes,
@@ -238,6 +253,8 @@ wait_for 60 "https://$SERVICE_IP_APISERVER/readyz through kube-proxy" curl -fsS 
   --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
   "https://$SERVICE_IP_APISERVER/readyz"
 done_step
+
+ingress_up
 
 log "cluster up in $((SECONDS - started))s; logs in $LOGS"
 echo "export KUBECONFIG=$KUBECONFIG_ADMIN"

@@ -8,8 +8,10 @@
 pub mod argo;
 pub mod cluster;
 pub mod demo;
+pub mod drains;
 pub mod error;
 pub mod graceful;
+pub mod ingress;
 pub mod load;
 pub mod namespace;
 pub mod rollout;

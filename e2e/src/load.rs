@@ -30,6 +30,10 @@ pub struct Load {
     pub max_duration: Duration,
     /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
     pub http2: bool,
+    /// A POST with this body instead of a GET (to an echoing path: a proxy may not retry it).
+    pub post: Option<String>,
+    /// The Host header, for name-based routing (an Ingress or an HTTPRoute).
+    pub host: Option<String>,
 }
 
 impl Default for Load {
@@ -42,6 +46,8 @@ impl Default for Load {
             tail: Duration::from_secs(3),
             max_duration: Duration::from_secs(300),
             http2: false,
+            post: None,
+            host: None,
         }
     }
 }
@@ -192,6 +198,12 @@ impl Load {
             .args(["-z", &format!("{}s", CHUNK.as_secs())])
             .args(["-t", &format!("{}ms", self.request_timeout.as_millis())])
             .args(self.http2.then_some("--http2"))
+            .args(self.post.iter().flat_map(|body| ["-m", "POST", "-d", body]))
+            .args(
+                self.host
+                    .iter()
+                    .flat_map(|h| ["-H".to_owned(), format!("Host: {h}")]),
+            )
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -117,9 +117,14 @@ pub async fn cluster_ip(api: &Api<Service>, name: &str) -> Result<String> {
 /// One HTTP/1.0 GET on a plain socket (no client library between the test and the wire):
 /// the status line and the body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
-    let io = |what: &str| Error::io(format!("GET http://{addr}{path}: {what}"));
+    http_get_host(addr, path, addr).await
+}
+
+/// `http_get` with another Host header (name-based routing).
+pub async fn http_get_host(addr: &str, path: &str, host: &str) -> Result<(String, String)> {
+    let io = |what: &str| Error::io(format!("GET http://{addr}{path} (Host {host}): {what}"));
     let mut stream = TcpStream::connect(addr).await.map_err(io("connect"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
@@ -164,18 +169,23 @@ pub async fn service_serving(
             if listed != ready {
                 return Ok(None);
             }
-            for _ in 0..10 {
-                match http_get(&addr, "/").await {
-                    Ok((status, _))
-                        if status
-                            .split_whitespace()
-                            .nth(1)
-                            .is_some_and(|c| c.starts_with('2')) => {}
-                    _ => return Ok(None),
-                }
-            }
-            Ok(Some(()))
+            Ok(ten_2xx_in_a_row(&addr, &addr).await.then_some(()))
         },
     )
     .await
+}
+
+/// Whether `GET /` with `Host: host` at `addr` answers 2xx ten times in a row.
+pub async fn ten_2xx_in_a_row(addr: &str, host: &str) -> bool {
+    for _ in 0..10 {
+        match http_get_host(addr, "/", host).await {
+            Ok((status, _))
+                if status
+                    .split_whitespace()
+                    .nth(1)
+                    .is_some_and(|c| c.starts_with('2')) => {}
+            _ => return false,
+        }
+    }
+    true
 }

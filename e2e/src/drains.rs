@@ -1,0 +1,113 @@
+//! The sidecar's own account of each drain: the JSON summary it writes to its termination
+//! message on exit, which exists only between that exit and the pod's deletion, so a watch
+//! collects it as it passes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+use serde::Deserialize;
+
+use crate::namespace::TestNamespace;
+
+/// The sidecar's container name in injected pods.
+const SIDECAR: &str = "graceful-sidecar";
+
+/// The fields of the sidecar's drain summary the tests read.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DrainSummary {
+    pub deregistration: String,
+    pub deregistering_seconds: f64,
+    pub quiescing_seconds: f64,
+    pub total_seconds: f64,
+    pub requests_after_trigger: u64,
+    pub quiet_window: QuietWindow,
+    pub traffic_after_deregistration_seconds: f64,
+    pub forced: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct QuietWindow {
+    pub seconds: f64,
+    pub basis: String,
+}
+
+impl std::fmt::Display for DrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1}s = deregister {:.1}s ({}) + quiesce {:.1}s; traffic for {:.1}s after deregistration, \
+             window {:.2}s ({}), {} requests after the trigger{}",
+            self.total_seconds,
+            self.deregistering_seconds,
+            self.deregistration,
+            self.quiescing_seconds,
+            self.traffic_after_deregistration_seconds,
+            self.quiet_window.seconds,
+            self.quiet_window.basis,
+            self.requests_after_trigger,
+            if self.forced { ", FORCED" } else { "" }
+        )
+    }
+}
+
+/// Collects the drain summaries of the namespace's pods until dropped.
+pub struct DrainWatch {
+    seen: Arc<Mutex<BTreeMap<String, DrainSummary>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DrainWatch {
+    pub fn start(ns: &TestNamespace) -> Self {
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let pods = ns.api::<Pod>();
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let events = watcher::watcher(pods, watcher::Config::default());
+                futures::pin_mut!(events);
+                while let Some(event) = events.next().await {
+                    let Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) = event
+                    else {
+                        continue;
+                    };
+                    if let Some((name, summary)) = summary_of(&pod) {
+                        seen.lock().expect("not poisoned").insert(name, summary);
+                    }
+                }
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Pod name -> its sidecar's summary, for every drain seen so far.
+    pub fn summaries(&self) -> BTreeMap<String, DrainSummary> {
+        self.seen.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for DrainWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn summary_of(pod: &Pod) -> Option<(String, DrainSummary)> {
+    let status = pod.status.as_ref()?;
+    let sidecar = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == SIDECAR)?;
+    let message = sidecar
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .as_ref()?;
+    let summary = serde_json::from_str(message).ok()?;
+    Some((pod.metadata.name.clone()?, summary))
+}
