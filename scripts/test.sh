@@ -2,8 +2,9 @@
 # make test: lint, unit and process tests, then the e2e suite on the real cluster.
 # On a fresh machine most of the time is building: Kubernetes and Traefik with Go, oha and the
 # workspace with cargo. The Go builds start first, in the background, and run while cargo
-# installs oha and builds and tests the workspace: each fills the other's single-threaded
-# stretches (big crates, links) on a 2-core machine. Warm, the Go builds are stamp checks.
+# installs oha, builds and tests the workspace and builds the static release binaries: each
+# fills the other's single-threaded stretches (big crates, links, downloads) on a 2-core
+# machine. Warm, the Go builds are stamp checks and cargo finds everything fresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/scripts/common.sh
@@ -16,7 +17,7 @@ setsid bash -c 'e2e/scripts/build-kube.sh && e2e/scripts/build-traefik.sh' >"$go
 go_builds=$!
 trap 'kill -- "-$go_builds" 2>/dev/null || true' EXIT
 
-make --no-print-directory deps lint unit
+make --no-print-directory deps lint unit build-static
 
 if ! wait "$go_builds"; then
   cat "$go_log" >&2
