@@ -8,7 +8,7 @@ source "$here/scripts/common.sh"
 export KUBECONFIG=${KUBECONFIG:-$KUBECONFIG_ADMIN}
 t0=$(date +%s)
 
-step "[1/5] cluster up (first run builds Kubernetes and helm from source: about 10 min on 2 cores)"
+step "[1/5] cluster up (first run builds Kubernetes, helm and Traefik from source: about 35 min on 2 cores)"
 "$here/scripts/cluster-up.sh"
 done_step
 
