@@ -222,8 +222,10 @@ impl Drain {
                 Calm::Busy => connections_quiet_at.min(quiet_at),
                 Calm::NoNewConnections => quiet_at,
                 // Open connections are closing; look again when they are gone, something
-                // arrives or the margin is over.
-                Calm::Quiet => (now + crate::arrivals::BUCKET).min(not_before.max(now)),
+                // arrives or the margin is over (never `now`: each turn would then wait only for
+                // the timer's next millisecond).
+                Calm::Quiet if not_before > now => (now + crate::arrivals::BUCKET).min(not_before),
+                Calm::Quiet => now + crate::arrivals::BUCKET,
             };
             tokio::select! {
                 _ = sleep_until(next) => {}
