@@ -2,8 +2,9 @@
 //! the tools scripts/deps.sh installed. Nothing needs exporting: the defaults match
 //! e2e/scripts/common.sh, and KUBECONFIG, GRACEFUL_STATE and GRACEFUL_CACHE override them.
 
+use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
@@ -73,6 +74,27 @@ pub fn kubectl_output(args: &[&str]) -> Result<String> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs kubectl with `input` on its stdin (a manifest for `apply -f -`); returns its output
+/// whatever the exit status, for the caller to judge.
+pub fn kubectl_with_input(args: &[&str], input: &str) -> Result<Output> {
+    let mut child = kubectl()?
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::io("running kubectl"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())
+        .map_err(Error::io("writing to kubectl"))?;
+    child
+        .wait_with_output()
+        .map_err(Error::io("waiting for kubectl"))
 }
 
 /// The node's InternalIP: the host's address on the pod bridge, where pods and the kubelet

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::Ingress;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 
 use crate::load::{Load, LoadReport};
 use crate::namespace::TestNamespace;
@@ -46,31 +45,16 @@ pub async fn http_route(ns: &TestNamespace, name: &str, host: &str, service: &st
             "rules": [{"backendRefs": [{"name": service, "port": 80}]}],
         },
     });
-    kubectl_apply(&route.to_string()).await
+    kubectl_apply(&route.to_string())
 }
 
 /// `kubectl apply --server-side -f -` of one manifest (JSON is YAML).
-pub async fn kubectl_apply(manifest: &str) -> Result<()> {
-    let mut child = tokio::process::Command::from(cluster::kubectl()?)
-        .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(Error::io("running kubectl apply"))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    stdin
-        .write_all(manifest.as_bytes())
-        .await
-        .map_err(Error::io("writing to kubectl"))?;
-    drop(stdin);
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(Error::io("waiting for kubectl"))?;
+pub fn kubectl_apply(manifest: &str) -> Result<()> {
+    let args = ["apply", "--server-side", "--force-conflicts", "-f", "-"];
+    let out = cluster::kubectl_with_input(&args, manifest)?;
     if !out.status.success() {
         return Err(Error::Command {
-            command: "kubectl apply -f -".into(),
+            command: format!("kubectl {}", args.join(" ")),
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }

@@ -4,7 +4,7 @@
 //! Needs helm (built by make cluster-up) and, for the install, the images (make images).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use graceful_e2e::cluster::{self, kubectl};
@@ -130,22 +130,11 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
         "-f",
         dev.to_str().unwrap(),
     ]);
-    let mut apply = kubectl()
-        .unwrap()
-        .args(["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    apply
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rendered.as_bytes())
-        .unwrap();
-    let out = apply.wait_with_output().unwrap();
+    let out = cluster::kubectl_with_input(
+        &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+        &rendered,
+    )
+    .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -377,23 +366,8 @@ async fn install_then_uninstall_leaves_only_the_crd() {
 
 /// Applies helm-rendered YAML with kubectl; returns (success, output).
 fn kubectl_apply(yaml: &str, extra: &[&str]) -> (bool, String) {
-    use std::io::Write as _;
-    let mut child = kubectl()
-        .unwrap()
-        .args(["apply", "-f", "-"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let args: Vec<&str> = ["apply", "-f", "-"].iter().chain(extra).copied().collect();
+    let out = cluster::kubectl_with_input(&args, yaml).unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
