@@ -113,12 +113,23 @@ pub struct QuietRule {
 /// How many of the longest gaps seen before the trigger a silence must last.
 pub const GAP_FACTOR: u32 = 3;
 
+/// Where a drain's quiet window came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    /// No traffic in the lookback.
+    Idle,
+    /// The gaps of the traffic in the lookback.
+    Traffic,
+    /// `--quiet-window DUR`.
+    Fixed,
+}
+
 /// The window chosen for one drain, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct QuietWindow {
     pub seconds: f64,
-    /// "idle": no traffic in the lookback; "traffic": from the longest gap seen.
-    pub basis: &'static str,
+    pub basis: Basis,
     /// The longest gap between arrivals before the trigger (bucket resolution), if any.
     pub longest_gap_seconds: Option<f64>,
 }
@@ -139,7 +150,7 @@ impl QuietRule {
         let Some(first) = record.iter().position(|&b| b) else {
             return QuietWindow {
                 seconds: self.idle.as_secs_f64(),
-                basis: "idle",
+                basis: Basis::Idle,
                 longest_gap_seconds: None,
             };
         };
@@ -157,7 +168,7 @@ impl QuietRule {
         let window = (gap * GAP_FACTOR).clamp(self.min, self.max.max(self.min));
         QuietWindow {
             seconds: window.as_secs_f64(),
-            basis: "traffic",
+            basis: Basis::Traffic,
             longest_gap_seconds: Some(gap.as_secs_f64()),
         }
     }
@@ -180,15 +191,15 @@ mod tests {
     #[test]
     fn no_traffic_is_idle() {
         let w = RULE.window(&record(&".".repeat(SLOTS)));
-        assert_eq!((w.seconds, w.basis), (1.0, "idle"));
-        assert_eq!(RULE.window(&[]).basis, "idle");
+        assert_eq!((w.seconds, w.basis), (1.0, Basis::Idle));
+        assert_eq!(RULE.window(&[]).basis, Basis::Idle);
     }
 
     #[test]
     fn busy_traffic_gets_the_minimum() {
         // An arrival in every bucket: gaps under 100 ms, 3 x 50 ms < min.
         let w = RULE.window(&record(&"x".repeat(SLOTS)));
-        assert_eq!((w.seconds, w.basis), (0.25, "traffic"));
+        assert_eq!((w.seconds, w.basis), (0.25, Basis::Traffic));
         // One empty bucket now and then: gaps up to 100 ms -> 300 ms.
         let w = RULE.window(&record(&"xx.x".repeat(SLOTS / 4)));
         assert!((w.seconds - 0.3).abs() < 1e-9, "{w:?}");

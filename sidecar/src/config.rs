@@ -48,7 +48,7 @@ pub struct Config {
     pub propagation_margin: Duration,
 
     /// Silence (no new connection, no new request) that tells the data planes have let the pod
-    /// go: `auto` derives it from the traffic before the trigger (3x its longest gap, within
+    /// go: `auto` derives it from the traffic before the trigger (3x its typical gap, within
     /// --min-quiet-window and 10s; 1s for a pod that had none); a duration fixes it (0s: stop
     /// as soon as nothing is open).
     #[arg(long, env = "GRACEFUL_QUIET_WINDOW", value_name = "auto|DUR", value_parser = parse_quiet_window, default_value = "auto")]

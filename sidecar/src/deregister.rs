@@ -1,13 +1,14 @@
 //! Deregister: wait until the pod is out of the API's endpoints. Where the pod may read
-//! EndpointSlices, until no slice lists its IP as ready; otherwise a fixed delay. The API client is built only here, at drain time, so an idle sidecar
-//! holds no watch, no TLS state and no extra memory.
+//! EndpointSlices, until no slice lists its IP as ready; otherwise a fixed delay. The API client
+//! is built only here, at drain time, so an idle sidecar holds no watch, no TLS state and no
+//! extra memory.
 //!
-//! One drain costs two API requests: a LIST and a WATCH of the slices of the pod's Services
-//! (label `kubernetes.io/service-name`, names given by the injector), so its cost does not grow
-//! with the namespace. Without names it watches the whole namespace's slices, still with one
-//! LIST and one WATCH.
+//! One drain costs at most two API requests: a LIST of the slices of the pod's Services (label
+//! `kubernetes.io/service-name`, names given by the injector), and a WATCH only if that list
+//! still shows the pod ready. Its cost does not grow with the namespace. Without names it reads
+//! the whole namespace's slices, with the same two requests at most.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -92,28 +93,30 @@ impl EndpointWatch {
         // No backoff: an error (forbidden, say) falls back to the delay at once.
         let events = watcher::watcher(api, config);
         futures::pin_mut!(events);
-        // Slice name -> lists the pod as ready; `pending` is filled while a (re)list runs.
-        let mut listed = HashMap::new();
-        let mut pending = HashMap::new();
+        // The slices that list the pod as ready; `pending` is filled while a (re)list runs.
+        let lists_me = |s: &EndpointSlice| listed_ready(std::slice::from_ref(s), pod.ip);
+        let mut listing = HashSet::new();
+        let mut pending = HashSet::new();
         let mut synced = false;
         while let Some(event) = events.try_next().await? {
             match event {
                 Event::Init => pending.clear(),
-                Event::InitApply(s) => {
-                    pending.insert(name(&s), listed_ready(std::slice::from_ref(&s), pod.ip));
+                Event::InitApply(s) if lists_me(&s) => {
+                    pending.insert(name(&s));
                 }
+                Event::InitApply(_) => {}
                 Event::InitDone => {
-                    listed = std::mem::take(&mut pending);
+                    listing = std::mem::take(&mut pending);
                     synced = true;
                 }
-                Event::Apply(s) => {
-                    listed.insert(name(&s), listed_ready(std::slice::from_ref(&s), pod.ip));
+                Event::Apply(s) if lists_me(&s) => {
+                    listing.insert(name(&s));
                 }
-                Event::Delete(s) => {
-                    listed.remove(&name(&s));
+                Event::Apply(s) | Event::Delete(s) => {
+                    listing.remove(&name(&s));
                 }
             }
-            if synced && !listed.values().any(|&ready| ready) {
+            if synced && listing.is_empty() {
                 return Ok(());
             }
         }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{info, warn};
 
-use crate::arrivals::{Arrivals, QuietRule, QuietWindow};
+use crate::arrivals::{Arrivals, Basis, QuietRule, QuietWindow};
 use crate::defaults;
 use crate::deregister::Deregister;
 use crate::metrics::Metrics;
@@ -99,7 +99,7 @@ impl Following {
             WindowChoice::Traffic(rule) => rule.window(&arrivals.record(trigger)),
             WindowChoice::Fixed(d) => QuietWindow {
                 seconds: d.as_secs_f64(),
-                basis: "fixed",
+                basis: Basis::Fixed,
                 longest_gap_seconds: None,
             },
         }
@@ -331,7 +331,7 @@ impl Drain {
         };
         let t1 = Instant::now();
         // An idle pod has no client that a lagging connection balancer could still send.
-        let margin = if window.basis == "idle" {
+        let margin = if window.basis == Basis::Idle {
             Duration::ZERO
         } else {
             following.margin
@@ -339,7 +339,7 @@ impl Drain {
         info!(
             deregistration,
             quiet_window = ?window.duration(),
-            basis = window.basis,
+            basis = ?window.basis,
             ?margin,
             "out of the API's endpoints: quiescing until the traffic stops"
         );
