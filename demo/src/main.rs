@@ -83,7 +83,7 @@ async fn route(
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => text(StatusCode::OK, version),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/slow") => {
+        (&Method::GET | &Method::POST, "/slow") => {
             let ms = query_ms(req.uri().query()).unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             text(StatusCode::OK, format!("slept {ms} ms\n"))

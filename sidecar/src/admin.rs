@@ -19,20 +19,33 @@ use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::defaults;
+use crate::deregister::{EndpointWatch, Listing, PodRef};
 use crate::drain::{Drain, Phase, Trigger};
+use crate::restarts::Restarts;
 
 pub struct Admin {
     drain: Arc<Drain>,
     prestop_token: Option<String>,
     app: Arc<App>,
+    restarts: Arc<Restarts>,
+    /// To tell a pod's deletion from a container restart when preStop comes.
+    pod: Option<PodRef>,
 }
 
 impl Admin {
-    pub fn new(drain: Arc<Drain>, prestop_token: Option<String>, app: Arc<App>) -> Self {
+    pub fn new(
+        drain: Arc<Drain>,
+        prestop_token: Option<String>,
+        app: Arc<App>,
+        restarts: Arc<Restarts>,
+        pod: Option<PodRef>,
+    ) -> Self {
         Self {
             drain,
             prestop_token,
             app,
+            restarts,
+            pod,
         }
     }
 
@@ -73,6 +86,9 @@ impl Admin {
                 format!("draining: {}\n", phase.as_str()),
             );
         }
+        if let Some(why) = self.restarts.unready().await {
+            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+        }
         if !self.app.ready().await {
             return text(StatusCode::SERVICE_UNAVAILABLE, "app not ready\n");
         }
@@ -85,19 +101,42 @@ impl Admin {
             warn!(%peer, "refused /prestop: missing or wrong credentials");
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
         }
+        if self.drain.phase() == Phase::Serving && self.container_restart().await {
+            // The pod stays: no drain. Requests wait for the new process from now on; the
+            // old one finishes what it has before the kubelet stops it.
+            let left = self.restarts.stop_for_restart().await;
+            info!(
+                requests_left_at_app = left,
+                "preStop for a container restart (the pod is not terminating): holding requests until the app is back"
+            );
+            return json(format!(
+                "{{\"restart\":true,\"requests_left_at_app\":{left}}}\n"
+            ));
+        }
         if !self.drain.trigger(Trigger::Prestop) {
             info!(%peer, "/prestop joins the drain under way");
         }
         let summary = self.drain.done().await;
-        let mut resp = text(
-            StatusCode::OK,
-            serde_json::to_string(&summary).expect("summary serializes") + "\n",
-        );
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            "application/json".parse().expect("valid header"),
-        );
-        resp
+        json(serde_json::to_string(&summary).expect("summary serializes") + "\n")
+    }
+
+    /// The kubelet runs a container's preStop for every stop it makes, a failed liveness probe
+    /// or a resize as much as a deletion. Only a pod that its EndpointSlices list, and not as
+    /// terminating, is known to stay; anything else (no slice, no access) drains, as before.
+    async fn container_restart(&self) -> bool {
+        let Some(pod) = &self.pod else {
+            return false;
+        };
+        match EndpointWatch::listing(pod, defaults::TERMINATING_PATIENCE).await {
+            Ok(listing) => {
+                info!(?listing, "preStop: what the EndpointSlices say of the pod");
+                listing == Listing::Staying
+            }
+            Err(e) => {
+                warn!(error = %e, "preStop: cannot read EndpointSlices, draining the pod");
+                false
+            }
+        }
     }
 
     /// With a token: `Authorization: Bearer <token>`, compared in constant time. Without one:
@@ -112,6 +151,15 @@ impl Admin {
             None => peer.ip().to_canonical().is_loopback(),
         }
     }
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::OK, body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("valid header"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -157,8 +205,15 @@ mod tests {
 
     fn admin(token: Option<&str>) -> Admin {
         let drain = Drain::new(crate::metrics::Metrics::new());
-        let app = Arc::new(App::new("127.0.0.1:1".parse().unwrap(), None, None));
-        Admin::new(drain, token.map(str::to_owned), app)
+        let upstream = "127.0.0.1:1".parse().unwrap();
+        let app = Arc::new(App::new(upstream, None, None));
+        let restarts = Restarts::new(
+            upstream,
+            Duration::from_secs(1),
+            1,
+            drain.metrics.restarts.clone(),
+        );
+        Admin::new(drain, token.map(str::to_owned), app, restarts, None)
     }
 
     fn req(auth: Option<&str>) -> Request<()> {

@@ -59,6 +59,15 @@ pub struct Config {
     #[arg(long, env = "GRACEFUL_MIN_QUIET_WINDOW", value_name = "DUR", value_parser = parse_duration, default_value = "250ms")]
     pub min_quiet_window: Duration,
 
+    /// How long a request may wait for the app while it restarts (its port refusing
+    /// connections), before a 503 with Retry-After; 0s turns waiting off (502 at once).
+    #[arg(long, env = "GRACEFUL_UPSTREAM_RESTART_WAIT", value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    pub upstream_restart_wait: Duration,
+
+    /// The most requests that may wait for the app at once; past it, 503 at once.
+    #[arg(long, env = "GRACEFUL_UPSTREAM_MAX_HELD", value_name = "N", default_value_t = defaults::UPSTREAM_MAX_HELD)]
+    pub upstream_max_held: usize,
+
     /// Bearer token /prestop requires; without it /prestop only accepts loopback peers.
     #[arg(long, env = defaults::ENV_PRESTOP_TOKEN, value_name = "TOKEN", hide_env_values = true)]
     pub prestop_token: Option<String>,
@@ -234,6 +243,8 @@ mod tests {
         assert_eq!(cfg.propagation_margin, defaults::PROPAGATION_MARGIN);
         assert_eq!(cfg.quiet_window, QuietWindowArg::Auto);
         assert_eq!(cfg.min_quiet_window, defaults::MIN_QUIET_WINDOW);
+        assert_eq!(cfg.upstream_restart_wait, defaults::UPSTREAM_RESTART_WAIT);
+        assert_eq!(cfg.upstream_max_held, defaults::UPSTREAM_MAX_HELD);
     }
 
     #[test]

@@ -31,6 +31,25 @@ pub const MIN_QUIET_WINDOW: Duration = Duration::from_millis(250);
 pub const IDLE_QUIET_WINDOW: Duration = Duration::from_secs(1);
 pub const MAX_QUIET_WINDOW: Duration = Duration::from_secs(10);
 
+/// How long a request may wait for the app while it restarts (`--upstream-restart-wait`): the
+/// kubelet restarts a crashed container at once the first time, and most apps listen again
+/// within a few seconds, while clients and proxies in front commonly give up after 15-60 s. Past
+/// it the request gets a 503 with `Retry-After`, which a client can retry on another pod.
+pub const UPSTREAM_RESTART_WAIT: Duration = Duration::from_secs(10);
+/// The most requests that may wait for the app at once (`--upstream-max-held`): a few KiB each
+/// (headers and a task; bodies stay in the client's socket), so a few MiB at most.
+pub const UPSTREAM_MAX_HELD: usize = 1024;
+/// /readyz says 503 once the app has refused connections this long: a blip does not move the
+/// traffic, a restart does.
+pub const APP_AWAY_UNREADY_AFTER: Duration = Duration::from_secs(1);
+/// While the app is away, how often its port is tried, and how long one try may take.
+pub const APP_KNOCK_INTERVAL: Duration = Duration::from_millis(50);
+pub const APP_KNOCK_TIMEOUT: Duration = Duration::from_secs(1);
+/// A preStop for a pod that is not terminating is a container restart (a failed liveness
+/// probe, a resize): how long to wait for the EndpointSlice to say "terminating" before
+/// concluding that (docs/restarts.md).
+pub const TERMINATING_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Environment variables (downward API) the injector sets and the sidecar reads.
 pub const ENV_POD_IP: &str = "GRACEFUL_POD_IP";
 pub const ENV_POD_NAMESPACE: &str = "GRACEFUL_POD_NAMESPACE";

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use tokio::time::{Instant, sleep_until};
@@ -76,11 +76,28 @@ impl Deregister {
     }
 }
 
+/// What the EndpointSlices say of the pod when its preStop comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// Some slice lists it as terminating: the pod is being deleted.
+    Terminating,
+    /// Listed, and not terminating all through the patience: the kubelet is restarting a
+    /// container of a pod that stays.
+    Staying,
+    /// No slice lists it: nothing to tell by.
+    Absent,
+}
+
 /// Watches the pod's EndpointSlices until none lists it as ready.
 pub struct EndpointWatch;
 
 impl EndpointWatch {
-    pub async fn until_not_ready(pod: &PodRef) -> Result<(), EndpointWatchError> {
+    fn watch(
+        pod: &PodRef,
+    ) -> Result<
+        impl futures::Stream<Item = watcher::Result<Event<EndpointSlice>>>,
+        EndpointWatchError,
+    > {
         // Only ring is compiled in; make that explicit for rustls.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube::Config::incluster()?;
@@ -90,37 +107,87 @@ impl EndpointWatch {
         if let Some(selector) = service_selector(&pod.services) {
             config = config.labels(&selector);
         }
-        // No backoff: an error (forbidden, say) falls back to the delay at once.
-        let events = watcher::watcher(api, config);
+        // No backoff: an error (forbidden, say) falls back at once.
+        Ok(watcher::watcher(api, config))
+    }
+
+    pub async fn until_not_ready(pod: &PodRef) -> Result<(), EndpointWatchError> {
+        let events = Self::watch(pod)?;
         futures::pin_mut!(events);
-        // The slices that list the pod as ready; `pending` is filled while a (re)list runs.
         let lists_me = |s: &EndpointSlice| listed_ready(std::slice::from_ref(s), pod.ip);
-        let mut listing = HashSet::new();
-        let mut pending = HashSet::new();
-        let mut synced = false;
+        let mut slices = SliceSet::default();
         while let Some(event) = events.try_next().await? {
-            match event {
-                Event::Init => pending.clear(),
-                Event::InitApply(s) if lists_me(&s) => {
-                    pending.insert(name(&s));
-                }
-                Event::InitApply(_) => {}
-                Event::InitDone => {
-                    listing = std::mem::take(&mut pending);
-                    synced = true;
-                }
-                Event::Apply(s) if lists_me(&s) => {
-                    listing.insert(name(&s));
-                }
-                Event::Apply(s) | Event::Delete(s) => {
-                    listing.remove(&name(&s));
-                }
-            }
-            if synced && listing.is_empty() {
+            if slices.apply(event, lists_me) && slices.listing.is_empty() {
                 return Ok(());
             }
         }
         Err(EndpointWatchError::Ended)
+    }
+
+    /// Whether the pod is being deleted, waiting up to `patience` for a slice to say so: the
+    /// EndpointSlice controller marks a deleted pod terminating, usually before its preStop.
+    pub async fn listing(pod: &PodRef, patience: Duration) -> Result<Listing, EndpointWatchError> {
+        let events = Self::watch(pod)?;
+        futures::pin_mut!(events);
+        let deadline = Instant::now() + patience;
+        let terminating = |s: &EndpointSlice| listed_terminating(std::slice::from_ref(s), pod.ip);
+        let listed = |s: &EndpointSlice| listed_at_all(std::slice::from_ref(s), pod.ip);
+        let mut terminating_in = SliceSet::default();
+        let mut listed_in = SliceSet::default();
+        loop {
+            let event = tokio::select! {
+                event = events.try_next() => event?.ok_or(EndpointWatchError::Ended)?,
+                _ = sleep_until(deadline) => return Ok(Listing::Staying),
+            };
+            let synced = listed_in.apply(event.clone(), listed);
+            terminating_in.apply(event, terminating);
+            if !synced {
+                continue;
+            }
+            if !terminating_in.listing.is_empty() {
+                return Ok(Listing::Terminating);
+            }
+            if listed_in.listing.is_empty() {
+                return Ok(Listing::Absent);
+            }
+        }
+    }
+}
+
+/// The slices for which a test holds, kept across a watch's (re)lists.
+#[derive(Default)]
+struct SliceSet {
+    listing: HashSet<String>,
+    /// Filled while a (re)list runs.
+    pending: HashSet<String>,
+    synced: bool,
+}
+
+impl SliceSet {
+    /// Applies one watch event; true once the first list is complete.
+    fn apply(
+        &mut self,
+        event: Event<EndpointSlice>,
+        test: impl Fn(&EndpointSlice) -> bool,
+    ) -> bool {
+        match event {
+            Event::Init => self.pending.clear(),
+            Event::InitApply(s) if test(&s) => {
+                self.pending.insert(name(&s));
+            }
+            Event::InitApply(_) => {}
+            Event::InitDone => {
+                self.listing = std::mem::take(&mut self.pending);
+                self.synced = true;
+            }
+            Event::Apply(s) if test(&s) => {
+                self.listing.insert(name(&s));
+            }
+            Event::Apply(s) | Event::Delete(s) => {
+                self.listing.remove(&name(&s));
+            }
+        }
+        self.synced
     }
 }
 
@@ -143,12 +210,30 @@ pub fn service_selector(services: &[String]) -> Option<String> {
 /// True while some slice lists `ip` as an endpoint whose `ready` condition is not false
 /// (an absent condition means ready, as the EndpointSlice API says).
 pub fn listed_ready(slices: &[EndpointSlice], ip: IpAddr) -> bool {
+    listed_where(slices, ip, |e| {
+        e.conditions.as_ref().and_then(|c| c.ready) != Some(false)
+    })
+}
+
+fn listed_where(slices: &[EndpointSlice], ip: IpAddr, test: impl Fn(&Endpoint) -> bool) -> bool {
     slices
         .iter()
         .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter(|e| test(e))
         .flat_map(|e| e.addresses.iter())
         .any(|a| a.parse::<IpAddr>().is_ok_and(|a| a == ip))
+}
+
+/// True while some slice lists `ip` as a terminating endpoint (its pod is being deleted).
+pub fn listed_terminating(slices: &[EndpointSlice], ip: IpAddr) -> bool {
+    listed_where(slices, ip, |e| {
+        e.conditions.as_ref().and_then(|c| c.terminating) == Some(true)
+    })
+}
+
+/// True while some slice lists `ip`, whatever its conditions.
+pub fn listed_at_all(slices: &[EndpointSlice], ip: IpAddr) -> bool {
+    listed_where(slices, ip, |_| true)
 }
 
 #[cfg(test)]
@@ -196,6 +281,23 @@ mod tests {
             {"addresses": ["10.88.0.6"], "conditions": {"ready": true}},
         ]));
         assert!(!listed_ready(&[s], me()));
+    }
+
+    #[test]
+    fn a_deleted_pods_endpoint_is_terminating_and_a_restarting_ones_is_not() {
+        let deleted = slice(serde_json::json!([
+            {"addresses": [ME], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ]));
+        assert!(listed_terminating(std::slice::from_ref(&deleted), me()));
+        assert!(listed_at_all(&[deleted], me()));
+        let restarting = slice(serde_json::json!([
+            {"addresses": [ME], "conditions": {"ready": false, "serving": false, "terminating": false}},
+            {"addresses": ["10.88.0.6"], "conditions": {"terminating": true}},
+        ]));
+        assert!(!listed_terminating(std::slice::from_ref(&restarting), me()));
+        assert!(listed_at_all(&[restarting], me()));
+        let elsewhere = slice(serde_json::json!([{"addresses": ["10.88.0.6"]}]));
+        assert!(!listed_at_all(&[elsewhere], me()));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod deregister;
 pub mod drain;
 pub mod metrics;
 pub mod proxy;
+pub mod restarts;
 pub mod signal;
 pub mod traffic;
 
@@ -26,6 +27,7 @@ use crate::deregister::Deregister;
 use crate::drain::{Drain, Phase, Summary, Trigger};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::restarts::Restarts;
 use crate::signal::Signals;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,19 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
     let mut signals = Signals::new().map_err(Error::Signals)?;
 
     let drain = Drain::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(cfg.upstream, cfg.upstream_h2c, drain.clone()));
+    let restarts = Restarts::new(
+        cfg.upstream,
+        cfg.upstream_restart_wait,
+        cfg.upstream_max_held,
+        drain.metrics.restarts.clone(),
+    );
+    tokio::spawn(restarts.clone().watch_app());
+    let proxy = Arc::new(Proxy::new(
+        cfg.upstream,
+        cfg.upstream_h2c,
+        drain.clone(),
+        restarts.clone(),
+    ));
     let app = Arc::new(App::new(
         cfg.upstream,
         cfg.app_ready_path.as_deref(),
@@ -109,6 +123,8 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
             drain.clone(),
             cfg.prestop_token.clone(),
             app.clone(),
+            restarts,
+            cfg.pod(),
         )),
     ));
     tokio::spawn(app.drain_hook(drain.clone()));

@@ -27,6 +27,103 @@ struct ProtocolLabel {
     protocol: Protocol,
 }
 
+/// Why a request failed because the app restarted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RestartFailure {
+    /// Sent to the app, which died before answering; not safe to send again (502).
+    cut_in_flight,
+    /// The app was not back within --upstream-restart-wait (503).
+    wait_expired,
+    /// --upstream-max-held requests were already waiting (503).
+    too_many_held,
+}
+
+const RESTART_FAILURES: [RestartFailure; 3] = [
+    RestartFailure::cut_in_flight,
+    RestartFailure::wait_expired,
+    RestartFailure::too_many_held,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: RestartFailure,
+}
+
+/// What the app's restarts did to requests (see `restarts`).
+#[derive(Clone)]
+pub struct RestartMetrics {
+    pub app_up: Gauge,
+    pub app_restarts: Counter,
+    pub requests_held: Counter,
+    pub requests_waiting: Gauge,
+    pub longest_hold_seconds: Gauge<f64, AtomicU64>,
+    pub requests_retried: Counter,
+    failed: [Counter; 3],
+}
+
+impl RestartMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let app_up = Gauge::default();
+        registry.register(
+            "app_up",
+            "1 while the app accepts connections, 0 while it is starting or restarting",
+            app_up.clone(),
+        );
+        let app_restarts = Counter::default();
+        registry.register(
+            "app_restarts",
+            "Times the app stopped accepting connections after it had (crash, kill, restart)",
+            app_restarts.clone(),
+        );
+        let requests_held = Counter::default();
+        registry.register(
+            "requests_held",
+            "Requests that waited for the app to accept connections again",
+            requests_held.clone(),
+        );
+        let requests_waiting = Gauge::default();
+        registry.register(
+            "requests_waiting_for_app",
+            "Requests waiting for the app now",
+            requests_waiting.clone(),
+        );
+        let longest_hold_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "longest_hold_seconds",
+            "The longest a request has waited for the app",
+            longest_hold_seconds.clone(),
+        );
+        let requests_retried = Counter::default();
+        registry.register(
+            "requests_retried",
+            "Idempotent requests cut in flight by the app's death and sent again once it was back",
+            requests_retried.clone(),
+        );
+        let failed_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "restart_failed_requests",
+            "Requests that failed because the app restarted, by reason",
+            failed_family.clone(),
+        );
+        let failed = RESTART_FAILURES
+            .map(|reason| failed_family.get_or_create(&ReasonLabel { reason }).clone());
+        Self {
+            app_up,
+            app_restarts,
+            requests_held,
+            requests_waiting,
+            longest_hold_seconds,
+            requests_retried,
+            failed,
+        }
+    }
+
+    pub fn failed(&self, why: RestartFailure) -> &Counter {
+        &self.failed[why as usize]
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: Phase,
@@ -45,6 +142,7 @@ pub struct Metrics {
     pub requests_force_closed: Counter,
     pub connections_force_closed: Counter,
     pub upstream_errors: Counter,
+    pub restarts: RestartMetrics,
 }
 
 const PROTOCOLS: [Protocol; 4] = [
@@ -139,6 +237,7 @@ impl Metrics {
             "Requests answered 502 because the app could not be reached",
             upstream_errors.clone(),
         );
+        let restarts = RestartMetrics::register(&mut registry);
         Self {
             registry,
             requests,
@@ -152,6 +251,7 @@ impl Metrics {
             requests_force_closed,
             connections_force_closed,
             upstream_errors,
+            restarts,
         }
     }
 

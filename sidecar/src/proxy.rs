@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version, uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version, uri};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Empty, Full};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
@@ -23,12 +23,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::drain::{Drain, Phase};
-use crate::metrics::Protocol;
+use crate::metrics::{Protocol, RestartFailure};
+use crate::restarts::{AtApp, HoldRefused, Restarts};
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// What goes to the app: the client's body as it arrives, or none (a request sent again).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
 /// Hop-by-hop fields a proxy must not forward (RFC 9110 7.6.1), besides those that
 /// `Connection` itself names.
@@ -67,7 +72,7 @@ pub struct Downstream {
     /// HTTP/1.1 requests on one client connection come one at a time, so that connection gets
     /// an upstream connection of its own: no shared pool, no lock contention, and both sides
     /// are driven by one task, so no hop between tasks per request.
-    upstream: Mutex<Option<http1::SendRequest<Incoming>>>,
+    upstream: Mutex<Option<http1::SendRequest<UpstreamBody>>>,
     drive: mpsc::UnboundedSender<UpstreamConn>,
 }
 
@@ -84,13 +89,58 @@ impl Downstream {
         (down, driven)
     }
 
-    fn take_upstream(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn take_upstream(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         self.upstream.lock().expect("not poisoned").take()
     }
 
-    fn keep_upstream(&self, sender: http1::SendRequest<Incoming>) {
+    fn keep_upstream(&self, sender: http1::SendRequest<UpstreamBody>) {
         *self.upstream.lock().expect("not poisoned") = Some(sender);
     }
+}
+
+/// How a send to the app failed, and so what may be done with the request.
+enum Failed {
+    /// Nothing reached the app; here is the request back.
+    NotSent(Box<Request<UpstreamBody>>, UpstreamError),
+    /// Nothing reached the app, but the pooled client kept the request.
+    Lost(UpstreamError),
+    /// The request was written, at least in part: the app may have received it.
+    Sent(UpstreamError),
+}
+
+/// A bodyless request, kept to be sent again.
+struct Resend {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Resend {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn request(self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Safe to send again even if the app's handler may have seen it: the methods RFC 9110 calls
+/// safe, or a request the client marked with an `Idempotency-Key`.
+fn is_idempotent<B>(req: &Request<B>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.headers().contains_key("idempotency-key")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,19 +157,25 @@ enum UpstreamError {
 
 pub struct Proxy {
     /// Pooled client for HTTP/2 clients, h2c upstreams and upgrades.
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, UpstreamBody>,
     upstream: SocketAddr,
     h2c: bool,
     authority: uri::Authority,
     upstream_version: Version,
     drain: Arc<Drain>,
+    restarts: Arc<Restarts>,
     /// Set by the first failure of a burst, cleared by the next success: one log line each.
     upstream_down: AtomicBool,
     failures: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(upstream: SocketAddr, h2c: bool, drain: Arc<Drain>) -> Self {
+    pub fn new(
+        upstream: SocketAddr,
+        h2c: bool,
+        drain: Arc<Drain>,
+        restarts: Arc<Restarts>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -143,6 +199,7 @@ impl Proxy {
                 Version::HTTP_11
             },
             drain,
+            restarts,
             upstream_down: AtomicBool::new(false),
             failures: AtomicU64::new(0),
         }
@@ -168,14 +225,9 @@ impl Proxy {
             return short(StatusCode::BAD_REQUEST, e);
         }
 
-        let result = if paired {
-            self.send_paired(req, down).await
-        } else {
-            self.client.request(req).await.map_err(UpstreamError::from)
-        };
-        let mut resp = match result {
-            Ok(resp) => resp,
-            Err(e) => return self.bad_gateway(e),
+        let (mut resp, at_app) = match self.forward(req, down, paired).await {
+            Ok(sent) => sent,
+            Err(failed) => return failed,
         };
         if self.upstream_down.swap(false, Ordering::Relaxed) {
             let n = self.failures.swap(0, Ordering::Relaxed);
@@ -202,6 +254,11 @@ impl Proxy {
             .map_frame(move |frame| {
                 let _ = &in_flight;
                 frame
+            })
+            // The app died while sending it: nothing can be answered any more, but it counts.
+            .map_err(move |e| {
+                at_app.cut();
+                e
             })
             .boxed_unsync();
         Response::from_parts(parts, body)
@@ -275,13 +332,110 @@ impl Proxy {
         Ok(())
     }
 
+    /// Sends the request; while the app restarts, waits for it and sends again what is safe
+    /// to send again (see `restarts` and docs/restarts.md). On failure, the response to give.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        down: &Downstream,
+        paired: bool,
+    ) -> Result<(Response<Incoming>, AtApp), Response<ProxyBody>> {
+        let restarts = &self.restarts;
+        let idempotent = is_idempotent(&req);
+        // A copy to send again: of an idempotent request the app may have received, and of any
+        // bodyless one the pooled client would lose to a refused connect. A body is never
+        // copied: it stays in the client's socket until the app can take it.
+        let mut copy =
+            (!restarts.wait().is_zero() && req.body().is_end_stream() && (idempotent || !paired))
+                .then(|| Resend::of(&req));
+        let mut next = req.map(Either::Left);
+        let mut deadline = None;
+        let mut retried = false;
+        loop {
+            if restarts.holding() {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + restarts.wait());
+                self.hold(deadline).await?;
+            }
+            let at_app = restarts.at_app();
+            let sent = if paired {
+                self.send_paired(next, down).await
+            } else {
+                self.send_pooled(next).await
+            };
+            let error = match sent {
+                Ok(resp) => {
+                    restarts.accepted();
+                    return Ok((resp, at_app));
+                }
+                // Nothing reached the app: wait for it, whatever the method.
+                Err(Failed::NotSent(req, e)) => {
+                    restarts.refused();
+                    if restarts.holding() {
+                        next = *req;
+                        continue;
+                    }
+                    e
+                }
+                Err(Failed::Lost(e)) => {
+                    restarts.refused();
+                    match copy.take() {
+                        Some(c) if restarts.holding() => {
+                            next = c.request();
+                            continue;
+                        }
+                        _ => e,
+                    }
+                }
+                // The app may have received it: only a request safe to repeat goes again, once.
+                Err(Failed::Sent(e)) => match copy.take().filter(|_| idempotent && !retried) {
+                    Some(c) => {
+                        retried = true;
+                        restarts.retried();
+                        restarts.look_again().await;
+                        next = c.request();
+                        continue;
+                    }
+                    None => {
+                        restarts.failed(RestartFailure::cut_in_flight);
+                        e
+                    }
+                },
+            };
+            return Err(self.bad_gateway(error));
+        }
+    }
+
+    /// Waits for the app until `deadline` (or the drain's forced close); a 503 past it.
+    async fn hold(&self, deadline: Instant) -> Result<(), Response<ProxyBody>> {
+        let mut force = self.drain.forced();
+        let held = tokio::select! {
+            held = self.restarts.hold(deadline) => held,
+            _ = crate::drain::forced(&mut force) => {
+                self.restarts.failed(RestartFailure::wait_expired);
+                Err(HoldRefused::Expired)
+            }
+        };
+        held.map_err(|why| {
+            let text = match why {
+                HoldRefused::Full => "graceful-sidecar: app restarting, too many requests waiting",
+                HoldRefused::Expired | HoldRefused::Off => {
+                    "graceful-sidecar: app restarting, not back in time"
+                }
+            };
+            let mut resp = short(StatusCode::SERVICE_UNAVAILABLE, text);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        })
+    }
+
     /// Sends on this client connection's own upstream connection; a request that was never
     /// written because a kept-alive connection was closing goes once more on a new one.
     async fn send_paired(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
         down: &Downstream,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, Failed> {
         if let Some(mut sender) = down.take_upstream().filter(|s| !s.is_closed())
             && sender.ready().await.is_ok()
         {
@@ -292,21 +446,44 @@ impl Proxy {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
+                    None => return Err(Failed::Sent(e.into_error().into())),
                 },
             }
         }
-        let mut sender = self.connect_paired(down).await?;
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        down.keep_upstream(sender);
-        Ok(resp)
+        let mut sender = match self.connect_paired(down).await {
+            Ok(sender) => sender,
+            Err(e) => return Err(Failed::NotSent(Box::new(req), e)),
+        };
+        if let Err(e) = sender.ready().await {
+            return Err(Failed::NotSent(Box::new(req), e.into()));
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                down.keep_upstream(sender);
+                Ok(resp)
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Err(Failed::NotSent(Box::new(unsent), e.into_error().into())),
+                None => Err(Failed::Sent(e.into_error().into())),
+            },
+        }
+    }
+
+    /// Sends through the pooled client, which keeps the request whatever happens.
+    async fn send_pooled(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
+        self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                Failed::Lost(e.into())
+            } else {
+                Failed::Sent(e.into())
+            }
+        })
     }
 
     async fn connect_paired(
         &self,
         down: &Downstream,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.upstream))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)?

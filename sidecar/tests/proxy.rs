@@ -148,7 +148,8 @@ async fn http2_prior_knowledge_to_the_sidecar_and_h2c_to_the_app() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn app_down_answers_502_and_logs_once_per_burst() {
     let down = free_addr();
-    let sc = start_sidecar(down, &[]).await;
+    // Without waiting for the app (tests/restarts.rs waits).
+    let sc = start_sidecar(down, &["--upstream-restart-wait", "0s"]).await;
     for _ in 0..5 {
         let r = get(sc.listen, "/").await;
         assert_eq!(r.status, 502);

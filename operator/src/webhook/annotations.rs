@@ -26,6 +26,9 @@ pub const QUIET_WINDOW: &str = "graceful.dev/quiet-window";
 /// The shortest quiet window `auto` picks: raise it behind a balancer that lags and sends
 /// sparse traffic (e.g. `5s`).
 pub const MIN_QUIET_WINDOW: &str = "graceful.dev/min-quiet-window";
+/// How long a request waits in the sidecar for the app while it restarts (a crash, a failed
+/// liveness probe), before a 503 with Retry-After (e.g. `20s`; `0s`: 502 at once).
+pub const UPSTREAM_RESTART_WAIT: &str = "graceful.dev/upstream-restart-wait";
 /// The app's port the sidecar takes over: a port name of the app container, or a number.
 pub const APP_PORT: &str = "graceful.dev/app-port";
 /// The container the sidecar fronts, when the pod has more than one.
@@ -84,6 +87,7 @@ pub struct Settings {
     /// None: `auto`.
     pub quiet_window: Option<Duration>,
     pub min_quiet_window: Duration,
+    pub upstream_restart_wait: Duration,
     pub app_port: Option<PortRef>,
     pub app_container: Option<String>,
     pub grace_policy: GracePolicy,
@@ -146,6 +150,10 @@ impl Settings {
             Some(v) => duration(MIN_QUIET_WINDOW, v)?,
             None => defaults::MIN_QUIET_WINDOW,
         };
+        let upstream_restart_wait = match get(UPSTREAM_RESTART_WAIT) {
+            Some(v) => duration(UPSTREAM_RESTART_WAIT, v)?,
+            None => defaults::UPSTREAM_RESTART_WAIT,
+        };
         let app_port = get(APP_PORT).map(port_ref).transpose()?;
         let app_container = match get(APP_CONTAINER) {
             Some("") => {
@@ -175,6 +183,7 @@ impl Settings {
             propagation_margin,
             quiet_window,
             min_quiet_window,
+            upstream_restart_wait,
             app_port,
             app_container,
             grace_policy,
@@ -244,6 +253,9 @@ mod tests {
         assert_eq!(s.drain_timeout, defaults::DRAIN_TIMEOUT);
         assert_eq!(s.grace_policy, GracePolicy::Raise);
         assert_eq!(s.app_port, None);
+        assert_eq!(s.upstream_restart_wait, defaults::UPSTREAM_RESTART_WAIT);
+        let s = Settings::from_annotations(&ann(&[(UPSTREAM_RESTART_WAIT, "0s")])).unwrap();
+        assert_eq!(s.upstream_restart_wait, Duration::ZERO);
     }
 
     #[test]
@@ -268,6 +280,7 @@ mod tests {
             (APP_PORT, "70000"),
             (APP_PORT, "Not_A_Name"),
             (GRACE_PERIOD, "maybe"),
+            (UPSTREAM_RESTART_WAIT, "a while"),
             (APP_CONTAINER, ""),
         ] {
             let err = Settings::from_annotations(&ann(&[(key, value)])).unwrap_err();

@@ -432,6 +432,8 @@ fn sidecar_container(
                 .map_or_else(|| "auto".to_owned(), |d| format!("{}ms", d.as_millis())),
             "--min-quiet-window".into(),
             format!("{}ms", settings.min_quiet_window.as_millis()),
+            "--upstream-restart-wait".into(),
+            format!("{}ms", settings.upstream_restart_wait.as_millis()),
         ]),
         env: Some(vec![
             env_from(defaults::ENV_POD_IP, "status.podIP"),

@@ -321,11 +321,13 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
         args.contains("--quiet-window auto --min-quiet-window 250ms"),
         "{args}"
     );
+    assert!(args.contains("--upstream-restart-wait 10000ms"), "{args}");
 
     let mut review_json = fixture();
     object(&mut review_json)["metadata"]["annotations"][ann::PROPAGATION_MARGIN] = json!("4s");
     object(&mut review_json)["metadata"]["annotations"][ann::QUIET_WINDOW] = json!("0s");
     object(&mut review_json)["metadata"]["annotations"][ann::MIN_QUIET_WINDOW] = json!("5s");
+    object(&mut review_json)["metadata"]["annotations"][ann::UPSTREAM_RESTART_WAIT] = json!("0s");
     let r = run(&review_json);
     let args = sidecar(&patched(&review_json, &r))
         .args
@@ -337,6 +339,7 @@ fn tuning_annotations_reach_the_sidecar_and_the_grace_period() {
         args.contains("--quiet-window 0ms --min-quiet-window 5000ms"),
         "{args}"
     );
+    assert!(args.contains("--upstream-restart-wait 0ms"), "{args}");
     let mut review_json = fixture();
     object(&mut review_json)["metadata"]["annotations"][ann::QUIET_WINDOW] = json!("soon");
     let denied = denial(&run(&review_json));

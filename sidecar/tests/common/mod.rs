@@ -146,6 +146,11 @@ async fn wait_listening(addr: SocketAddr, what: &str, proc: &mut Proc) {
 
 pub async fn start_demo() -> (Proc, SocketAddr) {
     let addr = free_addr();
+    (start_demo_at(addr).await, addr)
+}
+
+/// The demo on a given address: a restarted app listens where it did before.
+pub async fn start_demo_at(addr: SocketAddr) -> Proc {
     let mut p = Proc::spawn(Command::new(demo_bin()).args([
         "--listen",
         &addr.to_string(),
@@ -153,7 +158,7 @@ pub async fn start_demo() -> (Proc, SocketAddr) {
         "2",
     ]));
     wait_listening(addr, "graceful-demo", &mut p).await;
-    (p, addr)
+    p
 }
 
 pub struct Sidecar {
@@ -251,7 +256,11 @@ impl H1 {
     }
 
     pub async fn send(&mut self, path: &str, extra_headers: &str) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra_headers}\r\n");
+        self.send_method("GET", path, extra_headers).await;
+    }
+
+    pub async fn send_method(&mut self, method: &str, path: &str, extra_headers: &str) {
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{extra_headers}\r\n");
         self.stream.write_all(req.as_bytes()).await.unwrap();
     }
 
@@ -371,8 +380,19 @@ impl HeyReport {
 
 /// Runs hey for `duration` with `conns` keep-alive connections against `url`.
 pub fn hey(url: &str, conns: u32, duration: Duration) -> tokio::task::JoinHandle<HeyReport> {
+    hey_with(url, conns, duration, &[])
+}
+
+/// hey with more arguments (`-m POST -d body`, `-q rate`...).
+pub fn hey_with(
+    url: &str,
+    conns: u32,
+    duration: Duration,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<HeyReport> {
     let bin = hey_bin();
     let url = url.to_owned();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let out = Command::new(bin)
             .args([
@@ -383,6 +403,7 @@ pub fn hey(url: &str, conns: u32, duration: Duration) -> tokio::task::JoinHandle
                 "-t",
                 "20",
             ])
+            .args(&extra)
             .arg(&url)
             .output()
             .expect("run hey");
