@@ -151,26 +151,18 @@ impl Restarts {
 
     /// A connection to the app was refused (or could not be made).
     pub fn refused(&self) {
-        let now = Instant::now();
-        let mut became_down = false;
-        self.state.send_if_modified(|s| match *s {
-            AppState::Up => {
-                *s = AppState::Down { since: now };
-                became_down = true;
-                true
-            }
+        let became_down = self.leave_up(|since| AppState::Down { since });
+        if !became_down {
             // The old process is gone: the next accept is the new one.
-            AppState::Stopping { since } => {
-                *s = AppState::Down { since };
-                true
-            }
-            AppState::Starting { .. } | AppState::Down { .. } => false,
-        });
+            self.state.send_if_modified(|s| match *s {
+                AppState::Stopping { since } => {
+                    *s = AppState::Down { since };
+                    true
+                }
+                _ => false,
+            });
+        }
         if became_down {
-            self.away.store(true, Ordering::Relaxed);
-            self.metrics.app_up.set(0);
-            self.metrics.app_restarts.inc();
-            *self.episode.lock().expect("not poisoned") = Episode::default();
             if self.wait.is_zero() {
                 warn!(upstream = %self.upstream, "app stopped accepting connections: answering 502 until it is back");
             } else {
@@ -218,6 +210,24 @@ impl Restarts {
         }
     }
 
+    /// Up -> `to`: a restart begins. False when the app was not up.
+    fn leave_up(&self, to: impl FnOnce(Instant) -> AppState) -> bool {
+        let left = self.state.send_if_modified(|s| {
+            let up = *s == AppState::Up;
+            if up {
+                *s = to(Instant::now());
+            }
+            up
+        });
+        if left {
+            self.away.store(true, Ordering::Relaxed);
+            self.metrics.app_up.set(0);
+            self.metrics.app_restarts.inc();
+            *self.episode.lock().expect("not poisoned") = Episode::default();
+        }
+        left
+    }
+
     fn back(&self) {
         self.away.store(false, Ordering::Relaxed);
         self.metrics.app_up.set(1);
@@ -227,21 +237,7 @@ impl Restarts {
     /// now on. Resolves when the app has finished the requests it has, or after the wait.
     pub async fn stop_for_restart(&self) -> usize {
         let now = Instant::now();
-        let mut counted = false;
-        self.state.send_if_modified(|s| match *s {
-            AppState::Up => {
-                *s = AppState::Stopping { since: now };
-                counted = true;
-                true
-            }
-            _ => false,
-        });
-        if counted {
-            self.away.store(true, Ordering::Relaxed);
-            self.metrics.app_up.set(0);
-            self.metrics.app_restarts.inc();
-            *self.episode.lock().expect("not poisoned") = Episode::default();
-        }
+        self.leave_up(|since| AppState::Stopping { since });
         let deadline = now + self.wait;
         loop {
             let n = self.at_app.load(Ordering::Relaxed);
