@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -61,6 +62,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         std::process::exit(0);
     });
     let version: &'static str = Box::leak(format!("{}\n", args.version).into_boxed_str());
+    let health: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(true)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     let builder: &'static _ = Box::leak(Box::new(builder));
@@ -68,7 +70,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = service_fn(move |req| route(req, version));
+            let service = service_fn(move |req| route(req, version, health));
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
@@ -79,10 +81,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 async fn route(
     req: Request<Incoming>,
     version: &'static str,
+    health: &'static AtomicBool,
 ) -> Result<Response<Body>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => text(StatusCode::OK, version),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") if health.load(Ordering::Relaxed) => {
+            text(StatusCode::OK, "ok\n")
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy\n"),
+        // Fails every later health check, so a liveness probe restarts the app (a process that
+        // starts again is healthy).
+        (&Method::POST, "/healthz/fail") => {
+            health.store(false, Ordering::Relaxed);
+            text(StatusCode::OK, "unhealthy from now on\n")
+        }
         (&Method::GET | &Method::POST, "/slow") => {
             let ms = query_ms(req.uri().query()).unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -10,7 +10,7 @@ use graceful_e2e::load::Load;
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{demo, rollout, wait};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
@@ -40,15 +40,6 @@ async fn require_webhook(client: &Client) {
         has_bundle,
         "{WEBHOOK_CONFIG} has no caBundle yet: is the operator running? (make deploy)"
     );
-}
-
-/// The demo Service, reaching the app by port name: the name the sidecar takes over.
-fn named_port_service(name: &str) -> Service {
-    let mut svc = demo::service(name);
-    let ports = svc.spec.as_mut().unwrap().ports.as_mut().unwrap();
-    ports[0].target_port =
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()));
-    svc
 }
 
 fn sidecar_ready(pod: &Pod) -> bool {
@@ -82,7 +73,9 @@ async fn annotated_demo_rolls_out_without_dropping_requests() {
 
     let ns = TestNamespace::create(&client, "inject").await.unwrap();
     ns.apply(&demo::deployment("demo", 3, "v1")).await.unwrap();
-    ns.apply(&named_port_service("demo")).await.unwrap();
+    ns.apply(&graceful_e2e::graceful::named_port_service("demo"))
+        .await
+        .unwrap();
     wait::rollout(&ns.api(), "demo", Duration::from_secs(120))
         .await
         .unwrap();
@@ -205,7 +198,9 @@ fn idle_pod(name: &str, inject: bool, prestop_sleep: Option<i64>) -> Pod {
 async fn time_to_terminate(ns: &TestNamespace, pod: Pod) -> (Duration, Duration) {
     let name = pod.metadata.name.clone().unwrap();
     ns.apply(&pod).await.unwrap();
-    ns.apply(&named_port_service(&name)).await.unwrap();
+    ns.apply(&graceful_e2e::graceful::named_port_service(&name))
+        .await
+        .unwrap();
     let pods: Api<Pod> = ns.api();
     wait::pod_ready(&pods, &name, Duration::from_secs(90))
         .await

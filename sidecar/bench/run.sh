@@ -4,6 +4,8 @@
 # Full-speed req/s by wrk, p50/p99 at a fixed rate by oha, VmRSS of each proxy idle and under
 # load from /proc. Rounds are interleaved and the table shows medians.
 #   ROUNDS=7 DURATION=3 RATE=2000 CONNS=32 WORKERS=$(nproc) sidecar/bench/run.sh
+# BASELINE=/path/to/an/older/graceful-sidecar adds that build as one more row of the same run,
+# so a change is measured against what it replaces (sidecar/bench/baseline.sh builds one).
 # Many short interleaved rounds and medians: a burst of noise from other work on the machine
 # hits one round of one path, not the result.
 set -euo pipefail
@@ -44,7 +46,9 @@ free_port() {
   done
 }
 APP=$(free_port); SIDECAR=$(free_port); ADMIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
-[[ $(printf '%s\n' "$APP" "$SIDECAR" "$ADMIN" "$NGINX" "$HAPROXY" | sort -u | wc -l) == 5 ]] || die "port clash, run again"
+BASE=$(free_port); BASE_ADMIN=$(free_port)
+[[ $(printf '%s\n' "$APP" "$SIDECAR" "$ADMIN" "$NGINX" "$HAPROXY" "$BASE" "$BASE_ADMIN" | sort -u | wc -l) == 7 ]] || die "port clash, run again"
+[[ -z ${BASELINE:-} || -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
 
 wait_port() { # port
   for _ in $(seq 100); do
@@ -62,6 +66,12 @@ PIDS+=($!)
   --upstream "127.0.0.1:$APP" --workers "$WORKERS" --log warn 2>"$TMP/sidecar.log" &
 SIDECAR_PID=$!
 PIDS+=($SIDECAR_PID)
+if [[ -n ${BASELINE:-} ]]; then
+  "$BASELINE" --listen "127.0.0.1:$BASE" --admin "127.0.0.1:$BASE_ADMIN" \
+    --upstream "127.0.0.1:$APP" --workers "$WORKERS" --log warn 2>"$TMP/baseline.log" &
+  BASE_PID=$!
+  PIDS+=($BASE_PID)
+fi
 
 mkdir -p "$TMP/nginx"
 cat > "$TMP/nginx/nginx.conf" <<CONF
@@ -114,13 +124,14 @@ haproxy -db -f "$TMP/haproxy.cfg" 2>"$TMP/haproxy.log" &
 HAPROXY_PID=$!
 PIDS+=($HAPROXY_PID)
 
-for p in $APP $SIDECAR $ADMIN $NGINX $HAPROXY; do wait_port "$p"; done
+for p in $APP $SIDECAR $ADMIN $NGINX $HAPROXY ${BASELINE:+$BASE}; do wait_port "$p"; done
 
 # The processes whose memory counts for each proxy (nginx: master + workers).
 proxy_pids() { # name
   case $1 in
     direct) echo "" ;;
     graceful-sidecar) echo "$SIDECAR_PID" ;;
+    baseline-sidecar) echo "$BASE_PID" ;;
     nginx) echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" ;;
     haproxy) echo "$HAPROXY_PID $(pgrep -P "$HAPROXY_PID" | tr '\n' ' ')" ;;
   esac
@@ -133,9 +144,9 @@ rss_mib() { # pids... -> summed VmRSS in MiB
   done
   awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }'
 }
-port_of() { case $1 in direct) echo "$APP" ;; graceful-sidecar) echo "$SIDECAR" ;; nginx) echo "$NGINX" ;; haproxy) echo "$HAPROXY" ;; esac; }
+port_of() { case $1 in direct) echo "$APP" ;; graceful-sidecar) echo "$SIDECAR" ;; baseline-sidecar) echo "$BASE" ;; nginx) echo "$NGINX" ;; haproxy) echo "$HAPROXY" ;; esac; }
 
-TARGETS=(direct graceful-sidecar nginx haproxy)
+TARGETS=(direct graceful-sidecar ${BASELINE:+baseline-sidecar} nginx haproxy)
 for t in "${TARGETS[@]}"; do
   curl -sf "http://127.0.0.1:$(port_of "$t")/" >/dev/null || die "$t does not answer"
   pids=$(proxy_pids "$t")
@@ -183,6 +194,7 @@ direct_p99=$(median "$TMP/direct.p99")
       "$(median "$TMP/$t.p50")" "$p99" "$added" "$idle" "$load"
   done
   echo
+  [[ -z ${BASELINE:-} ]] || echo "baseline-sidecar: $BASELINE${BASELINE_REV:+ (built from $BASELINE_REV)}."
   echo "Medians of $ROUNDS interleaved rounds; ${DURATION}s per measurement; $CONNS keep-alive connections for wrk, 16 for oha; $WORKERS worker(s) per proxy and for the app; loopback, $(nproc) cores; $(date -u +%Y-%m-%d)."
 } | tee "$TMP/table.md"
 mkdir -p "$(dirname "$OUT")"

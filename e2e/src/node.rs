@@ -1,0 +1,106 @@
+//! What a test does on the node itself, as an operator with a shell there would: find the
+//! processes of a pod's container and kill them, the way a crash or the OOM killer does. The
+//! e2e node is this machine, and the tests run as root.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+
+use crate::{Error, Result, wait};
+
+/// The container's ID as the runtime knows it (`containerd://<id>` in the pod's status).
+pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == container)?
+        .container_id
+        .as_deref()?
+        .split_once("://")
+        .map(|(_, id)| id.to_owned())
+}
+
+/// The container's restart count.
+pub fn restart_count(pod: &Pod, container: &str) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|s| s.name == container))
+        .map_or(0, |s| s.restart_count)
+}
+
+/// The PIDs in the container's cgroup: the kubelet puts each container in a cgroup named by
+/// its ID (`/kubepods/<qos>/pod<uid>/<id>`).
+pub fn container_pids(id: &str) -> Result<Vec<u32>> {
+    let suffix = format!("/{id}");
+    let proc = std::fs::read_dir("/proc").map_err(Error::io("reading /proc"))?;
+    let mut pids = Vec::new();
+    for entry in proc.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read.
+        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        if cgroup.lines().any(|l| l.trim_end().ends_with(&suffix)) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// SIGKILLs every process of the pod's `container`, from the node; returns their PIDs.
+pub fn kill_container(pod: &Pod, container: &str) -> Result<Vec<u32>> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let id = container_id(pod, container)
+        .ok_or_else(|| Error::Cluster(format!("pod {name} has no running {container}")))?;
+    let pids = container_pids(&id)?;
+    if pids.is_empty() {
+        return Err(Error::Cluster(format!(
+            "no process of {name}/{container} ({id}) on this node"
+        )));
+    }
+    for pid in &pids {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .map_err(Error::io("kill"))?;
+        if !status.success() {
+            return Err(Error::Cluster(format!("kill -KILL {pid} failed")));
+        }
+    }
+    Ok(pids)
+}
+
+/// Waits until the pod's `container` has restarted more than `before` times and the pod is
+/// Ready again; returns the pod.
+pub async fn restarted_and_ready(
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+    before: i32,
+    timeout: Duration,
+) -> Result<Pod> {
+    wait::until(
+        &format!("{name}/{container} restarted and the pod ready"),
+        timeout,
+        || async {
+            let pod = pods.get(name).await?;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Ok((restart_count(&pod, container) > before && ready).then_some(pod))
+        },
+    )
+    .await
+}

@@ -1,0 +1,240 @@
+//! The app restarting inside injected pods (issue 12), on the real cluster under oha's load
+//! through the Service: the kubelet restarts the app container, the pod stays, and the sidecar
+//! keeps its port, so requests that arrive meanwhile wait for the new process instead of
+//! failing. Two ways an app goes: killed on the node (a crash, the OOM killer), and a failed
+//! liveness probe (the kubelet runs the preStop hook, which must not drain the pod).
+
+use std::time::Duration;
+
+use graceful_e2e::cluster;
+use graceful_e2e::graceful::{injected_deployment, named_port_service, wait_pods_settled};
+use graceful_e2e::load::{Load, LoadReport};
+use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::{Error, node, wait};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP: &str = "web";
+const CONTAINER: &str = "demo";
+const SIDECAR: &str = "graceful-sidecar";
+
+fn fail(ns: &TestNamespace, msg: String) -> ! {
+    ns.print_diagnostics();
+    panic!("{msg}");
+}
+
+/// The injected demo, 3 replicas, behind its Service; `liveness` adds a probe on the app's
+/// /healthz that restarts it at the first failure. Returns the Service URL.
+async fn deploy(ns: &TestNamespace, liveness: bool) -> String {
+    let mut d = injected_deployment(APP, 3, "v1");
+    if liveness {
+        let spec = d.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+        spec.containers[0].liveness_probe = Some(
+            serde_json::from_value(json!({
+                "httpGet": {"path": "/healthz", "port": 8080},
+                "periodSeconds": 1,
+                "failureThreshold": 1,
+            }))
+            .unwrap(),
+        );
+    }
+    ns.apply(&d).await.unwrap();
+    ns.apply(&named_port_service(APP)).await.unwrap();
+    wait::rollout(&ns.api(), APP, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| fail(ns, e.to_string()));
+    wait_pods_settled(ns, APP, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ip = wait::cluster_ip(&ns.api(), APP).await.unwrap();
+    wait::service_serving(&ns.api(), APP, &ip, 80, 3, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| fail(ns, e.to_string()));
+    format!("http://{ip}/")
+}
+
+/// The pod's sidecar metrics (admin port 9901 on the pod IP).
+async fn sidecar_metrics(pod: &Pod) -> String {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+    wait::http_get(&format!("{ip}:9901"), "/metrics")
+        .await
+        .unwrap()
+        .1
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in the sidecar's metrics:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The pod with the most of oha's connections open: oha keeps each connection on one pod, so
+/// a restart there meets requests for sure.
+async fn busiest_pod(pods: &Api<Pod>) -> Pod {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={APP}")))
+        .await
+        .unwrap()
+        .items;
+    let mut best = None;
+    for pod in list {
+        let open = metric(
+            &sidecar_metrics(&pod).await,
+            "graceful_open_connections{protocol=\"http1\"}",
+        );
+        if best.as_ref().is_none_or(|(n, _)| open > *n) {
+            best = Some((open, pod));
+        }
+    }
+    let (open, pod) = best.expect("pods");
+    assert!(open >= 1.0, "no pod holds a connection of the load");
+    pod
+}
+
+/// `POST path` on the app's own port, bypassing the sidecar (the host reaches pod IPs).
+async fn post_to_app(pod: &Pod, path: &str) {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+    let mut s = tokio::net::TcpStream::connect(format!("{ip}:8080"))
+        .await
+        .unwrap();
+    let req = format!("POST {path} HTTP/1.0\r\nHost: {ip}\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+}
+
+/// What the restart did, seen from the load and from the pod's sidecar.
+struct Seen {
+    report: LoadReport,
+    pod: Pod,
+    restarts_before: i32,
+    metrics: String,
+}
+
+impl Seen {
+    fn check(&self, ns: &TestNamespace, how: &str) {
+        let m = |name: &str| metric(&self.metrics, name);
+        let failed = |reason: &str| {
+            m(&format!(
+                "graceful_restart_failed_requests_total{{reason=\"{reason}\"}}"
+            ))
+        };
+        let pod = self.pod.metadata.name.as_deref().unwrap();
+        eprintln!(
+            "{how}, pod {pod}: {}\n  restarts {} -> {}; sidecar: app restarts {}, held {}, \
+             longest hold {:.2}s, retried {}, failed (cut, expired, too many) {} {} {}",
+            self.report,
+            self.restarts_before,
+            node::restart_count(&self.pod, CONTAINER),
+            m("graceful_app_restarts_total"),
+            m("graceful_requests_held_total"),
+            m("graceful_longest_hold_seconds"),
+            m("graceful_requests_retried_total"),
+            failed("cut_in_flight"),
+            failed("wait_expired"),
+            failed("too_many_held"),
+        );
+        let problems = [
+            (self.report.failed != 0, "requests failed"),
+            (self.report.sent < 3000, "too little load to show anything"),
+            (
+                node::restart_count(&self.pod, CONTAINER) != self.restarts_before + 1,
+                "the app container did not restart once",
+            ),
+            (
+                node::restart_count(&self.pod, SIDECAR) != 0,
+                "the sidecar restarted",
+            ),
+            (
+                m("graceful_app_restarts_total") != 1.0,
+                "the sidecar did not see one restart",
+            ),
+            (
+                m("graceful_requests_held_total") < 1.0,
+                "no request waited for the app",
+            ),
+            (
+                m("graceful_drain_phase{phase=\"serving\"}") != 1.0,
+                "the sidecar drained the pod",
+            ),
+        ];
+        let found: Vec<_> = problems
+            .iter()
+            .filter(|(bad, _)| *bad)
+            .map(|(_, w)| *w)
+            .collect();
+        if !found.is_empty() {
+            fail(ns, format!("{how}: {}: {}", found.join(", "), self.report));
+        }
+    }
+}
+
+/// Under load through the Service: `restart` on the busiest pod, then until the kubelet has
+/// restarted its app and the pod is Ready again.
+async fn restart_under_load<F, Fut>(ns: &TestNamespace, url: &str, restart: F) -> Seen
+where
+    F: FnOnce(Pod) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let pods: Api<Pod> = ns.api();
+    let load = Load::default();
+    let (outcome, report) = load
+        .during(url, async {
+            let victim = busiest_pod(&pods).await;
+            let name = victim.metadata.name.clone().unwrap();
+            let before = node::restart_count(&victim, CONTAINER);
+            restart(victim).await;
+            let pod =
+                node::restarted_and_ready(&pods, &name, CONTAINER, before, Duration::from_secs(60))
+                    .await?;
+            Ok::<_, Error>((pod, before))
+        })
+        .await
+        .unwrap_or_else(|e| fail(ns, e.to_string()));
+    let (pod, restarts_before) = outcome.unwrap_or_else(|e| fail(ns, e.to_string()));
+    let metrics = sidecar_metrics(&pod).await;
+    Seen {
+        report,
+        pod,
+        restarts_before,
+        metrics,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn an_app_killed_on_the_node_comes_back_without_a_failed_request() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "app-kill").await.unwrap();
+    let url = deploy(&ns, false).await;
+    let seen = restart_under_load(&ns, &url, |victim| async move {
+        let pids = node::kill_container(&victim, CONTAINER).unwrap();
+        eprintln!("killed {pids:?} (SIGKILL) on the node");
+    })
+    .await;
+    seen.check(&ns, "app killed on the node");
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn a_liveness_probe_restart_fails_nothing_and_does_not_drain_the_pod() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "app-liveness")
+        .await
+        .unwrap();
+    let url = deploy(&ns, true).await;
+    let seen = restart_under_load(&ns, &url, |victim| async move {
+        // From now on the app's /healthz fails: the kubelet runs its preStop, then restarts it.
+        post_to_app(&victim, "/healthz/fail").await;
+    })
+    .await;
+    seen.check(&ns, "liveness probe restart");
+}
