@@ -27,9 +27,19 @@ fn fail(ns: &TestNamespace, msg: String) -> ! {
 }
 
 /// The injected demo, 3 replicas, behind its Service; `liveness` adds a probe on the app's
-/// /healthz that restarts it at the first failure. Returns the Service URL.
-async fn deploy(ns: &TestNamespace, liveness: bool) -> String {
+/// /healthz that restarts it at the first failure; `restart_wait` sets the annotation.
+/// Returns the Service URL.
+async fn deploy(ns: &TestNamespace, liveness: bool, restart_wait: Option<&str>) -> String {
     let mut d = injected_deployment(APP, 3, "v1");
+    if let Some(wait) = restart_wait {
+        let template = &mut d.spec.as_mut().unwrap().template;
+        template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("graceful.dev/upstream-restart-wait".into(), wait.into());
+    }
     if liveness {
         let spec = d.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
         spec.containers[0].liveness_probe = Some(
@@ -144,7 +154,8 @@ impl Seen {
         );
         let problems = [
             (self.report.failed != 0, "requests failed"),
-            (self.report.sent < 3000, "too little load to show anything"),
+            // One 10 s run of oha at 300 req/s, less what waited.
+            (self.report.sent < 2000, "too little load to show anything"),
             (
                 node::restart_count(&self.pod, CONTAINER) != self.restarts_before + 1,
                 "the app container did not restart once",
@@ -209,17 +220,39 @@ where
     }
 }
 
+async fn kill_app(victim: Pod) {
+    let pids = node::kill_container(&victim, CONTAINER).unwrap();
+    eprintln!("killed {pids:?} (SIGKILL) on the node");
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
 async fn an_app_killed_on_the_node_comes_back_without_a_failed_request() {
     let client = cluster::client().await.unwrap();
+    // The same kill with waiting turned off, same run: what the pod's clients met before.
+    let ns = TestNamespace::create(&client, "app-kill-nowait")
+        .await
+        .unwrap();
+    let url = deploy(&ns, false, Some("0s")).await;
+    let without = restart_under_load(&ns, &url, kill_app).await;
+    eprintln!(
+        "without waiting (upstream-restart-wait 0s): {}",
+        without.report
+    );
+    if without.report.failed == 0 {
+        fail(
+            &ns,
+            format!(
+                "without waiting the kill failed nothing, so this test shows nothing: {}",
+                without.report
+            ),
+        );
+    }
+    drop(ns);
+
     let ns = TestNamespace::create(&client, "app-kill").await.unwrap();
-    let url = deploy(&ns, false).await;
-    let seen = restart_under_load(&ns, &url, |victim| async move {
-        let pids = node::kill_container(&victim, CONTAINER).unwrap();
-        eprintln!("killed {pids:?} (SIGKILL) on the node");
-    })
-    .await;
+    let url = deploy(&ns, false, None).await;
+    let seen = restart_under_load(&ns, &url, kill_app).await;
     seen.check(&ns, "app killed on the node");
 }
 
@@ -230,7 +263,7 @@ async fn a_liveness_probe_restart_fails_nothing_and_does_not_drain_the_pod() {
     let ns = TestNamespace::create(&client, "app-liveness")
         .await
         .unwrap();
-    let url = deploy(&ns, true).await;
+    let url = deploy(&ns, true, None).await;
     let seen = restart_under_load(&ns, &url, |victim| async move {
         // From now on the app's /healthz fails: the kubelet runs its preStop, then restarts it.
         post_to_app(&victim, "/healthz/fail").await;

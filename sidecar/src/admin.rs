@@ -101,7 +101,11 @@ impl Admin {
             warn!(%peer, "refused /prestop: missing or wrong credentials");
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
         }
-        if self.drain.phase() == Phase::Serving && self.container_restart().await {
+        let listing = match self.drain.phase() {
+            Phase::Serving => self.listing().await,
+            _ => None,
+        };
+        if listing == Some(Listing::Staying) {
             // The pod stays: no drain. Requests wait for the new process from now on; the
             // old one finishes what it has before the kubelet stops it.
             let left = self.restarts.stop_for_restart().await;
@@ -113,30 +117,13 @@ impl Admin {
                 "{{\"restart\":true,\"requests_left_at_app\":{left}}}\n"
             ));
         }
-        if !self.drain.trigger(Trigger::Prestop) {
+        // Out of every slice's ready endpoints already: the drain need not look again.
+        let deregistered = listing == Some(Listing::Terminating { ready: false });
+        if !self.drain.trigger(Trigger::Prestop, deregistered) {
             info!(%peer, "/prestop joins the drain under way");
         }
         let summary = self.drain.done().await;
         json(serde_json::to_string(&summary).expect("summary serializes") + "\n")
-    }
-
-    /// The kubelet runs a container's preStop for every stop it makes, a failed liveness probe
-    /// or a resize as much as a deletion. Only a pod that its EndpointSlices list, and not as
-    /// terminating, is known to stay; anything else (no slice, no access) drains, as before.
-    async fn container_restart(&self) -> bool {
-        let Some(pod) = &self.pod else {
-            return false;
-        };
-        match EndpointWatch::listing(pod, defaults::TERMINATING_PATIENCE).await {
-            Ok(listing) => {
-                info!(?listing, "preStop: what the EndpointSlices say of the pod");
-                listing == Listing::Staying
-            }
-            Err(e) => {
-                warn!(error = %e, "preStop: cannot read EndpointSlices, draining the pod");
-                false
-            }
-        }
     }
 
     /// With a token: `Authorization: Bearer <token>`, compared in constant time. Without one:
@@ -149,6 +136,24 @@ impl Admin {
                 .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
                 .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes()))),
             None => peer.ip().to_canonical().is_loopback(),
+        }
+    }
+
+    /// The kubelet runs a container's preStop for every stop it makes, a failed liveness probe
+    /// or a resize as much as a deletion. Only a pod that its EndpointSlices list, and not as
+    /// terminating, is known to stay; anything else (no slice, no access: None) drains, as
+    /// before.
+    async fn listing(&self) -> Option<Listing> {
+        let pod = self.pod.as_ref()?;
+        match EndpointWatch::listing(pod, defaults::TERMINATING_PATIENCE).await {
+            Ok(listing) => {
+                info!(?listing, "preStop: what the EndpointSlices say of the pod");
+                Some(listing)
+            }
+            Err(e) => {
+                warn!(error = %e, "preStop: cannot read EndpointSlices, draining the pod");
+                None
+            }
         }
     }
 }

@@ -6,7 +6,9 @@
 //! One drain costs at most two API requests: a LIST of the slices of the pod's Services (label
 //! `kubernetes.io/service-name`, names given by the injector), and a WATCH only if that list
 //! still shows the pod ready. Its cost does not grow with the namespace. Without names it reads
-//! the whole namespace's slices, with the same two requests at most.
+//! the whole namespace's slices, with the same two requests at most. A drain on preStop starts
+//! with the same LIST, made to tell a deletion from a container restart (`Listing`); when it
+//! shows the pod deleted and no longer ready, the drain makes no request of its own.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -79,8 +81,9 @@ impl Deregister {
 /// What the EndpointSlices say of the pod when its preStop comes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listing {
-    /// Some slice lists it as terminating: the pod is being deleted.
-    Terminating,
+    /// Some slice lists it as terminating: the pod is being deleted. `ready`: some slice
+    /// still lists it ready (if none does, the drain's deregistration is already done).
+    Terminating { ready: bool },
     /// Listed, and not terminating all through the patience: the kubelet is restarting a
     /// container of a pod that stays.
     Staying,
@@ -132,20 +135,25 @@ impl EndpointWatch {
         let deadline = Instant::now() + patience;
         let terminating = |s: &EndpointSlice| listed_terminating(std::slice::from_ref(s), pod.ip);
         let listed = |s: &EndpointSlice| listed_at_all(std::slice::from_ref(s), pod.ip);
+        let ready = |s: &EndpointSlice| listed_ready(std::slice::from_ref(s), pod.ip);
         let mut terminating_in = SliceSet::default();
         let mut listed_in = SliceSet::default();
+        let mut ready_in = SliceSet::default();
         loop {
             let event = tokio::select! {
                 event = events.try_next() => event?.ok_or(EndpointWatchError::Ended)?,
                 _ = sleep_until(deadline) => return Ok(Listing::Staying),
             };
             let synced = listed_in.apply(event.clone(), listed);
+            ready_in.apply(event.clone(), ready);
             terminating_in.apply(event, terminating);
             if !synced {
                 continue;
             }
             if !terminating_in.listing.is_empty() {
-                return Ok(Listing::Terminating);
+                return Ok(Listing::Terminating {
+                    ready: !ready_in.listing.is_empty(),
+                });
             }
             if listed_in.listing.is_empty() {
                 return Ok(Listing::Absent);

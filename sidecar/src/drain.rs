@@ -6,7 +6,7 @@
 //! Quiescing until the traffic shows that they listened: no new connection and no new request
 //! for the quiet window (see `arrivals` and docs/drain.md), and nothing left open.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -138,6 +138,8 @@ pub struct Drain {
     /// A second SIGTERM asks `run` to force; connections must not see it before the count.
     force_requested: watch::Sender<bool>,
     trigger: OnceLock<(Trigger, Instant)>,
+    /// Set before the trigger when its caller already saw the EndpointSlices let the pod go.
+    deregistered_at_trigger: AtomicBool,
     entered: Mutex<[Option<Instant>; 4]>,
     /// Every open connection and tunnel holds a receiver; `closed()` means none is left.
     connections: watch::Sender<()>,
@@ -159,6 +161,7 @@ impl Drain {
             force: watch::Sender::new(false),
             force_requested: watch::Sender::new(false),
             trigger: OnceLock::new(),
+            deregistered_at_trigger: AtomicBool::new(false),
             entered: Mutex::new([Some(Instant::now()), None, None, None]),
             connections: watch::Sender::new(()),
             arrivals: Arrivals::new(),
@@ -239,9 +242,12 @@ impl Drain {
     }
 
     /// Starts the drain; returns false when one is already under way (the caller joins it).
-    pub fn trigger(&self, trigger: Trigger) -> bool {
+    /// `deregistered`: the caller saw the pod out of the API's endpoints already.
+    pub fn trigger(&self, trigger: Trigger, deregistered: bool) -> bool {
         let started = self.trigger.set((trigger, Instant::now())).is_ok();
         if started {
+            self.deregistered_at_trigger
+                .store(deregistered, Ordering::Relaxed);
             info!(?trigger, "drain triggered: readiness off, still serving");
             self.enter(Phase::Deregistering);
         }
@@ -324,10 +330,14 @@ impl Drain {
         self.metrics.quiet_window_seconds.set(window.seconds);
 
         // Deregister: everything that still arrives is served meanwhile.
-        let deregistration = tokio::select! {
-            path = deregister.wait(t0) => path,
-            _ = sleep_until(deadline) => "forced",
-            _ = forced(&mut force) => "forced",
+        let deregistration = if self.deregistered_at_trigger.load(Ordering::Relaxed) {
+            "endpointslices"
+        } else {
+            tokio::select! {
+                path = deregister.wait(t0) => path,
+                _ = sleep_until(deadline) => "forced",
+                _ = forced(&mut force) => "forced",
+            }
         };
         let t1 = Instant::now();
         // An idle pod has no client that a lagging connection balancer could still send.

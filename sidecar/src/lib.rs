@@ -141,7 +141,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
             signal = signals.recv() => {
                 signals_seen += 1;
                 if signals_seen == 1 {
-                    if !drain.trigger(Trigger::Signal) {
+                    if !drain.trigger(Trigger::Signal, false) {
                         info!(signal, "joining the drain under way; another signal forces it");
                     }
                 } else if drain.phase() != Phase::Done {
