@@ -32,10 +32,10 @@ pub fn restart_count(pod: &Pod, container: &str) -> i32 {
         .map_or(0, |s| s.restart_count)
 }
 
-/// The PIDs in the container's cgroup: the kubelet puts each container in a cgroup named by
-/// its ID (`/kubepods/<qos>/pod<uid>/<id>`).
+/// The PIDs in the container's cgroup: the kubelet names each container's cgroup after its ID
+/// (`/kubepods/<qos>/pod<uid>/<id>` with the cgroupfs driver, `cri-containerd-<id>.scope` with
+/// systemd's), and an ID is 64 hex digits, unique on the node.
 pub fn container_pids(id: &str) -> Result<Vec<u32>> {
-    let suffix = format!("/{id}");
     let proc = std::fs::read_dir("/proc").map_err(Error::io("reading /proc"))?;
     let mut pids = Vec::new();
     for entry in proc.flatten() {
@@ -50,7 +50,7 @@ pub fn container_pids(id: &str) -> Result<Vec<u32>> {
         let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
             continue;
         };
-        if cgroup.lines().any(|l| l.trim_end().ends_with(&suffix)) {
+        if cgroup.lines().any(|l| l.contains(id)) {
             pids.push(pid);
         }
     }
