@@ -351,6 +351,12 @@ impl Proxy {
         let mut next = req.map(Either::Left);
         let mut deadline = None;
         let mut retried = false;
+        // Waiting is on and its time, counted from the first wait or refusal, is not over.
+        let may_wait = |deadline: &mut Option<Instant>| {
+            !restarts.wait().is_zero()
+                && Instant::now()
+                    < *deadline.get_or_insert_with(|| Instant::now() + restarts.wait())
+        };
         loop {
             if restarts.holding() {
                 let deadline = *deadline.get_or_insert_with(|| Instant::now() + restarts.wait());
@@ -368,9 +374,12 @@ impl Proxy {
                     return Ok((resp, at_app));
                 }
                 // Nothing reached the app: wait for it, whatever the method.
+                // Nothing reached the app: wait for it and try again, whatever the method and
+                // whatever the state says now (the app may be back already: the prober can see
+                // it between this refusal and the next look).
                 Err(Failed::NotSent(req, e)) => {
                     restarts.refused();
-                    if restarts.holding() {
+                    if may_wait(&mut deadline) {
                         next = *req;
                         continue;
                     }
@@ -379,7 +388,7 @@ impl Proxy {
                 Err(Failed::Lost(e)) => {
                     restarts.refused();
                     match copy.take() {
-                        Some(c) if restarts.holding() => {
+                        Some(c) if may_wait(&mut deadline) => {
                             next = c.request();
                             continue;
                         }
