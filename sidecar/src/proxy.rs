@@ -383,6 +383,10 @@ impl Proxy {
                         next = *req;
                         continue;
                     }
+                    if !restarts.wait().is_zero() {
+                        restarts.failed(RestartFailure::wait_expired);
+                        return Err(unavailable(HoldRefused::Expired));
+                    }
                     e
                 }
                 Err(Failed::Lost(e)) => {
@@ -424,18 +428,7 @@ impl Proxy {
                 Err(HoldRefused::Expired)
             }
         };
-        held.map_err(|why| {
-            let text = match why {
-                HoldRefused::Full => "graceful-sidecar: app restarting, too many requests waiting",
-                HoldRefused::Expired | HoldRefused::Off => {
-                    "graceful-sidecar: app restarting, not back in time"
-                }
-            };
-            let mut resp = short(StatusCode::SERVICE_UNAVAILABLE, text);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
-        })
+        held.map_err(unavailable)
     }
 
     /// Sends on this client connection's own upstream connection; a request that was never
@@ -478,7 +471,8 @@ impl Proxy {
         }
     }
 
-    /// Sends through the pooled client, which keeps the request whatever happens.
+    /// Sends through the pooled client, which takes the request whatever happens: a refused
+    /// connect loses it (`Lost`).
     async fn send_pooled(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
         self.client.request(req).await.map_err(|e| {
             if e.is_connect() {
@@ -522,6 +516,20 @@ impl Proxy {
         }
         short(StatusCode::BAD_GATEWAY, "graceful-sidecar: app unreachable")
     }
+}
+
+/// 503 with `Retry-After`: the app is restarting, another pod may answer.
+fn unavailable(why: HoldRefused) -> Response<ProxyBody> {
+    let text = match why {
+        HoldRefused::Full => "graceful-sidecar: app restarting, too many requests waiting",
+        HoldRefused::Expired | HoldRefused::Off => {
+            "graceful-sidecar: app restarting, not back in time"
+        }
+    };
+    let mut resp = short(StatusCode::SERVICE_UNAVAILABLE, text);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 fn short(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
