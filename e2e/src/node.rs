@@ -4,19 +4,23 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
 
 use crate::{Error, Result, wait};
 
-/// The container's ID as the runtime knows it (`containerd://<id>` in the pod's status).
-pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
+fn status<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
     pod.status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .iter()
-        .find(|s| s.name == container)?
+        .find(|s| s.name == container)
+}
+
+/// The container's ID as the runtime knows it (`containerd://<id>` in the pod's status).
+pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
+    status(pod, container)?
         .container_id
         .as_deref()?
         .split_once("://")
@@ -25,11 +29,7 @@ pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
 
 /// The container's restart count.
 pub fn restart_count(pod: &Pod, container: &str) -> i32 {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.iter().find(|s| s.name == container))
-        .map_or(0, |s| s.restart_count)
+    status(pod, container).map_or(0, |s| s.restart_count)
 }
 
 /// The PIDs in the container's cgroup: the kubelet names each container's cgroup after its ID
@@ -94,12 +94,8 @@ pub async fn restarted_and_ready(
         timeout,
         || async {
             let pod = pods.get(name).await?;
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            Ok((restart_count(&pod, container) > before && ready).then_some(pod))
+            let restarted = restart_count(&pod, container) > before;
+            Ok((restarted && wait::is_ready(&pod)).then_some(pod))
         },
     )
     .await

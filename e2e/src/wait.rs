@@ -83,16 +83,19 @@ pub async fn pod_finished(api: &Api<Pod>, name: &str, timeout: Duration) -> Resu
     .await
 }
 
+/// Whether the pod's Ready condition is True.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Waits until pod `name` is Ready.
 pub async fn pod_ready(api: &Api<Pod>, name: &str, timeout: Duration) -> Result<Pod> {
     until(&format!("pod {name} ready"), timeout, || async {
         let pod = api.get(name).await?;
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        Ok(ready.then_some(pod))
+        Ok(is_ready(&pod).then_some(pod))
     })
     .await
 }
