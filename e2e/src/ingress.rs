@@ -64,18 +64,8 @@ pub fn kubectl_apply(manifest: &str) -> Result<()> {
 /// Waits until `GET /` with `Host: host` at `addr` answers 2xx ten times in a row: the
 /// controller has read the route and every backend it lists answers.
 pub async fn wait_routed(addr: &str, host: &str, timeout: Duration) -> Result<()> {
-    wait::until(&format!("{host} routed at {addr}"), timeout, || async {
-        for _ in 0..10 {
-            match wait::http_get_host(addr, "/", host).await {
-                Ok((status, _))
-                    if status
-                        .split_whitespace()
-                        .nth(1)
-                        .is_some_and(|c| c.starts_with('2')) => {}
-                _ => return Ok(None),
-            }
-        }
-        Ok(Some(()))
+    wait::until_seen(&format!("{host} routed at {addr}"), timeout, || async {
+        Ok(wait::ten_2xx_in_a_row(addr, host).await)
     })
     .await
 }

@@ -84,6 +84,18 @@ impl TestNamespace {
             ns,
         ]);
         kubectl_print(&["get", "events", "--sort-by=.lastTimestamp", "-n", ns]);
+        // Which endpoints the slices call ready, and which ones kube-proxy sends traffic to:
+        // a Service that does not serve is one of the two lagging.
+        kubectl_print(&[
+            "get",
+            "endpointslices",
+            "-n",
+            ns,
+            "-o",
+            "custom-columns=NAME:.metadata.name,ADDRESSES:.endpoints[*].addresses[0],\
+             READY:.endpoints[*].conditions.ready,TERMINATING:.endpoints[*].conditions.terminating",
+        ]);
+        print_proxy_rules(ns);
         let pods = kubectl_output(&["get", "pods", "-o", "name", "-n", ns]).unwrap_or_default();
         for pod in pods.lines().filter(|l| !l.is_empty()) {
             kubectl_print(&[
@@ -96,6 +108,24 @@ impl TestNamespace {
                 ns,
             ]);
         }
+    }
+}
+
+/// kube-proxy's NAT rules for the namespace's Services (it runs in iptables mode on this host).
+fn print_proxy_rules(ns: &str) {
+    eprintln!("--- iptables-save -t nat | grep '\"{ns}/'");
+    match std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+    {
+        Ok(out) => {
+            let needle = format!("\"{ns}/");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .for_each(|l| eprintln!("{l}"));
+        }
+        Err(e) => eprintln!("running iptables-save: {e}"),
     }
 }
 

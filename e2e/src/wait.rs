@@ -22,13 +22,32 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
+    until_seen(what, timeout, || {
+        let checked = check();
+        async move { Ok(checked.await?.ok_or_else(String::new)) }
+    })
+    .await
+}
+
+/// `until` for a check that says what it saw instead (`Err`): a timeout then names the last
+/// thing seen, so a failure in CI says why it never happened, not only that.
+pub async fn until_seen<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Result<T, String>>>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
+        let seen = match check().await? {
+            Ok(value) => return Ok(value),
+            Err(seen) => seen,
+        };
         if Instant::now() >= deadline {
-            return Err(Error::Timeout(timeout, what.to_string()));
+            let what = match seen.is_empty() {
+                true => what.to_string(),
+                false => format!("{what}; last seen: {seen}"),
+            };
+            return Err(Error::Timeout(timeout, what));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -117,29 +136,42 @@ pub async fn cluster_ip(api: &Api<Service>, name: &str) -> Result<String> {
         .ok_or_else(|| Error::Cluster(format!("service {name} has no ClusterIP")))
 }
 
+/// How long one probing GET may take: a connect to an address nobody answers hangs for minutes.
+const GET_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One HTTP/1.0 GET on a plain socket (no client library between the test and the wire):
-/// the status line and the body.
+/// the status line and the body, within `GET_TIMEOUT`.
 pub async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
     http_get_host(addr, path, addr).await
 }
 
 /// `http_get` with another Host header (name-based routing).
 pub async fn http_get_host(addr: &str, path: &str, host: &str) -> Result<(String, String)> {
-    let io = |what: &str| Error::io(format!("GET http://{addr}{path} (Host {host}): {what}"));
-    let mut stream = TcpStream::connect(addr).await.map_err(io("connect"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
+    let exchange = async {
+        let io = |what: &str| Error::io(format!("GET http://{addr}{path} (Host {host}): {what}"));
+        let mut stream = TcpStream::connect(addr).await.map_err(io("connect"))?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(io("write"))?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .map_err(io("read"))?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.lines().next().unwrap_or_default().to_string();
+        Ok((status, body.to_string()))
+    };
+    tokio::time::timeout(GET_TIMEOUT, exchange)
         .await
-        .map_err(io("write"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .map_err(io("read"))?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
+        .map_err(|_| {
+            Error::Timeout(
+                GET_TIMEOUT,
+                format!("GET http://{addr}{path} (Host {host})"),
+            )
+        })?
 }
 
 /// Waits until Service `name` serves from this host: its EndpointSlices list `ready` ready
@@ -156,7 +188,7 @@ pub async fn service_serving(
 ) -> Result<()> {
     let selector = format!("kubernetes.io/service-name={name}");
     let addr = format!("{cluster_ip}:{port}");
-    until(
+    until_seen(
         &format!("service {name} serving {ready} endpoints at {addr}"),
         timeout,
         || async {
@@ -170,25 +202,30 @@ pub async fn service_serving(
                 .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
                 .count();
             if listed != ready {
-                return Ok(None);
+                return Ok(Err(format!("{listed} ready endpoints listed")));
             }
-            Ok(ten_2xx_in_a_row(&addr, &addr).await.then_some(()))
+            Ok(ten_2xx_in_a_row(&addr, &addr).await)
         },
     )
     .await
 }
 
-/// Whether `GET /` with `Host: host` at `addr` answers 2xx ten times in a row.
-pub async fn ten_2xx_in_a_row(addr: &str, host: &str) -> bool {
-    for _ in 0..10 {
+/// Whether `GET /` with `Host: host` at `addr` answers 2xx ten times in a row; if not, what the
+/// first other answer was.
+pub async fn ten_2xx_in_a_row(addr: &str, host: &str) -> Result<(), String> {
+    for attempt in 1..=10 {
         match http_get_host(addr, "/", host).await {
             Ok((status, _))
                 if status
                     .split_whitespace()
                     .nth(1)
                     .is_some_and(|c| c.starts_with('2')) => {}
-            _ => return false,
+            Ok((status, body)) => {
+                let body: String = body.chars().take(120).collect();
+                return Err(format!("GET {attempt}/10: {status:?} {body:?}"));
+            }
+            Err(e) => return Err(format!("GET {attempt}/10: {e}")),
         }
     }
-    true
+    Ok(())
 }
