@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
@@ -54,6 +55,7 @@ fn plural_of(kind: &str) -> &'static str {
         "Pod" => "pods",
         "EndpointSlice" => "endpointslices",
         "GracefulRollout" => "gracefulrollouts",
+        "Lease" => "leases",
         other => panic!("fixture does not know kind {other}"),
     }
 }
@@ -66,6 +68,24 @@ impl FakeApi {
             async move { Ok::<_, Infallible>(me.handle(req).await) }
         });
         Client::new(svc, NS)
+    }
+
+    /// A client of this API whose requests never answer while the flag is set: a replica whose
+    /// connection to the apiserver hangs, beside others that still get through.
+    pub fn hangable_client(&self) -> (Client, Arc<AtomicBool>) {
+        let me = self.clone();
+        let hung = Arc::new(AtomicBool::new(false));
+        let flag = hung.clone();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let (me, flag) = (me.clone(), flag.clone());
+            async move {
+                if flag.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(me.handle(req).await)
+            }
+        });
+        (Client::new(svc, NS), hung)
     }
 
     pub fn put(&self, obj: Value) -> &Self {
@@ -255,9 +275,19 @@ impl FakeApi {
                 let stored = st.objects[&coll]
                     .get(&n)
                     .map(|o| o["metadata"]["resourceVersion"].clone());
-                if stored.is_some_and(|rv| rv != body["metadata"]["resourceVersion"]) {
+                if stored
+                    .as_ref()
+                    .is_some_and(|rv| *rv != body["metadata"]["resourceVersion"])
+                {
                     return conflict("the object has been modified");
                 }
+                // Every write makes a new resourceVersion, as on a real API server.
+                let next = stored
+                    .and_then(|rv| rv.as_str().and_then(|v| v.parse::<u64>().ok()))
+                    .unwrap_or(0)
+                    + 1;
+                let mut body = body;
+                body["metadata"]["resourceVersion"] = json!(next.to_string());
                 st.objects.get_mut(&coll).unwrap().insert(n, body.clone());
                 respond(StatusCode::OK, body)
             }

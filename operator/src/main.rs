@@ -41,6 +41,9 @@ struct Args {
     webhook_args: webhook::WebhookArgs,
 }
 
+/// How long a clean shutdown waits for the other tasks (the lease hand-back is bounded at 2 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -63,7 +66,9 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(metrics::serve(
+    // The kubelet's probes go here: a health server that failed ends the process (below)
+    // rather than leave it running unprobed.
+    let health = tokio::spawn(metrics::serve(
         args.metrics_addr,
         Arc::new(registry),
         ready.clone(),
@@ -89,29 +94,64 @@ async fn main() -> anyhow::Result<()> {
         );
         let ready = ready.clone();
         tasks.spawn(async move {
-            let leading = if no_election {
-                tokio::sync::watch::channel(true).1
-            } else {
-                leader::Elector::new(client.clone(), &namespace, &lease, &identity)
-                    .lead()
-                    .await
+            let leadership = match no_election {
+                true => None,
+                // A standby told to stop stops; it holds nothing to hand back.
+                false => tokio::select! {
+                    held = leader::Elector::new(client.clone(), &namespace, &lease, &identity)
+                        .lead(metrics.leader.clone()) => Some(held),
+                    _ = shutdown_signal() => return Ok(()),
+                },
             };
             ready.store(true, Ordering::Relaxed);
-            rollout::run(client, metrics, leading.clone()).await;
-            if !*leading.borrow() {
-                anyhow::bail!("lost leadership; exiting so a fresh process can stand for election");
+            let mut leading = leadership.as_ref().map(|l| l.leading());
+            let lost = async {
+                match leading.as_mut() {
+                    Some(leading) => drop(leading.wait_for(|l| !*l).await),
+                    None => std::future::pending().await,
+                }
+            };
+            // Losing the lease drops the controller mid-reconcile: a replica that may no longer
+            // lead must not make one more write.
+            tokio::select! {
+                _ = rollout::run(client, metrics) => {}
+                _ = lost => anyhow::bail!(
+                    "lost leadership; exiting so a fresh process can stand for election"
+                ),
+            }
+            if let Some(leadership) = leadership {
+                leadership.release().await;
             }
             Ok(())
         });
     } else {
         ready.store(true, Ordering::Relaxed);
     }
-    // The first task to end (shutdown signal, a fatal error) ends the process.
-    match tasks.join_next().await {
+    tokio::select! {
+        ended = health => Err(match ended {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => anyhow::anyhow!("ended"),
+            Err(e) => e.into(),
+        }
+        .context("health and metrics server")),
+        result = first_to_end(tasks) => result,
+    }
+}
+
+/// The first task to end (a shutdown signal, a fatal error) ends the process. On a clean end the
+/// others are ending on the same signal: they get a moment, so the controller hands its lease
+/// back.
+async fn first_to_end(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    let first = match tasks.join_next().await {
         Some(Ok(result)) => result,
         Some(Err(e)) => Err(e.into()),
         None => Ok(()),
+    };
+    if first.is_ok() {
+        let rest = async { while tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, rest).await;
     }
+    first
 }
 
 /// Fail fast, with the fix, when the CRD is not installed.

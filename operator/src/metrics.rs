@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -14,9 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::accept::Acceptor;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -41,6 +45,8 @@ pub struct Metrics {
     pub rollout_duration: Histogram,
     pub steps: Family<StepLabels, Counter>,
     pub step_duration: Histogram,
+    /// 1 while this replica holds the leader Lease and acts.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -53,8 +59,14 @@ impl Metrics {
             rollout_duration: Histogram::new(exponential_buckets(5.0, 2.0, 10)),
             steps: Family::default(),
             step_duration: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
+            leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("graceful_operator");
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controller",
+            m.leader.clone(),
+        );
         r.register(
             "reconciles",
             "Reconciles of GracefulRollouts",
@@ -105,10 +117,13 @@ pub async fn serve(
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "health and metrics listening");
+    let mut listener = Acceptor::new(listener, "metrics");
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, _) = listener.accept().await;
         let registry = registry.clone();
         let ready = ready.clone();
         tokio::spawn(async move {

@@ -27,6 +27,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use crate::backoff::Backoffs;
 use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase};
 use crate::drains::{self, Drains};
 use crate::metrics::{Metrics, OutcomeLabels};
@@ -45,6 +46,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The old pods' drains, for each rollout's record.
     pub drains: Drains,
+    /// Retry delays of the GracefulRollouts whose reconciles fail.
+    pub backoffs: Backoffs,
 }
 
 impl Context {
@@ -58,28 +61,19 @@ impl Context {
             client,
             metrics,
             drains: Drains::default(),
+            backoffs: Backoffs::default(),
         }
     }
 }
 
-/// Run the controller until shutdown or until `leading` turns false.
-pub async fn run(
-    client: Client,
-    metrics: Arc<Metrics>,
-    mut leading: tokio::sync::watch::Receiver<bool>,
-) {
+/// Runs the controller until a shutdown signal, when in-flight reconciles finish first. A lost
+/// leadership must stop it at once instead: the caller drops this future.
+pub async fn run(client: Client, metrics: Arc<Metrics>) {
     let rollouts = Api::<GracefulRollout>::all(client.clone());
     let ctx = Arc::new(Context::new(client.clone(), metrics));
     let reports = {
         let (client, ctx) = (client.clone(), ctx.clone());
         tokio::spawn(async move { drains::watch_reports(client, &ctx.drains).await })
-    };
-    let lost = async move {
-        while *leading.borrow() {
-            if leading.changed().await.is_err() {
-                break;
-            }
-        }
     };
     // Only managed Deployments are watched. Their status changes with every ReplicaSet and pod
     // readiness change, so a Deployment event is what wakes its GracefulRollout.
@@ -93,7 +87,6 @@ pub async fn run(
                 .get(MANAGED_LABEL)
                 .map(|gr| ObjectRef::new(gr).within(&ns))
         })
-        .graceful_shutdown_on(lost)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -112,6 +105,7 @@ pub async fn reconcile(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::Invalid("GracefulRollout without namespace".into()))?;
     let api: Api<GracefulRollout> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = backoff_key(&gr);
     let result = finalizer(&api, FINALIZER, gr, |event| async {
         match event {
             Finalizer::Apply(gr) => apply(gr, ctx.clone()).await,
@@ -123,7 +117,14 @@ pub async fn reconcile(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Ac
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.backoffs.succeeded(&key);
+    }
     result
+}
+
+fn backoff_key(gr: &GracefulRollout) -> String {
+    format!("{}/{}", gr.namespace().unwrap_or_default(), gr.name_any())
 }
 
 pub fn error_policy(gr: Arc<GracefulRollout>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -138,7 +139,7 @@ pub fn error_policy(gr: Arc<GracefulRollout>, error: &Error, ctx: Arc<Context>) 
             error: error.metric_label().into(),
         })
         .inc();
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.backoffs.failed(&backoff_key(&gr)))
 }
 
 /// Names one rollout of one GracefulRollout in `Drains`.

@@ -34,6 +34,7 @@ use super::endpoint_reader::EndpointReader;
 use super::inject::SidecarImage;
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
+use crate::accept::Acceptor;
 use crate::certs::{self, TlsMaterial};
 
 pub const MUTATE_PATH: &str = "/mutate";
@@ -43,6 +44,8 @@ const MAX_BODY: usize = 4 << 20;
 /// Lookups must end well inside the API server's webhook timeout.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A review lasts at most the webhook's timeoutSeconds (10 s by default, 30 s at most).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_REFRESH: Duration = Duration::from_secs(60);
 const CERT_RETRY: Duration = Duration::from_secs(2);
 
@@ -105,16 +108,11 @@ pub async fn serve(
     info!(addr = %args.webhook_addr, "injection webhook serving");
     let graceful = GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
+    let mut listener = Acceptor::new(listener, "webhook");
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
         let acceptor = TlsAcceptor::from(tls_rx.borrow().clone());
@@ -136,7 +134,14 @@ pub async fn serve(
         });
     }
     info!("injection webhook draining");
-    graceful.shutdown().await;
+    // Reviews in flight finish (the API server gives each at most its timeoutSeconds); a client
+    // that keeps an idle connection open does not hold the shutdown up.
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?DRAIN_TIMEOUT, "webhook connections still open at the end of the drain; closing them");
+    }
     Ok(())
 }
 
@@ -272,21 +277,19 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
         return AdmissionResponse::from(&req);
     }
     let namespace = req.namespace.clone().unwrap_or_default();
-    let lookup = match tokio::time::timeout(
-        LOOKUP_TIMEOUT,
-        look_up(&state.client, &namespace, &req),
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(_) => {
-            warn!(
-                namespace,
-                "lookups timed out; deciding on the pod's own annotations"
-            );
-            Lookup::default()
-        }
-    };
+    // One budget for every API call this review makes: the lookups and the grant.
+    let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+    let lookup =
+        match tokio::time::timeout_at(deadline, look_up(&state.client, &namespace, &req)).await {
+            Ok(l) => l,
+            Err(_) => {
+                warn!(
+                    namespace,
+                    "lookups timed out; deciding on the pod's own annotations"
+                );
+                Lookup::default()
+            }
+        };
     let mut response = admission::review(&req, &lookup, &state.policy, &prestop_token());
     if response.allowed
         && response.patch.is_some()
@@ -297,7 +300,14 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
         let account = pod
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
-        if let Err(e) = reader.grant(&namespace, &account).await {
+        let granted =
+            match tokio::time::timeout_at(deadline, reader.grant(&namespace, &account)).await {
+                Ok(granted) => granted.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "no answer within the {LOOKUP_TIMEOUT:?} lookup budget"
+                )),
+            };
+        if let Err(e) = granted {
             warn!(namespace, account, error = %e, "EndpointSlice read not granted");
             response.warnings.get_or_insert_with(Vec::new).push(format!(
                 "graceful: could not let ServiceAccount {account} read EndpointSlices ({e}); the sidecar \
@@ -417,5 +427,30 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_apiserver_costs_a_review_at_most_its_lookup_budget() {
+        let (client, hung) = crate::fixtures::FakeApi::default().hangable_client();
+        hung.store(true, std::sync::atomic::Ordering::Relaxed);
+        let state = State {
+            client: client.clone(),
+            policy: super::super::tests::policy(),
+            reader: Some(EndpointReader::new(client, None)),
+            operator_user: "system:serviceaccount:graceful:graceful-operator".into(),
+        };
+        let body = serde_json::to_vec(&super::super::tests::fixture()).unwrap();
+        let started = tokio::time::Instant::now();
+        let response = tokio::time::timeout(LOOKUP_TIMEOUT * 3, mutate(&body, &state))
+            .await
+            .expect("a review answers while the apiserver hangs");
+        assert!(started.elapsed() <= LOOKUP_TIMEOUT);
+        // Decided on the pod's own annotation, the grant given up and said so.
+        assert!(response.allowed && response.patch.is_some());
+        let warnings = response.warnings.unwrap_or_default().join("\n");
+        assert!(
+            warnings.contains("could not let ServiceAccount web read EndpointSlices"),
+            "{warnings}"
+        );
     }
 }

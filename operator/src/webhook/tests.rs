@@ -17,7 +17,7 @@ use super::inject::{SIDECAR_NAME, SidecarImage};
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const IMAGE: &str = "localhost/graceful-sidecar:dev";
 
-fn fixture() -> Value {
+pub(super) fn fixture() -> Value {
     serde_json::from_str(include_str!("fixtures/pod-create.json")).unwrap()
 }
 
@@ -25,7 +25,7 @@ fn services() -> Vec<Service> {
     serde_json::from_str(include_str!("fixtures/services.json")).unwrap()
 }
 
-fn policy() -> Policy {
+pub(super) fn policy() -> Policy {
     Policy {
         sidecar: SidecarImage {
             image: IMAGE.into(),
