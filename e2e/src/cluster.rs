@@ -67,9 +67,15 @@ pub fn kubectl_output(args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .map_err(Error::io("running kubectl"))?;
+    stdout_of(out, || format!("kubectl {}", args.join(" ")))
+}
+
+/// The stdout of a command that has run; a non-zero exit is an error naming the command
+/// (`command()`) and carrying its stderr.
+pub fn stdout_of(out: Output, command: impl FnOnce() -> String) -> Result<String> {
     if !out.status.success() {
         return Err(Error::Command {
-            command: format!("kubectl {}", args.join(" ")),
+            command: command(),
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::load::{Load, LoadReport};
 use crate::namespace::TestNamespace;
-use crate::{Error, Result, cluster, wait};
+use crate::{Result, cluster, wait};
 
 /// Where Traefik listens for HTTP (e2e/scripts/common.sh says the same).
 pub const ADDR: &str = "10.244.0.1:8000";
@@ -52,12 +52,7 @@ pub async fn http_route(ns: &TestNamespace, name: &str, host: &str, service: &st
 pub fn kubectl_apply(manifest: &str) -> Result<()> {
     let args = ["apply", "--server-side", "--force-conflicts", "-f", "-"];
     let out = cluster::kubectl_with_input(&args, manifest)?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: format!("kubectl {}", args.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    cluster::stdout_of(out, || format!("kubectl {}", args.join(" ")))?;
     Ok(())
 }
 

@@ -53,12 +53,7 @@ fn iptables(op: &str, spec: &[String]) -> Result<()> {
         .args(spec)
         .output()
         .map_err(Error::io("running iptables"))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: format!("iptables {op} {}", spec.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    cluster::stdout_of(out, || format!("iptables {op} {}", spec.join(" ")))?;
     Ok(())
 }
 

@@ -36,7 +36,8 @@ impl Backoffs {
     }
 
     /// How many objects are failing now.
-    pub fn failing(&self) -> usize {
+    #[cfg(test)]
+    fn failing(&self) -> usize {
         self.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -62,12 +62,7 @@ fn plural_of(kind: &str) -> &'static str {
 
 impl FakeApi {
     pub fn client(&self) -> Client {
-        let me = self.clone();
-        let svc = tower::service_fn(move |req: Request<Body>| {
-            let me = me.clone();
-            async move { Ok::<_, Infallible>(me.handle(req).await) }
-        });
-        Client::new(svc, NS)
+        self.hangable_client().0
     }
 
     /// A client of this API whose requests never answer while the flag is set: a replica whose

@@ -351,16 +351,17 @@ impl Proxy {
         let mut next = req.map(Either::Left);
         let mut deadline = None;
         let mut retried = false;
-        // Waiting is on and its time, counted from the first wait or refusal, is not over.
+        // The wait ends `--upstream-restart-wait` after the first hold or refusal.
+        let ends_at = |deadline: &mut Option<Instant>| {
+            *deadline.get_or_insert_with(|| Instant::now() + restarts.wait())
+        };
+        // Waiting is on and its time is not over.
         let may_wait = |deadline: &mut Option<Instant>| {
-            !restarts.wait().is_zero()
-                && Instant::now()
-                    < *deadline.get_or_insert_with(|| Instant::now() + restarts.wait())
+            !restarts.wait().is_zero() && Instant::now() < ends_at(deadline)
         };
         loop {
             if restarts.holding() {
-                let deadline = *deadline.get_or_insert_with(|| Instant::now() + restarts.wait());
-                self.hold(deadline).await?;
+                self.hold(ends_at(&mut deadline)).await?;
             }
             let at_app = restarts.at_app();
             let sent = if paired {
@@ -373,7 +374,6 @@ impl Proxy {
                     restarts.accepted();
                     return Ok((resp, at_app));
                 }
-                // Nothing reached the app: wait for it, whatever the method.
                 // Nothing reached the app: wait for it and try again, whatever the method and
                 // whatever the state says now (the app may be back already: the prober can see
                 // it between this refusal and the next look).
