@@ -1,6 +1,5 @@
 //! graceful-operator: the GracefulRollout controller and the sidecar-injection webhook.
 
-pub mod accept;
 pub mod backoff;
 pub mod certs;
 pub mod crd;

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::accept::Acceptor;
+use graceful_sidecar::accept::Acceptor;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -121,7 +121,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "health and metrics listening");
-    let mut listener = Acceptor::new(listener, "metrics");
+    let mut listener = Acceptor::backing_off(listener, "metrics");
     loop {
         let (stream, _) = listener.accept().await;
         let registry = registry.clone();

@@ -3,7 +3,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -14,9 +13,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::time::sleep;
 use tracing::{debug, info, warn};
 
+use crate::accept::{ACCEPT_PAUSE, Acceptor};
 use crate::app::App;
 use crate::defaults;
 use crate::deregister::{EndpointWatch, Listing, PodRef};
@@ -178,15 +177,9 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let mut listener = Acceptor::fixed(listener, "admin", ACCEPT_PAUSE);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = listener.accept().await;
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -206,6 +199,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn admin(token: Option<&str>) -> Admin {

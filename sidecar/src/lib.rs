@@ -1,6 +1,7 @@
 //! graceful-sidecar: a drain-aware proxy in front of an app that was never written to shut
 //! down gracefully. See design.md for the drain order this implements.
 
+pub mod accept;
 pub mod admin;
 pub mod app;
 pub mod arrivals;

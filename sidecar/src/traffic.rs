@@ -14,9 +14,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, sleep, sleep_until};
-use tracing::{debug, warn};
+use tokio::time::{Instant, sleep_until};
+use tracing::debug;
 
+use crate::accept::{ACCEPT_PAUSE, Acceptor};
 use crate::defaults;
 use crate::drain::{self, Calm, ConnectionGuard, Drain, Phase};
 use crate::metrics::Protocol;
@@ -50,22 +51,16 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) 
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let mut phase = drain.subscribe();
+    let mut listener = Acceptor::fixed(listener, "traffic", ACCEPT_PAUSE);
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Counted as open from the accept on, so the drain never ends between an
-                    // accept and its task's start.
-                    let open = drain.connection();
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, peer, open, proxy.clone(), drain.clone(), builder.clone()));
-                }
-                // Out of file descriptors and the like: back off instead of spinning.
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = listener.accept() => {
+                // Counted as open from the accept on, so the drain never ends between an
+                // accept and its task's start.
+                let open = drain.connection();
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(stream, peer, open, proxy.clone(), drain.clone(), builder.clone()));
+            }
             // New connections are served all through the drain, until it is done.
             _ = drain::reached(&mut phase, Phase::Done) => break,
         }

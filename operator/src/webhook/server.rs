@@ -34,8 +34,8 @@ use super::endpoint_reader::EndpointReader;
 use super::inject::SidecarImage;
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
-use crate::accept::Acceptor;
 use crate::certs::{self, TlsMaterial};
+use graceful_sidecar::accept::Acceptor;
 
 pub const MUTATE_PATH: &str = "/mutate";
 const READYZ_PATH: &str = "/readyz";
@@ -108,7 +108,7 @@ pub async fn serve(
     info!(addr = %args.webhook_addr, "injection webhook serving");
     let graceful = GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
-    let mut listener = Acceptor::new(listener, "webhook");
+    let mut listener = Acceptor::backing_off(listener, "webhook");
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
