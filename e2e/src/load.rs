@@ -7,6 +7,7 @@ use std::future::Future;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use tokio::process::Command;
 
@@ -168,14 +169,30 @@ impl Load {
             *action_done.lock().expect("not poisoned") = Some(Instant::now());
             output
         };
+        // Chunks overlap: the next starts OVERLAP before this one stops sending, so the load
+        // never pauses. oha takes a few hundred ms to start (0.3 s on the busy e2e node), and a
+        // pause of the whole load looks, to a pod draining behind a data plane that lags, like
+        // the data planes letting go: it stops, and the next chunk meets it stopped.
         let load = async {
             let mut total = LoadReport::default();
+            let mut running = FuturesUnordered::new();
             loop {
-                total.merge(&self.chunk(&oha, url).await?);
+                running.push(self.chunk(&oha, url));
+                let next_start = tokio::time::sleep(CHUNK - OVERLAP);
+                tokio::pin!(next_start);
+                loop {
+                    tokio::select! {
+                        _ = &mut next_start => break,
+                        Some(report) = running.next() => total.merge(&report?),
+                    }
+                }
                 let done = *action_done.lock().expect("not poisoned");
                 if done.is_some_and(|t| t.elapsed() >= self.tail)
                     || started.elapsed() >= self.max_duration
                 {
+                    while let Some(report) = running.next().await {
+                        total.merge(&report?);
+                    }
                     return Ok::<_, Error>(total);
                 }
             }
@@ -236,6 +253,9 @@ const CLIENT_DEADLINE: &str = "aborted due to deadline";
 /// Length of one oha run. Longer than a pod's drain, so keep-alive connections live through
 /// drains as a real client's would; each run's in-flight requests complete at its end.
 const CHUNK: Duration = Duration::from_secs(10);
+
+/// How long two chunks run side by side (at twice the rate): longer than oha's start-up.
+const OVERLAP: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
