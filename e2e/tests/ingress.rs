@@ -62,32 +62,52 @@ async fn expose(
     hosts
 }
 
-/// `count` restarts of `name`, one after the other, each under every stream; per restart the
-/// streams' counts.
+/// What `count` restarts of one Deployment under load counted.
+struct Restarts {
+    /// Per restart, the streams' counts.
+    reports: Vec<Vec<LoadReport>>,
+    /// Per restart, what each stream saw (for a failure's message: CI keeps only the end of
+    /// the output, after the diagnostics).
+    described: Vec<String>,
+}
+
+/// `count` restarts of `name`, one after the other, each under every stream. The load of a
+/// restart runs until its old pods are gone, not only deleted: a draining pod takes a pause of
+/// its traffic for the data plane letting go, so a load that paused between restarts while a
+/// slow data plane still listed the old pods would send the next restart's first requests to
+/// pods that had stopped on the pause (a client's pause, not the data plane's lag).
 async fn restarts_under(
     ns: &TestNamespace,
     name: &str,
     streams: &[Stream],
     count: usize,
-) -> Vec<Vec<LoadReport>> {
+) -> Restarts {
     let api = ns.api::<Deployment>();
-    let mut all = Vec::new();
+    let mut all = Restarts {
+        reports: Vec::new(),
+        described: Vec::new(),
+    };
     for i in 1..=count {
-        let (wall, reports) = ingress::during_all(streams, async {
+        let (walls, reports) = ingress::during_all(streams, async {
             let started = Instant::now();
             rollout::restart(ns, name).await?;
             wait::rollout(&api, name, ROLLOUT_TIMEOUT).await?;
-            Ok::<_, graceful_e2e::Error>(started.elapsed())
+            let rolled = started.elapsed();
+            graceful::wait_pods_settled(ns, name, 3, ROLLOUT_TIMEOUT).await?;
+            Ok::<_, graceful_e2e::Error>((rolled, started.elapsed()))
         })
         .await
         .unwrap_or_else(|e| fail(ns, e.to_string()));
-        let wall = wall.unwrap_or_else(|e| fail(ns, e.to_string()));
-        eprintln!(
-            "{name} restart {i}/{count} ({:.1}s):\n{}",
-            wall.as_secs_f64(),
+        let (rolled, drained) = walls.unwrap_or_else(|e| fail(ns, e.to_string()));
+        let described = format!(
+            "{name} restart {i}/{count} (rolled out in {:.1}s, old pods gone at {:.1}s):\n{}",
+            rolled.as_secs_f64(),
+            drained.as_secs_f64(),
             ingress::describe(streams, &reports)
         );
-        all.push(reports);
+        eprintln!("{described}");
+        all.described.push(described);
+        all.reports.push(reports);
     }
     all
 }
@@ -142,8 +162,9 @@ async fn injected_restarts_and_a_graceful_rollout_through_traefik_fail_nothing()
     for (pod, summary) in drains.summaries() {
         eprintln!("drain {pod}: {summary}");
     }
-    let (plain_sent, plain_failed) = failed(&plain);
-    let (web_sent, web_failed) = failed(&web);
+    let (plain_sent, plain_failed) = failed(&plain.reports);
+    let (web_sent, web_failed) = failed(&web.reports);
+    let managed_described = ingress::describe(&web_streams, &managed);
     let (managed_sent, managed_failed) = failed(&[managed]);
     eprintln!(
         "through Traefik: plain {plain_failed} failed of {plain_sent} over {COMPARISON_RESTARTS} \
@@ -155,7 +176,9 @@ async fn injected_restarts_and_a_graceful_rollout_through_traefik_fail_nothing()
         fail(
             &ns,
             format!(
-                "requests failed through Traefik: injected {web_failed}, managed {managed_failed}"
+                "requests failed through Traefik: injected {web_failed}, managed \
+                 {managed_failed}\n{}\nweb GracefulRollout:\n{managed_described}",
+                web.described.join("\n")
             ),
         );
     }
@@ -241,14 +264,16 @@ async fn a_data_plane_slower_than_any_margin_drops_nothing_when_the_drain_follow
     let fixed = restarts_under(&ns, "fixed", &fixed_streams, COMPARISON_RESTARTS).await;
 
     let mut lags = Vec::new();
+    let mut follow_drains = String::new();
     for (pod, summary) in drains.summaries() {
         eprintln!("drain {pod}: {summary}");
         if pod.starts_with("follow-") {
+            follow_drains += &format!("\ndrain {pod}: {summary}");
             lags.push((pod, summary));
         }
     }
-    let (fixed_sent, fixed_failed) = failed(&fixed);
-    let (follow_sent, follow_failed) = failed(&follow);
+    let (fixed_sent, fixed_failed) = failed(&fixed.reports);
+    let (follow_sent, follow_failed) = failed(&follow.reports);
     eprintln!(
         "through Traefik applying changes every 10 s: fixed 2 s margin {fixed_failed} failed of \
          {fixed_sent} over {COMPARISON_RESTARTS} restarts; following the traffic {follow_failed} \
@@ -257,7 +282,10 @@ async fn a_data_plane_slower_than_any_margin_drops_nothing_when_the_drain_follow
     if follow_failed != 0 {
         fail(
             &ns,
-            format!("the drain that follows the traffic dropped {follow_failed}"),
+            format!(
+                "the drain that follows the traffic dropped {follow_failed}\n{}{follow_drains}",
+                follow.described.join("\n")
+            ),
         );
     }
     // Without drops on the fixed side, this run's data plane was not slow: it shows nothing.
