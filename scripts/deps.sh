@@ -6,7 +6,8 @@
 set -euo pipefail
 source "$(dirname "$0")/../e2e/scripts/common.sh"
 
-host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config)
+# prometheus: promtool checks the metrics and the chart's alert rules (make unit, make test).
+host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus)
 cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")

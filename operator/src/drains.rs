@@ -15,8 +15,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
+use crate::metrics::Metrics;
 use crate::webhook::annotations::INJECTED_LABEL;
 
 /// How long a sidecar's report waits to be claimed by a rollout before it is forgotten.
@@ -26,6 +27,11 @@ const REPORT_TTL: SignedDuration = SignedDuration::from_secs(3600);
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SidecarReport {
     pub connections_cut: i64,
+    pub requests_cut: i64,
+    /// The drain timeout ended the drain, cutting what was open.
+    pub forced: bool,
+    /// From the trigger to the end (absent from the reports of older sidecars).
+    pub seconds: Option<f64>,
     pub finished: Timestamp,
 }
 
@@ -137,6 +143,9 @@ pub fn sidecar_report(pod: &Pod) -> Option<SidecarReport> {
         let v: serde_json::Value = serde_json::from_str(terminated.message.as_ref()?).ok()?;
         Some(SidecarReport {
             connections_cut: v.get("connections_cut")?.as_i64()?,
+            requests_cut: v.get("requests_cut").and_then(|n| n.as_i64()).unwrap_or(0),
+            forced: v.get("forced").and_then(|f| f.as_bool()).unwrap_or(false),
+            seconds: v.get("total_seconds").and_then(|t| t.as_f64()),
             finished: terminated
                 .finished_at
                 .as_ref()
@@ -145,17 +154,23 @@ pub fn sidecar_report(pod: &Pod) -> Option<SidecarReport> {
     })
 }
 
-/// Feeds `drains` with every injected pod's sidecar report until the watch ends (never, on
-/// its own: errors are retried with backoff).
-pub async fn watch_reports(client: Client, drains: &Drains) {
+/// Feeds `drains` with every injected pod's sidecar report, and counts each report once in
+/// `metrics`, until the watch ends (never, on its own: errors are retried with backoff).
+pub async fn watch_reports(client: Client, drains: &Drains, metrics: &Metrics) {
     let pods = Api::<Pod>::all(client);
     let config = watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true"));
     let mut events = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
+    // A terminated pod's every later event carries the same report.
+    let mut counted = Counted::default();
     while let Some(event) = events.next().await {
         match event {
             Ok(pod) => {
                 if let Some(report) = sidecar_report(&pod) {
-                    drains.report(uid_of(&pod), report);
+                    let uid = uid_of(&pod);
+                    if counted.first(&uid, report.finished) {
+                        metrics.observe_drain(&pod.namespace().unwrap_or_default(), &report);
+                    }
+                    drains.report(uid, report);
                 }
             }
             Err(e) => {
@@ -163,6 +178,24 @@ pub async fn watch_reports(client: Client, drains: &Drains) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// The pods whose report was counted, for as long as a report is kept.
+#[derive(Default)]
+struct Counted(HashMap<String, Timestamp>);
+
+impl Counted {
+    /// Whether `uid`'s report (finished at `finished`) is seen for the first time.
+    fn first(&mut self, uid: &str, finished: Timestamp) -> bool {
+        if self.0.contains_key(uid) {
+            return false;
+        }
+        if let Ok(horizon) = finished.checked_sub(REPORT_TTL) {
+            self.0.retain(|_, f| *f > horizon);
+        }
+        self.0.insert(uid.to_owned(), finished);
+        true
     }
 }
 
@@ -215,15 +248,45 @@ mod tests {
         }
     }
 
+    /// A clean drain's report.
+    fn report(connections_cut: i64, finished: i64) -> SidecarReport {
+        SidecarReport {
+            connections_cut,
+            requests_cut: 0,
+            forced: false,
+            seconds: None,
+            finished: at(finished),
+        }
+    }
+
+    #[test]
+    fn each_report_counts_once_and_is_forgotten_after_its_ttl() {
+        let mut counted = Counted::default();
+        assert!(counted.first("a", at(0)));
+        assert!(!counted.first("a", at(5)), "the same pod's later events");
+        assert!(counted.first("b", at(10)));
+        // An hour and more later, "a" is no longer kept.
+        assert!(counted.first("c", at(3601)));
+        assert!(!counted.0.contains_key("a") && counted.0.contains_key("b"));
+    }
+
     #[test]
     fn a_sidecar_report_is_read_from_its_termination_message() {
-        let summary = r#"{"trigger":"prestop","connections_cut":2,"forced":true}"#;
+        let summary = r#"{"trigger":"prestop","connections_cut":2,"requests_cut":1,"forced":true,"total_seconds":30.5}"#;
         assert_eq!(
             sidecar_report(&terminated_sidecar(summary, 7)),
             Some(SidecarReport {
                 connections_cut: 2,
+                requests_cut: 1,
+                forced: true,
+                seconds: Some(30.5),
                 finished: at(7)
             })
+        );
+        // An older sidecar's summary: only what the record needs.
+        assert_eq!(
+            sidecar_report(&terminated_sidecar(r#"{"connections_cut":0}"#, 7)),
+            Some(report(0, 7))
         );
         assert_eq!(sidecar_report(&terminated_sidecar("exit 137", 7)), None);
         assert_eq!(sidecar_report(&pod("a", None, 0)), None);
@@ -234,13 +297,7 @@ mod tests {
         let drains = Drains::default();
         // "a" deleted at 10 with a 30 s grace period; "b" running.
         drains.track("r1", &[pod("a", Some(10), 30), pod("b", None, 0)]);
-        drains.report(
-            "a".into(),
-            SidecarReport {
-                connections_cut: 3,
-                finished: at(16),
-            },
-        );
+        drains.report("a".into(), report(3, 16));
         let totals = drains.totals("r1");
         assert_eq!(
             totals,
@@ -279,13 +336,7 @@ mod tests {
         drains.track("r2", &[pod("b", Some(20), 30)]);
         assert_eq!(drains.totals("r2").pods, 1);
         drains.forget("r2");
-        drains.report(
-            "a".into(),
-            SidecarReport {
-                connections_cut: 0,
-                finished: at(15),
-            },
-        );
+        drains.report("a".into(), report(0, 15));
         assert_eq!(drains.totals("r1").longest_seconds, 5);
     }
 }

@@ -76,9 +76,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     if args.webhook {
-        let (client, wargs) = (client.clone(), args.webhook_args.clone());
+        let (client, wargs, metrics) = (client.clone(), args.webhook_args.clone(), metrics.clone());
         tasks.spawn(async move {
-            webhook::serve(client, wargs, shutdown_signal())
+            webhook::serve(client, wargs, metrics, shutdown_signal())
                 .await
                 .context("injection webhook")
         });

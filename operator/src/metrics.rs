@@ -1,9 +1,10 @@
 //! Prometheus metrics of the controller, and the plain-HTTP health/metrics server (never the
 //! webhook's TLS port).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,7 +21,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::drains::SidecarReport;
 use graceful_sidecar::accept::Acceptor;
+use graceful_sidecar::exposition;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -37,6 +40,35 @@ pub struct StepLabels {
     pub step: String,
 }
 
+/// One GracefulRollout's current phase (kube-state-metrics' style: one series per object, the
+/// phase a label, 1 while current).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub name: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub namespace: String,
+    /// `clean`, or `forced` when the drain timeout cut what was open.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// `inject` (pods) or `pace` (managed Deployments).
+    pub webhook: String,
+    /// `patched`, `unchanged`, `rejected` (refused, with a message) or `bad_request`.
+    pub outcome: String,
+}
+
 pub struct Metrics {
     pub reconciles: Counter,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
@@ -47,6 +79,16 @@ pub struct Metrics {
     pub step_duration: Histogram,
     /// 1 while this replica holds the leader Lease and acts.
     pub leader: Gauge,
+    rollout_phase: Family<PhaseLabels, Gauge>,
+    /// (namespace, name) -> the phase exported for it, to drop its series when it changes.
+    phases: Mutex<HashMap<(String, String), String>>,
+    /// Sidecar drain reports, counted by the leader's pod watch: they outlive the pods, whose
+    /// own `/metrics` is gone within a scrape interval of the drain's end.
+    pub drains: Family<DrainLabels, Counter>,
+    pub drain_requests_cut: Family<NamespaceLabels, Counter>,
+    pub drain_connections_cut: Family<NamespaceLabels, Counter>,
+    pub drain_duration: Histogram,
+    pub webhook_reviews: Family<ReviewLabels, Counter>,
 }
 
 impl Metrics {
@@ -60,6 +102,13 @@ impl Metrics {
             steps: Family::default(),
             step_duration: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
             leader: Gauge::default(),
+            rollout_phase: Family::default(),
+            phases: Mutex::default(),
+            drains: Family::default(),
+            drain_requests_cut: Family::default(),
+            drain_connections_cut: Family::default(),
+            drain_duration: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
+            webhook_reviews: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("graceful_operator");
         r.register(
@@ -98,7 +147,92 @@ impl Metrics {
             "Time from one rollout step to the next",
             m.step_duration.clone(),
         );
+        r.register(
+            "rollout_phase",
+            "1 for each GracefulRollout's current phase (on the leader)",
+            m.rollout_phase.clone(),
+        );
+        r.register(
+            "drains",
+            "Drains of injected pods, by namespace and outcome (forced: the drain timeout cut what was open)",
+            m.drains.clone(),
+        );
+        r.register(
+            "drain_requests_cut",
+            "Requests in flight cut at a drain's deadline, by namespace",
+            m.drain_requests_cut.clone(),
+        );
+        r.register(
+            "drain_connections_cut",
+            "Connections closed at a drain's deadline, by namespace",
+            m.drain_connections_cut.clone(),
+        );
+        r.register(
+            "drain_duration_seconds",
+            "Time from a drain's trigger to its end, as the sidecar reported it",
+            m.drain_duration.clone(),
+        );
+        r.register(
+            "webhook_reviews",
+            "AdmissionReviews answered, by webhook and outcome",
+            m.webhook_reviews.clone(),
+        );
         m
+    }
+
+    /// Exports `phase` as the current phase of GracefulRollout `namespace/name`.
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut phases = self.phases.lock().expect("phases lock");
+        if let Some(old) = phases.insert(key.clone(), phase.to_owned()) {
+            if old == phase {
+                return;
+            }
+            self.rollout_phase.remove(&phase_labels(&key, &old));
+        }
+        self.rollout_phase
+            .get_or_create(&phase_labels(&key, phase))
+            .set(1);
+    }
+
+    /// Drops the phase of a GracefulRollout that is gone.
+    pub fn forget_phase(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(old) = self.phases.lock().expect("phases lock").remove(&key) {
+            self.rollout_phase.remove(&phase_labels(&key, &old));
+        }
+    }
+
+    /// Counts one sidecar's drain report.
+    pub fn observe_drain(&self, namespace: &str, report: &SidecarReport) {
+        let outcome = if report.forced { "forced" } else { "clean" };
+        self.drains
+            .get_or_create(&DrainLabels {
+                namespace: namespace.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        let ns = NamespaceLabels {
+            namespace: namespace.into(),
+        };
+        self.drain_requests_cut
+            .get_or_create(&ns)
+            .inc_by(report.requests_cut.max(0) as u64);
+        self.drain_connections_cut
+            .get_or_create(&ns)
+            .inc_by(report.connections_cut.max(0) as u64);
+        if let Some(seconds) = report.seconds {
+            self.drain_duration.observe(seconds);
+        }
+    }
+
+    pub fn observe_review(&self, webhook: &str, outcome: &str) {
+        self.webhook_reviews
+            .get_or_create(&ReviewLabels {
+                webhook: webhook.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn observe_step(&self, step: &str, since_last: Option<Duration>) {
@@ -108,6 +242,14 @@ impl Metrics {
         if let Some(d) = since_last {
             self.step_duration.observe(d.as_secs_f64());
         }
+    }
+}
+
+fn phase_labels((namespace, name): &(String, String), phase: &str) -> PhaseLabels {
+    PhaseLabels {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        phase: phase.into(),
     }
 }
 
@@ -128,6 +270,7 @@ pub async fn serve(
         let ready = ready.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut kind = None;
                 let (status, body) = match req.uri().path() {
                     "/healthz" => (StatusCode::OK, "ok\n".to_string()),
                     "/readyz" if ready.load(Ordering::Relaxed) => {
@@ -137,7 +280,14 @@ pub async fn serve(
                     "/metrics" => {
                         let mut out = String::new();
                         match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                            Ok(()) => (StatusCode::OK, out),
+                            Ok(()) => {
+                                let (k, body) = exposition::negotiate(
+                                    req.headers().get(http::header::ACCEPT),
+                                    out,
+                                );
+                                kind = Some(k);
+                                (StatusCode::OK, body)
+                            }
                             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encode failed\n".into()),
                         }
                     }
@@ -145,12 +295,10 @@ pub async fn serve(
                 };
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
                 *resp.status_mut() = status;
-                if req.uri().path() == "/metrics" {
+                if let Some(kind) = kind {
                     resp.headers_mut().insert(
                         http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
+                        http::HeaderValue::from_static(kind),
                     );
                 }
                 async move { Ok::<_, std::convert::Infallible>(resp) }
@@ -159,5 +307,58 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn encode(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        exposition::to_classic(&out)
+    }
+
+    #[test]
+    fn the_exposition_passes_promtool() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.set_phase("shop", "web", "Progressing");
+        m.observe_drain(
+            "shop",
+            &SidecarReport {
+                connections_cut: 2,
+                requests_cut: 1,
+                forced: true,
+                seconds: Some(30.0),
+                finished: Timestamp::now(),
+            },
+        );
+        m.observe_review("inject", "patched");
+        m.observe_step("finish", Some(Duration::from_secs(3)));
+        let classic = encode(&registry);
+        exposition::promtool_check(&classic).unwrap_or_else(|e| panic!("{e}\n{classic}"));
+        for line in [
+            "graceful_operator_drains_total{namespace=\"shop\",outcome=\"forced\"} 1",
+            "graceful_operator_drain_requests_cut_total{namespace=\"shop\"} 1",
+            "graceful_operator_webhook_reviews_total{webhook=\"inject\",outcome=\"patched\"} 1",
+        ] {
+            assert!(classic.contains(line), "{line} missing from\n{classic}");
+        }
+    }
+
+    #[test]
+    fn a_rollout_exports_only_its_current_phase() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.set_phase("shop", "web", "Progressing");
+        m.set_phase("shop", "web", "Degraded");
+        let text = encode(&registry);
+        assert!(text.contains("phase=\"Degraded\"} 1"), "{text}");
+        assert!(!text.contains("Progressing"), "{text}");
+        m.forget_phase("shop", "web");
+        assert!(!encode(&registry).contains("name=\"web\""));
     }
 }

@@ -73,7 +73,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>) {
     let ctx = Arc::new(Context::new(client.clone(), metrics));
     let reports = {
         let (client, ctx) = (client.clone(), ctx.clone());
-        tokio::spawn(async move { drains::watch_reports(client, &ctx.drains).await })
+        tokio::spawn(async move { drains::watch_reports(client, &ctx.drains, &ctx.metrics).await })
     };
     // Only managed Deployments are watched. Their status changes with every ReplicaSet and pod
     // readiness change, so a Deployment event is what wakes its GracefulRollout.
@@ -551,6 +551,11 @@ async fn announce(
     for a in decision.announce.iter().filter(|a| !a.of_act) {
         publish(ctx, gr, event_type(a.warning), a.reason, &a.note).await;
     }
+    ctx.metrics.set_phase(
+        &gr.namespace().unwrap_or_default(),
+        &gr.name_any(),
+        &format!("{:?}", decision.status.phase),
+    );
     let finished = decision.status.last_rollout.as_ref();
     if decision.guarded
         && finished != before.last_rollout.as_ref()
@@ -602,6 +607,7 @@ async fn publish(ctx: &Context, gr: &GracefulRollout, type_: EventType, reason: 
 /// own strategy (the injected sidecars still drain every pod it removes).
 pub(crate) async fn cleanup(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {
     let ns = gr.namespace().unwrap_or_default();
+    ctx.metrics.forget_phase(&ns, &gr.name_any());
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(deploy) = deploys.get_opt(&gr.spec.target_ref.name).await? else {
         return Ok(Action::await_change());

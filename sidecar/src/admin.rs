@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -20,6 +20,7 @@ use crate::app::App;
 use crate::defaults;
 use crate::deregister::{EndpointWatch, Listing, PodRef};
 use crate::drain::{Drain, Phase, Trigger};
+use crate::exposition;
 use crate::restarts::Restarts;
 
 pub struct Admin {
@@ -55,13 +56,13 @@ impl Admin {
             defaults::READYZ_PATH if get => self.readyz().await,
             defaults::METRICS_PATH if get => {
                 self.drain.refresh_phase_seconds();
-                let mut resp = text(StatusCode::OK, self.drain.metrics.encode());
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
-                        .parse()
-                        .expect("valid header"),
+                let (kind, body) = exposition::negotiate(
+                    req.headers().get(header::ACCEPT),
+                    self.drain.metrics.encode(),
                 );
+                let mut resp = text(StatusCode::OK, body);
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
                 resp
             }
             defaults::PRESTOP_PATH if get || req.method() == Method::POST => {

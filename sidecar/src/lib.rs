@@ -9,6 +9,7 @@ pub mod config;
 pub mod defaults;
 pub mod deregister;
 pub mod drain;
+pub mod exposition;
 pub mod metrics;
 pub mod proxy;
 pub mod restarts;

@@ -279,3 +279,20 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exposition;
+
+    #[test]
+    fn the_exposition_passes_promtool() {
+        let m = Metrics::new();
+        m.requests.inc();
+        m.requests_force_closed.inc();
+        m.restarts.requests_held.inc();
+        m.set_phase_seconds(Phase::Quiescing, 1.5);
+        let classic = exposition::to_classic(&m.encode());
+        exposition::promtool_check(&classic).unwrap_or_else(|e| panic!("{e}\n{classic}"));
+    }
+}

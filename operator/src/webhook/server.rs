@@ -35,6 +35,7 @@ use super::inject::SidecarImage;
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
 use crate::certs::{self, TlsMaterial};
+use crate::metrics::Metrics;
 use graceful_sidecar::accept::Acceptor;
 
 pub const MUTATE_PATH: &str = "/mutate";
@@ -55,12 +56,14 @@ struct State {
     reader: Option<EndpointReader>,
     /// The operator's ServiceAccount user name, whose Deployment writes pass unpaced.
     operator_user: String,
+    metrics: Arc<Metrics>,
 }
 
 /// Serves the webhook until `shutdown` resolves, then finishes the reviews in flight.
 pub async fn serve(
     client: Client,
     args: WebhookArgs,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let material = loop {
@@ -97,6 +100,7 @@ pub async fn serve(
             "system:serviceaccount:{}:{}",
             args.operator_namespace, args.service_account
         ),
+        metrics,
     });
 
     let listener = TcpListener::bind(args.webhook_addr)
@@ -228,15 +232,22 @@ async fn handle(
         (&Method::GET, READYZ_PATH) => Ok(reply(StatusCode::OK, b"{\"ready\":true}".to_vec())),
         (&Method::POST, path @ (MUTATE_PATH | PACE_PATH)) => {
             let pace = path == PACE_PATH;
+            let webhook = if pace { "pace" } else { "inject" };
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
+                Err(e) => {
+                    state.metrics.observe_review(webhook, "bad_request");
+                    return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()));
+                }
             };
             let response = if pace {
                 pace_deployment(&body, &state)
             } else {
                 mutate(&body, &state).await
             };
+            state
+                .metrics
+                .observe_review(webhook, review_outcome(&response));
             let review = response.into_review();
             match serde_json::to_vec(&review) {
                 Ok(json) => Ok(reply(StatusCode::OK, json)),
@@ -247,6 +258,17 @@ async fn handle(
             }
         }
         _ => Ok(reply(StatusCode::NOT_FOUND, b"{}".to_vec())),
+    }
+}
+
+/// How a review ended, for `graceful_operator_webhook_reviews_total`.
+fn review_outcome(response: &AdmissionResponse) -> &'static str {
+    match (response.allowed, response.patch.is_some()) {
+        (true, true) => "patched",
+        (true, false) => "unchanged",
+        // What `AdmissionResponse::invalid` answers a body that was not an AdmissionReview.
+        (false, _) if response.result.reason == "InvalidRequest" => "bad_request",
+        (false, _) => "rejected",
     }
 }
 
@@ -429,6 +451,21 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    #[test]
+    fn reviews_are_counted_by_what_they_answered() {
+        let not_a_review = AdmissionResponse::invalid("not an AdmissionReview");
+        assert_eq!(review_outcome(&not_a_review), "bad_request");
+        let review: AdmissionReview<Pod> =
+            serde_json::from_value(super::super::tests::fixture()).unwrap();
+        let req: AdmissionRequest<Pod> = review.try_into().unwrap();
+        let allowed = AdmissionResponse::from(&req);
+        assert_eq!(review_outcome(&allowed), "unchanged");
+        assert_eq!(
+            review_outcome(&allowed.clone().deny("bad annotation")),
+            "rejected"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_hung_apiserver_costs_a_review_at_most_its_lookup_budget() {
         let (client, hung) = crate::fixtures::FakeApi::default().hangable_client();
@@ -438,6 +475,9 @@ mod tests {
             policy: super::super::tests::policy(),
             reader: Some(EndpointReader::new(client, None)),
             operator_user: "system:serviceaccount:graceful:graceful-operator".into(),
+            metrics: Arc::new(Metrics::new(
+                &mut prometheus_client::registry::Registry::default(),
+            )),
         };
         let body = serde_json::to_vec(&super::super::tests::fixture()).unwrap();
         let started = tokio::time::Instant::now();
