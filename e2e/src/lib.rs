@@ -6,6 +6,7 @@
 //! under that load ([`rollout`]), processes killed on the node ([`node`]), and Argo CD's health rule for Deployments ([`argo`]).
 
 pub mod argo;
+pub mod chart;
 pub mod cluster;
 pub mod demo;
 pub mod drains;

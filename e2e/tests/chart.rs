@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use graceful_e2e::chart::{KUBE_VERSION, chart_dir, helm, helm_ok, of_kind, render};
 use graceful_e2e::cluster::{self, kubectl};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{demo, wait};
@@ -15,40 +16,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
-use serde::Deserialize;
 use serde_json::json;
-
-fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/graceful")
-}
-
-/// Runs helm against the e2e cluster; returns (success, stdout + stderr).
-fn helm(args: &[&str]) -> (bool, String) {
-    let out = Command::new(cluster::tool("helm").expect("helm (built by make cluster-up)"))
-        .args(args)
-        .env("KUBECONFIG", cluster::kubeconfig_path())
-        .output()
-        .expect("running helm");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn helm_ok(args: &[&str]) -> String {
-    let (ok, text) = helm(args);
-    assert!(ok, "helm {} failed:\n{text}", args.join(" "));
-    text
-}
-
-const KUBE_VERSION: &str = "--kube-version=1.33.0";
 
 #[test]
 #[ignore = "needs helm (make cluster-up)"]
 fn chart_lints_clean_with_every_values_variant() {
-    let chart = chart();
+    let chart = chart_dir();
     let chart = chart.to_str().unwrap();
     let dev = format!("{chart}/ci/dev-values.yaml");
     for extra in [
@@ -74,7 +47,7 @@ fn chart_lints_clean_with_every_values_variant() {
 #[test]
 #[ignore = "needs helm (make cluster-up)"]
 fn schema_refuses_bad_values_by_name() {
-    let chart = chart();
+    let chart = chart_dir();
     let chart = chart.to_str().unwrap();
     for (set, path) in [
         ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
@@ -104,30 +77,8 @@ fn schema_refuses_bad_values_by_name() {
 }
 
 /// Every Prometheus Operator object of the chart turned on.
-const MONITORING: &str = "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true";
-
-/// The chart rendered as the e2e cluster installs it (release graceful in graceful-system).
-fn render(extra: &[&str]) -> Vec<serde_yaml::Value> {
-    let chart = chart();
-    let mut args = vec![
-        "template",
-        "graceful",
-        chart.to_str().unwrap(),
-        KUBE_VERSION,
-        "--namespace",
-        "graceful-system",
-    ];
-    args.extend(extra);
-    let rendered = helm_ok(&args);
-    serde_yaml::Deserializer::from_str(&rendered)
-        .map(|doc| serde_yaml::Value::deserialize(doc).expect("rendered YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
-    docs.iter().filter(|d| d["kind"] == kind).collect()
-}
+const MONITORING: &str = "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,\
+     metrics.prometheusRule.enabled=true,metrics.dashboard.enabled=true";
 
 #[test]
 #[ignore = "needs helm (make cluster-up)"]
@@ -175,6 +126,31 @@ fn monitoring_objects_render_only_when_asked_and_select_what_serves_metrics() {
         "{ports:?}"
     );
     assert_eq!(of_kind(&docs, "PrometheusRule").len(), 1);
+
+    // The dashboard: for Grafana's sidecar (its label), JSON with a query in every panel.
+    let maps = of_kind(&docs, "ConfigMap");
+    let dashboard = maps
+        .iter()
+        .find(|m| m["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the dashboard ConfigMap");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["graceful.json"].as_str().unwrap()).unwrap();
+    let panels: Vec<_> = json["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .collect();
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    for p in panels {
+        assert!(
+            p["targets"][0]["expr"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty()),
+            "panel {} has no query",
+            p["title"]
+        );
+    }
 }
 
 /// The alert rules as shipped: promtool's checks, and e2e/monitoring/alerts_test.yaml's cases
@@ -182,15 +158,9 @@ fn monitoring_objects_render_only_when_asked_and_select_what_serves_metrics() {
 #[test]
 #[ignore = "needs helm (make cluster-up) and promtool (scripts/deps.sh)"]
 fn alert_rules_pass_promtool_and_fire_on_what_they_mean() {
-    let docs = render(&[
-        "--set",
-        "metrics.prometheusRule.enabled=true",
-        "--show-only",
-        "templates/prometheusrule.yaml",
-    ]);
     let dir = std::env::temp_dir().join(format!("graceful-alerts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let rules = serde_yaml::to_string(&docs[0]["spec"]).unwrap();
+    let rules = graceful_e2e::chart::alert_rules();
     std::fs::write(dir.join("rules.yaml"), rules).unwrap();
     let cases = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("monitoring/alerts_test.yaml");
     std::fs::copy(cases, dir.join("alerts_test.yaml")).unwrap();
@@ -217,7 +187,7 @@ fn alert_rules_pass_promtool_and_fire_on_what_they_mean() {
 #[test]
 #[ignore = "needs helm and the e2e cluster (make e2e)"]
 fn cert_manager_variant_renders_a_certificate_and_ca_injection() {
-    let chart = chart();
+    let chart = chart_dir();
     let rendered = helm_ok(&[
         "template",
         "graceful",
@@ -239,7 +209,7 @@ fn cert_manager_variant_renders_a_certificate_and_ca_injection() {
 async fn rendered_templates_are_accepted_by_the_api_server() {
     let client = cluster::client().await.unwrap();
     let ns = TestNamespace::create(&client, "chart-dry").await.unwrap();
-    let chart = chart();
+    let chart = chart_dir();
     let dev = chart.join("ci/dev-values.yaml");
     let rendered = helm_ok(&[
         "template",
@@ -318,7 +288,7 @@ async fn install_then_uninstall_leaves_only_the_crd() {
     ])
     .unwrap();
     let release = "a-graceful";
-    let chart = chart();
+    let chart = chart_dir();
     let dev = chart.join("ci/dev-values.yaml");
     let selector =
         json!({"matchLabels": {"graceful.dev/e2e-release": home.name}, "matchExpressions": []});
@@ -549,7 +519,7 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
         &format!("graceful.dev/down-test={}", ns.name),
     ])
     .unwrap();
-    let chart = chart();
+    let chart = chart_dir();
     let release = "z-graceful-down";
     let _guard = ConfigGuard(format!("{release}-sidecar-injector"));
     let selector = format!(
