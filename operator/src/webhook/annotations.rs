@@ -135,6 +135,18 @@ impl Settings {
                 "must be more than zero",
             ));
         }
+        // The sidecar refuses to start on this (its --drain-timeout bounds the whole drain,
+        // the delay included): say so at admission rather than inject a crash loop.
+        if drain_timeout < deregister_delay {
+            return Err(BadAnnotation::new(
+                DRAIN_TIMEOUT,
+                &humantime::format_duration(drain_timeout).to_string(),
+                format!(
+                    "must not be shorter than {DEREGISTER_DELAY} ({}): lower that too",
+                    humantime::format_duration(deregister_delay)
+                ),
+            ));
+        }
         let propagation_margin = match get(PROPAGATION_MARGIN) {
             Some(v) => duration(PROPAGATION_MARGIN, v)?,
             None => DEFAULT_PROPAGATION_MARGIN,
@@ -262,13 +274,25 @@ mod tests {
     fn pod_annotations_override_the_deployment() {
         let all = merged(
             &ann(&[(INJECT, "true"), (DRAIN_TIMEOUT, "10s")]),
-            &ann(&[(DRAIN_TIMEOUT, "1500ms")]),
+            &ann(&[(DRAIN_TIMEOUT, "1500ms"), (DEREGISTER_DELAY, "1s")]),
         );
         let s = Settings::from_annotations(&all).unwrap();
         assert_eq!(s.drain_timeout, Duration::from_millis(1500));
         assert!(wants_injection(&all).unwrap());
         let off = merged(&ann(&[(INJECT, "true")]), &ann(&[(INJECT, "false")]));
         assert!(!wants_injection(&off).unwrap());
+    }
+
+    #[test]
+    fn a_drain_shorter_than_the_deregister_delay_is_refused_at_admission() {
+        // The sidecar would refuse to start: the pod would loop on it.
+        let err = Settings::from_annotations(&ann(&[(DRAIN_TIMEOUT, "2s")])).unwrap_err();
+        assert_eq!(err.key, DRAIN_TIMEOUT);
+        assert!(err.reason.contains(DEREGISTER_DELAY), "{}", err.reason);
+        let s =
+            Settings::from_annotations(&ann(&[(DRAIN_TIMEOUT, "2s"), (DEREGISTER_DELAY, "1s")]))
+                .unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(2));
     }
 
     #[test]
