@@ -13,14 +13,38 @@ use kube::{Api, Client, Config};
 
 use crate::{Error, Result};
 
+/// Where cluster-up keeps the cluster's state (its PKI among it).
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("GRACEFUL_STATE")
+        .unwrap_or_else(|| "/var/lib/graceful-e2e".into())
+        .into()
+}
+
 /// The admin kubeconfig of the e2e cluster.
 pub fn kubeconfig_path() -> PathBuf {
     if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
         return PathBuf::from(path);
     }
-    let state =
-        std::env::var_os("GRACEFUL_STATE").unwrap_or_else(|| "/var/lib/graceful-e2e".into());
-    PathBuf::from(state).join("admin.kubeconfig")
+    state_dir().join("admin.kubeconfig")
+}
+
+/// The API server's host:port, from the kubeconfig.
+pub fn apiserver_addr() -> Result<String> {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path).map_err(|e| Error::Kubeconfig {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    kubeconfig
+        .clusters
+        .iter()
+        .find_map(|c| c.cluster.as_ref()?.server.clone())
+        .map(|s| {
+            s.trim_start_matches("https://")
+                .trim_end_matches('/')
+                .to_owned()
+        })
+        .ok_or_else(|| Error::Cluster(format!("no server in {}", path.display())))
 }
 
 pub async fn client() -> Result<Client> {

@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod load;
 pub mod namespace;
 pub mod node;
+pub mod prometheus;
 pub mod rollout;
 pub mod wait;
 

@@ -108,6 +108,8 @@ fn monitoring_objects_render_only_when_asked_and_select_what_serves_metrics() {
         .as_mapping()
         .expect("matchLabels");
     let port = &monitor[0]["spec"]["endpoints"][0]["port"];
+    // Its series' namespace label is what they count, not the operator's own.
+    assert_eq!(monitor[0]["spec"]["endpoints"][0]["honorLabels"], true);
     // Exactly one Service matches, and it has the port, aimed at the operator's metrics port.
     let services: Vec<_> = of_kind(&docs, "Service")
         .into_iter()

@@ -7,7 +7,7 @@
 //! it. A watch on injected pods (label `graceful.dev/injected`) keeps it as it passes.
 //! Both are in memory: an operator that restarts mid-rollout records the drains it saw.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -162,9 +162,16 @@ pub async fn watch_reports(client: Client, drains: &Drains, metrics: &Metrics) {
     let mut events = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
     // A terminated pod's every later event carries the same report.
     let mut counted = Counted::default();
+    let mut namespaces = HashSet::new();
     while let Some(event) = events.next().await {
         match event {
             Ok(pod) => {
+                // Long before its pods drain, a namespace's series exist at 0.
+                let ns = pod.namespace().unwrap_or_default();
+                if !namespaces.contains(&ns) {
+                    metrics.watch_namespace(&ns);
+                    namespaces.insert(ns);
+                }
                 if let Some(report) = sidecar_report(&pod) {
                     let uid = uid_of(&pod);
                     if counted.first(&uid, report.finished) {

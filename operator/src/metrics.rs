@@ -177,7 +177,41 @@ impl Metrics {
             "AdmissionReviews answered, by webhook and outcome",
             m.webhook_reviews.clone(),
         );
+        // Every series a first event would create exists from the start at 0: increase() and
+        // rate() see nothing in a counter whose first sample already holds the event.
+        for outcome in ["Succeeded", "RolledBack"] {
+            let _ = m.rollouts.get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            });
+        }
+        for step in ["release_old_pods", "finish", "roll_back"] {
+            let _ = m.steps.get_or_create(&StepLabels { step: step.into() });
+        }
+        for webhook in ["inject", "pace"] {
+            for outcome in ["patched", "unchanged", "rejected", "bad_request"] {
+                let _ = m.webhook_reviews.get_or_create(&ReviewLabels {
+                    webhook: webhook.into(),
+                    outcome: outcome.into(),
+                });
+            }
+        }
         m
+    }
+
+    /// Creates a namespace's drain series at 0, before its first drain (see `new`): the leader
+    /// calls it for each namespace where it sees an injected pod.
+    pub fn watch_namespace(&self, namespace: &str) {
+        for outcome in ["clean", "forced"] {
+            let _ = self.drains.get_or_create(&DrainLabels {
+                namespace: namespace.into(),
+                outcome: outcome.into(),
+            });
+        }
+        let ns = NamespaceLabels {
+            namespace: namespace.into(),
+        };
+        let _ = self.drain_requests_cut.get_or_create(&ns);
+        let _ = self.drain_connections_cut.get_or_create(&ns);
     }
 
     /// Exports `phase` as the current phase of GracefulRollout `namespace/name`.
@@ -326,6 +360,7 @@ mod tests {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
         m.set_phase("shop", "web", "Progressing");
+        m.watch_namespace("shop");
         m.observe_drain(
             "shop",
             &SidecarReport {
@@ -342,6 +377,9 @@ mod tests {
         exposition::promtool_check(&classic).unwrap_or_else(|e| panic!("{e}\n{classic}"));
         for line in [
             "graceful_operator_drains_total{namespace=\"shop\",outcome=\"forced\"} 1",
+            // Created at 0 before any event, so that increase() sees the first one.
+            "graceful_operator_drains_total{namespace=\"shop\",outcome=\"clean\"} 0",
+            "graceful_operator_rollouts_total{outcome=\"RolledBack\"} 0",
             "graceful_operator_drain_requests_cut_total{namespace=\"shop\"} 1",
             "graceful_operator_webhook_reviews_total{webhook=\"inject\",outcome=\"patched\"} 1",
         ] {
