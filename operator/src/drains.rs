@@ -170,12 +170,12 @@ pub async fn watch_reports(client: Client, drains: &Drains, metrics: &Metrics) {
                 let ns = pod.namespace().unwrap_or_default();
                 if !namespaces.contains(&ns) {
                     metrics.watch_namespace(&ns);
-                    namespaces.insert(ns);
+                    namespaces.insert(ns.clone());
                 }
                 if let Some(report) = sidecar_report(&pod) {
                     let uid = uid_of(&pod);
                     if counted.first(&uid, report.finished) {
-                        metrics.observe_drain(&pod.namespace().unwrap_or_default(), &report);
+                        metrics.observe_drain(&ns, &report);
                     }
                     drains.report(uid, report);
                 }
