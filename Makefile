@@ -61,7 +61,7 @@ demo: deps
 e2e: cluster-up deploy
 	e2e/run.sh
 
-# What every graceful figure is compared with: plain RollingUpdate rollouts under oha's load.
+# What every graceful figure is compared with: plain RollingUpdate rollouts under vegeta's load.
 baseline: cluster-up images
 	e2e/run.sh baseline
 
@@ -69,5 +69,7 @@ baseline: cluster-up images
 test:
 	scripts/test.sh
 
-bench-sidecar: deps build-static
+# oha (the benchmark's latency client) is built only here: the suite's load is vegeta's.
+bench-sidecar: build-static
+	scripts/deps.sh --bench
 	sidecar/bench/run.sh

@@ -11,7 +11,7 @@ source "$here/scripts/daemons.sh"
 
 export KUBECONFIG=${KUBECONFIG:-$KUBECONFIG_ADMIN}
 cluster_healthy || die "the e2e cluster is not up or not healthy: make cluster-up (make cluster-status tells more)"
-for t in oha kubectl; do [[ -x $BIN/$t ]] || die "$t missing in $BIN: run make deps / make cluster-up"; done
+for t in vegeta kubectl; do [[ -x $BIN/$t ]] || die "$t missing in $BIN: run make deps / make cluster-up"; done
 cd "$REPO"
 if [[ ${1:-} == baseline ]]; then
   shift

@@ -2,7 +2,8 @@
 # Installs everything `make demo` and `make test` need, idempotently: Debian packages, and
 # Go-built tools (helm, load generators) cached outside the repo. A warm run takes a second.
 #   scripts/deps.sh            everything
-#   scripts/deps.sh --host     only what the process-level tests and the benchmark need
+#   scripts/deps.sh --host     only what the process-level tests need
+#   scripts/deps.sh --bench    also oha, which only the sidecar benchmark uses (a 7 min build)
 set -euo pipefail
 source "$(dirname "$0")/../e2e/scripts/common.sh"
 
@@ -11,7 +12,7 @@ host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config
 cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
-[[ ${1:-} == --host ]] || pkgs+=("${cluster_pkgs[@]}")
+[[ " $* " == *" --host "* || " $* " == *" --bench "* ]] || pkgs+=("${cluster_pkgs[@]}")
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -40,8 +41,12 @@ go_tool() { # name module@version
   done_step
 }
 go_tool hey github.com/rakyll/hey@v0.1.5
+# vegeta: every e2e load (rate-limited, keep-alive, h2c) with one result per request (1 min).
+go_tool vegeta github.com/tsenart/vegeta/v12@v12.13.0
 
-# oha: rate-limited load (-q) with a JSON report of status codes and errors. Built against the
+[[ " $* " == *" --bench "* ]] || { log "deps ready (tools in $BIN)"; exit 0; }
+
+# oha: the benchmark's fixed-rate latencies (p50, p99) with a JSON report. Built against the
 # system OpenSSL (native-tls) instead of its default rustls with aws-lc: 3m53s instead of 6m07s
 # on 2 idle cores, and our load is plain HTTP anyway. Version and features are the stamp.
 OHA="1.16.0 native-tls"

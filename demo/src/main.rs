@@ -84,7 +84,8 @@ async fn route(
     health: &'static AtomicBool,
 ) -> Result<Response<Body>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") => text(StatusCode::OK, version),
+        // A POST too: the e2e load's POSTs, which no client sends twice, need an answer here.
+        (&Method::GET | &Method::POST, "/") => text(StatusCode::OK, version),
         (&Method::GET, "/healthz") if health.load(Ordering::Relaxed) => {
             text(StatusCode::OK, "ok\n")
         }

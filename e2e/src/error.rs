@@ -17,7 +17,7 @@ pub enum Error {
     },
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
-    #[error("unexpected oha report: {0}")]
+    #[error("unexpected load report: {0}")]
     Report(String),
     #[error("{0}")]
     Cluster(String),

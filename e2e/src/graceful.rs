@@ -152,7 +152,7 @@ pub async fn wait_rollout_finished(
 }
 
 /// One GracefulRollout rollout (a template change, then its end) under `load` against `url`:
-/// the finished GracefulRollout, oha's counts, and the wall time from the change to the end.
+/// the finished GracefulRollout, vegeta's counts, and the wall time from the change to the end.
 pub async fn rollout_under_load(
     ns: &TestNamespace,
     name: &str,

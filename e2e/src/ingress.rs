@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::networking::v1::Ingress;
 use serde_json::json;
 
-use crate::load::{Load, LoadReport};
+use crate::load::{Load, LoadReport, Request};
 use crate::namespace::TestNamespace;
 use crate::{Result, cluster, wait};
 
@@ -68,7 +68,7 @@ pub async fn wait_routed(addr: &str, host: &str, timeout: Duration) -> Result<()
 /// One stream of load: its settings and its URL.
 pub type Stream = (Load, String);
 
-/// Runs `action` under every stream at once (each its own oha) and returns its output with
+/// Runs `action` under every stream at once (each its own vegeta) and returns its output with
 /// each stream's counts, in order. The first stream times the action; the others start with it
 /// and stop after their tail once it is done.
 pub async fn during_all<F: Future>(
@@ -104,16 +104,17 @@ pub async fn during_all<F: Future>(
 pub fn get_and_post(addr: &str, hosts: &[impl AsRef<str>], rate: u32) -> Vec<Stream> {
     let mut streams = Vec::new();
     for host in hosts {
-        let base = Load {
+        let get = Load {
             rate,
             connections: 4,
             host: Some(host.as_ref().to_owned()),
+            request: Request::Get,
             ..Load::default()
         };
-        streams.push((base.clone(), format!("http://{addr}/")));
+        streams.push((get.clone(), format!("http://{addr}/")));
         let post = Load {
-            post: Some("graceful-e2e".into()),
-            ..base
+            request: Request::Post("graceful-e2e".into()),
+            ..get
         };
         streams.push((post, format!("http://{addr}/echo")));
     }
@@ -128,7 +129,7 @@ pub fn describe(streams: &[Stream], reports: &[LoadReport]) -> String {
         .map(|((load, _), r)| {
             format!(
                 "{} {}: {r}",
-                if load.post.is_some() { "POST" } else { "GET" },
+                load.request.method(),
                 load.host.as_deref().unwrap_or("-")
             )
         })

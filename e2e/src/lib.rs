@@ -2,7 +2,7 @@
 //! behaviour it checks. A kube client from the e2e kubeconfig ([`cluster`]), a namespace per test
 //! that is deleted afterwards and dumps pod logs and events when the test fails
 //! ([`namespace`]), the demo app's manifests ([`demo`]), waits with timeouts ([`wait`]), steady
-//! load from oha with failed requests counted by oha itself ([`load`]), and rollouts measured
+//! load from vegeta with failed requests counted by vegeta itself ([`load`]), and rollouts measured
 //! under that load ([`rollout`]), processes killed on the node ([`node`]), and Argo CD's health rule for Deployments ([`argo`]).
 
 pub mod argo;

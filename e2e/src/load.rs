@@ -1,25 +1,39 @@
-//! Steady load from oha (a load generator nobody here wrote) for the duration of an action.
-//! Counts come from oha's JSON report: a request failed when oha saw an error (refused, reset,
-//! timeout...) or a status outside 2xx.
+//! Steady load from vegeta (a load generator nobody here wrote) for the duration of an action.
+//! Every request's result is vegeta's (`vegeta attack | vegeta encode --to json`, one JSON
+//! line per request): a request failed when vegeta saw an error (refused, reset, timeout...)
+//! or a status outside 2xx.
+//!
+//! One vegeta runs for the whole action: its keep-alive connections live through every drain
+//! as a real client's would, and the load never pauses (a pause of the whole load looks, to a
+//! pod draining behind a data plane that lags, like the data planes letting go). It stops on
+//! SIGINT, after the requests in flight have completed: none is aborted by the measurement.
+//!
+//! The load is POSTs unless a test asks for GETs: Go's client (vegeta's) sends a POST again
+//! only when nothing of it was written, so every drop counts. A GET it also sends again on a
+//! new connection when a reused keep-alive connection closed before the response began, as
+//! Go clients do: GET counts are a Go client's view, not the strict one (see [`Request`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
 
 use crate::cluster::tool;
 use crate::{Error, Result};
 
-/// Rate, connections and timeouts of one load run. Connections are kept alive (oha's default):
-/// a keep-alive connection stays pinned to one pod, which is what makes rollouts drop requests.
+/// Rate, connections and timeouts of one load run. Connections are kept alive: a keep-alive
+/// connection stays pinned to one pod, which is what makes rollouts drop requests.
 #[derive(Clone, Debug)]
 pub struct Load {
     /// Requests per second over all connections.
     pub rate: u32,
+    /// At most this many connections at once (HTTP/1.1); one connection for HTTP/2.
     pub connections: u32,
     /// A request slower than this counts as failed.
     pub request_timeout: Duration,
@@ -31,8 +45,8 @@ pub struct Load {
     pub max_duration: Duration,
     /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
     pub http2: bool,
-    /// A POST with this body instead of a GET (to an echoing path: a proxy may not retry it).
-    pub post: Option<String>,
+    /// What each request is.
+    pub request: Request,
     /// The Host header, for name-based routing (an Ingress or an HTTPRoute).
     pub host: Option<String>,
 }
@@ -47,13 +61,38 @@ impl Default for Load {
             tail: Duration::from_secs(3),
             max_duration: Duration::from_secs(300),
             http2: false,
-            post: None,
+            request: Request::default(),
             host: None,
         }
     }
 }
 
-/// What oha counted.
+/// The method and body of every request of a load.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Request {
+    /// A POST with this body (empty: none). Neither vegeta's client nor a proxy on the way
+    /// sends it again once any of it was written, so every drop is counted. The demo app
+    /// answers a POST to `/` like a GET and echoes the body back on `/echo`.
+    Post(String),
+    /// A bodyless POST: the default.
+    #[default]
+    EmptyPost,
+    /// A GET, which Go's client sends again on a fresh connection when a reused one closed
+    /// before the response began (a server closing an idle keep-alive connection as the
+    /// request left): what a Go client sees, less strict than a POST.
+    Get,
+}
+
+impl Request {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Get => "GET",
+            Request::Post(_) | Request::EmptyPost => "POST",
+        }
+    }
+}
+
+/// What vegeta counted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadReport {
     pub sent: u64,
@@ -62,8 +101,19 @@ pub struct LoadReport {
     pub duration: Duration,
     /// Status code -> responses.
     pub statuses: BTreeMap<String, u64>,
-    /// oha's error message -> count.
+    /// What went wrong without a response (the end of Go's error message) -> count.
     pub errors: BTreeMap<String, u64>,
+}
+
+/// One line of `vegeta encode --to json`: one request.
+#[derive(Deserialize)]
+struct Outcome {
+    /// 0 when there was no response.
+    code: u16,
+    /// Nanoseconds.
+    latency: u64,
+    #[serde(default)]
+    error: String,
 }
 
 impl LoadReport {
@@ -86,54 +136,57 @@ impl LoadReport {
         }
     }
 
-    /// Parses oha's `--output-format json` report.
-    pub fn from_oha_json(json: &str, duration: Duration) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct Oha {
-            metrics: Metrics,
-            #[serde(rename = "statusCodeDistribution")]
-            statuses: BTreeMap<String, u64>,
-            #[serde(rename = "errorDistribution")]
-            errors: BTreeMap<String, u64>,
+    /// Counts one request from one line of `vegeta encode --to json`; returns its latency.
+    fn record(&mut self, line: &str) -> Result<Duration> {
+        let outcome: Outcome = serde_json::from_str(line)
+            .map_err(|e| Error::Report(format!("{e}; line was: {line:.500}")))?;
+        self.sent += 1;
+        if outcome.code == 0 {
+            self.failed += 1;
+            *self.errors.entry(error_kind(&outcome.error)).or_default() += 1;
+        } else {
+            if !(200..300).contains(&outcome.code) {
+                self.failed += 1;
+            }
+            *self.statuses.entry(outcome.code.to_string()).or_default() += 1;
         }
-        #[derive(Deserialize)]
-        struct Metrics {
-            latency_ms: Latency,
-        }
-        #[derive(Deserialize)]
-        struct Latency {
-            p99: Option<f64>,
-        }
-        let oha: Oha = serde_json::from_str(json).map_err(|e| {
-            Error::Report(format!(
-                "{e}; report was: {}",
-                json.chars().take(500).collect::<String>()
-            ))
-        })?;
-        let non_2xx: u64 = oha
-            .statuses
-            .iter()
-            .filter(|(code, _)| !code.starts_with('2'))
-            .map(|(_, n)| n)
-            .sum();
-        let errors: u64 = oha.errors.values().sum();
-        // oha's own deadline (the end of one of our runs), never the server's doing.
-        let client_aborts: u64 = oha
-            .errors
-            .iter()
-            .filter(|(e, _)| e.as_str() == CLIENT_DEADLINE)
-            .map(|(_, n)| n)
-            .sum();
-        let sent = oha.statuses.values().sum::<u64>() + errors;
-        Ok(Self {
-            sent,
-            failed: non_2xx + errors - client_aborts,
-            p99_ms: oha.metrics.latency_ms.p99.unwrap_or(f64::NAN),
-            duration,
-            statuses: oha.statuses,
-            errors: oha.errors,
-        })
+        Ok(Duration::from_nanos(outcome.latency))
     }
+
+    /// The counts of every line of `vegeta encode --to json` output.
+    pub fn from_vegeta_json(lines: &str, duration: Duration) -> Result<Self> {
+        let mut report = Self {
+            duration,
+            ..Self::default()
+        };
+        let mut latencies = Vec::new();
+        for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+            latencies.push(report.record(line)?);
+        }
+        report.p99_ms = p99_ms(&mut latencies);
+        Ok(report)
+    }
+}
+
+/// What a Go error says went wrong, without the request and the addresses: `Post
+/// "http://10.96.0.7/echo": read tcp 10.244.0.1:41234->10.96.0.7:80: read: connection reset by
+/// peer` is "connection reset by peer", so the same failure counts under one name.
+fn error_kind(message: &str) -> String {
+    let kind = message.rsplit(": ").next().unwrap_or(message).trim();
+    if kind.is_empty() {
+        "error without a message".into()
+    } else {
+        kind.into()
+    }
+}
+
+fn p99_ms(latencies: &mut [Duration]) -> f64 {
+    if latencies.is_empty() {
+        return f64::NAN;
+    }
+    latencies.sort_unstable();
+    let at = (latencies.len() * 99).div_ceil(100).max(1) - 1;
+    latencies[at].as_secs_f64() * 1000.0
 }
 
 impl std::fmt::Display for LoadReport {
@@ -158,126 +211,205 @@ impl std::fmt::Display for LoadReport {
 }
 
 impl Load {
-    /// Runs `action` under this load against `url` and returns its output with oha's counts.
+    /// Runs `action` under this load against `url` and returns its output with vegeta's counts.
     pub async fn during<F: Future>(&self, url: &str, action: F) -> Result<(F::Output, LoadReport)> {
-        let oha = tool("oha")?;
         let started = Instant::now();
-        let action_done: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let mut attack = self.start(url).await?;
+        let results = attack.results.take().expect("taken once");
+        let count = tokio::spawn(count(results));
         let act = async {
             tokio::time::sleep(self.lead_in).await;
             let output = action.await;
-            *action_done.lock().expect("not poisoned") = Some(Instant::now());
+            tokio::time::sleep(self.tail).await;
             output
         };
-        // Chunks overlap: the next starts OVERLAP before this one stops sending, so the load
-        // never pauses. oha takes a few hundred ms to start (0.3 s on the busy e2e node), and a
-        // pause of the whole load looks, to a pod draining behind a data plane that lags, like
-        // the data planes letting go: it stops, and the next chunk meets it stopped.
-        let load = async {
-            let mut total = LoadReport::default();
-            let mut running = FuturesUnordered::new();
-            loop {
-                running.push(self.chunk(&oha, url));
-                let next_start = tokio::time::sleep(CHUNK - OVERLAP);
-                tokio::pin!(next_start);
-                loop {
-                    tokio::select! {
-                        _ = &mut next_start => break,
-                        Some(report) = running.next() => total.merge(&report?),
-                    }
-                }
-                let done = *action_done.lock().expect("not poisoned");
-                if done.is_some_and(|t| t.elapsed() >= self.tail)
-                    || started.elapsed() >= self.max_duration
-                {
-                    while let Some(report) = running.next().await {
-                        total.merge(&report?);
-                    }
-                    return Ok::<_, Error>(total);
-                }
+        tokio::pin!(act);
+        let output = tokio::select! {
+            output = &mut act => output,
+            _ = tokio::time::sleep(self.max_duration) => {
+                // The load ends at its bound; the action still finishes.
+                attack.stop(self.request_timeout).await?;
+                act.await
             }
         };
-        let (output, total) = tokio::join!(act, load);
-        let mut total = total?;
-        total.duration = started.elapsed();
-        Ok((output, total))
+        attack.stop(self.request_timeout).await?;
+        let mut report = count
+            .await
+            .map_err(|e| Error::Report(format!("counting vegeta's results: {e}")))??;
+        report.duration = started.elapsed();
+        Ok((output, report))
     }
 
-    /// One oha run of `CHUNK`. It ends by its own deadline with `-w`, so requests in flight at
-    /// the end complete: stopping oha any other way aborts them, and oha reports those as
-    /// failed ("operation was canceled"), which would blame the server for the client's stop.
-    async fn chunk(&self, oha: &std::path::Path, url: &str) -> Result<LoadReport> {
-        let started = Instant::now();
-        let child = Command::new(oha)
-            .args(["--no-tui", "--output-format", "json", "--no-color", "-w"])
-            .args(["-q", &self.rate.to_string()])
-            .args(["-c", &self.connections.to_string()])
-            .args(["-z", &format!("{}s", CHUNK.as_secs())])
-            .args(["-t", &format!("{}ms", self.request_timeout.as_millis())])
-            .args(self.http2.then_some("--http2"))
-            .args(self.post.iter().flat_map(|body| ["-m", "POST", "-d", body]))
-            .args(
-                self.host
-                    .iter()
-                    .flat_map(|h| ["-H".to_owned(), format!("Host: {h}")]),
-            )
-            .arg(url)
-            .stdin(Stdio::null())
+    /// `vegeta attack` at this load's rate, piped into `vegeta encode`.
+    async fn start(&self, url: &str) -> Result<Attack> {
+        let vegeta = tool("vegeta")?;
+        let mut header = serde_json::Map::new();
+        if let Some(host) = &self.host {
+            header.insert("Host".into(), serde_json::json!([host]));
+        }
+        // vegeta's JSON target format: the body is base64.
+        let target = serde_json::json!({
+            "method": self.request.method(),
+            "url": url,
+            "header": header,
+            "body": match &self.request {
+                Request::Post(body) => BASE64.encode(body),
+                Request::EmptyPost | Request::Get => String::new(),
+            },
+        });
+        let mut attack = Command::new(&vegeta)
+            .arg("attack")
+            .args(["-format=json", "-duration=0", "-max-body=0", "-redirects=0"])
+            .arg(format!("-rate={}/1s", self.rate))
+            .arg(format!("-timeout={}ms", self.request_timeout.as_millis()))
+            .args(if self.http2 {
+                vec!["-h2c".to_owned()]
+            } else {
+                vec![format!("-max-connections={}", self.connections)]
+            })
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(Error::io(format!("starting {}", oha.display())))?;
-        let out = tokio::time::timeout(
-            CHUNK + self.request_timeout + Duration::from_secs(30),
-            child.wait_with_output(),
-        )
-        .await
-        .map_err(|_| Error::Report("oha ran far past its duration".into()))?
-        .map_err(Error::io("waiting for oha"))?;
-        let json = String::from_utf8_lossy(&out.stdout);
-        if json.trim().is_empty() {
-            return Err(Error::Report(format!(
-                "oha exited with {} and no report: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        LoadReport::from_oha_json(&json, started.elapsed())
+            .map_err(Error::io(format!("starting {}", vegeta.display())))?;
+        let mut stdin = attack.stdin.take().expect("piped");
+        stdin
+            .write_all(format!("{target}\n").as_bytes())
+            .await
+            .map_err(Error::io("writing vegeta's target"))?;
+        drop(stdin);
+        let binary: Stdio = attack
+            .stdout
+            .take()
+            .expect("piped")
+            .try_into()
+            .map_err(Error::io("piping vegeta attack into vegeta encode"))?;
+        let mut encode = Command::new(&vegeta)
+            .args(["encode", "--to", "json"])
+            .stdin(binary)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(Error::io("starting vegeta encode"))?;
+        let results = encode.stdout.take();
+        Ok(Attack {
+            attack,
+            encode,
+            results,
+        })
     }
 }
 
-/// How oha names requests it dropped itself when its duration ran out.
-const CLIENT_DEADLINE: &str = "aborted due to deadline";
+/// A running `vegeta attack | vegeta encode`.
+struct Attack {
+    attack: Child,
+    encode: Child,
+    results: Option<ChildStdout>,
+}
 
-/// Length of one oha run. Longer than a pod's drain, so keep-alive connections live through
-/// drains as a real client's would; each run's in-flight requests complete at its end.
-const CHUNK: Duration = Duration::from_secs(10);
+impl Attack {
+    /// Stops the attack the way vegeta stops on Ctrl-C: no new request, the ones in flight
+    /// complete (or time out) and are reported. Idempotent.
+    async fn stop(&mut self, request_timeout: Duration) -> Result<()> {
+        if let Some(pid) = self.attack.id() {
+            // tokio has no signal but SIGKILL for a child; `kill` is procps'.
+            let sent = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .await
+                .map_err(Error::io("sending SIGINT to vegeta"))?;
+            if !sent.success() && self.attack.try_wait().ok().flatten().is_none() {
+                return Err(Error::Report(format!("kill -INT {pid} failed: {sent}")));
+            }
+        }
+        let bound = request_timeout + Duration::from_secs(30);
+        for (name, child) in [("attack", &mut self.attack), ("encode", &mut self.encode)] {
+            let status = tokio::time::timeout(bound, child.wait())
+                .await
+                .map_err(|_| {
+                    Error::Report(format!("vegeta {name} ran on {bound:?} after its stop"))
+                })?
+                .map_err(Error::io(format!("waiting for vegeta {name}")))?;
+            if !status.success() {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = e.read_to_string(&mut stderr).await;
+                }
+                return Err(Error::Report(format!(
+                    "vegeta {name} exited with {status}: {stderr}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
 
-/// How long two chunks run side by side (at twice the rate): longer than oha's start-up.
-const OVERLAP: Duration = Duration::from_secs(1);
+/// Counts results as vegeta reports them, until it is done.
+async fn count(results: ChildStdout) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    let mut latencies = Vec::new();
+    let mut lines = BufReader::new(results).lines();
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(Error::io("reading vegeta's results"))?
+    {
+        if !line.trim().is_empty() {
+            latencies.push(report.record(&line)?);
+        }
+    }
+    report.p99_ms = p99_ms(&mut latencies);
+    Ok(report)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counts_errors_and_non_2xx_as_failed() {
-        let json = r#"{"metrics": {"latency_ms": {"p99": 12.5}},
-            "statusCodeDistribution": {"200": 95, "503": 2},
-            "errorDistribution": {"connection reset": 3}}"#;
-        let r = LoadReport::from_oha_json(json, Duration::from_secs(1)).unwrap();
-        assert_eq!((r.sent, r.failed), (100, 5));
-        assert_eq!(r.p99_ms, 12.5);
+    fn errors_and_non_2xx_count_as_failed() {
+        let lines = [
+            r#"{"code":200,"latency":1000000,"error":""}"#,
+            r#"{"code":200,"latency":2000000,"error":""}"#,
+            r#"{"code":502,"latency":3000000,"error":"502 Bad Gateway"}"#,
+            r#"{"code":0,"latency":4000000,"error":"Post \"http://10.96.0.7/echo\": read tcp 10.244.0.1:41234->10.96.0.7:80: read: connection reset by peer"}"#,
+            r#"{"code":0,"latency":10000000000,"error":"Get \"http://10.96.0.7/\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"}"#,
+            "",
+        ]
+        .join("\n");
+        let r = LoadReport::from_vegeta_json(&lines, Duration::from_secs(1)).unwrap();
+        assert_eq!((r.sent, r.failed), (5, 3));
+        assert_eq!(
+            r.statuses,
+            BTreeMap::from([("200".into(), 2), ("502".into(), 1)])
+        );
+        assert_eq!(
+            r.errors,
+            BTreeMap::from([
+                ("connection reset by peer".into(), 1),
+                (
+                    "context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+                        .into(),
+                    1
+                ),
+            ])
+        );
+        assert_eq!(r.p99_ms, 10_000.0);
     }
 
     #[test]
-    fn the_clients_own_deadline_is_not_a_failure() {
-        let json = r#"{"metrics": {"latency_ms": {"p99": 1.0}},
-            "statusCodeDistribution": {"200": 10},
-            "errorDistribution": {"aborted due to deadline": 2, "connection refused": 1}}"#;
-        let r = LoadReport::from_oha_json(json, Duration::from_secs(1)).unwrap();
-        assert_eq!((r.sent, r.failed), (13, 1));
+    fn a_line_vegeta_did_not_write_is_an_error() {
+        assert!(LoadReport::from_vegeta_json("not json", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn p99_is_the_latency_99_percent_stay_under() {
+        let mut l: Vec<_> = (1..=200).map(Duration::from_millis).collect();
+        assert_eq!(p99_ms(&mut l), 198.0);
+        assert!(p99_ms(&mut []).is_nan());
     }
 
     #[test]

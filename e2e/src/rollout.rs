@@ -66,7 +66,7 @@ pub async fn restart(ns: &TestNamespace, name: &str) -> Result<()> {
 }
 
 /// Rolls Deployment `name` out `count` times, one after the other, each under `load` against
-/// `url`, and returns oha's counts per rollout.
+/// `url`, and returns vegeta's counts per rollout.
 pub async fn rollouts_under_load(
     ns: &TestNamespace,
     name: &str,

@@ -1,6 +1,6 @@
 //! Traffic through a real ingress controller (issue 11): Traefik reads the EndpointSlices
 //! itself, pools keep-alive connections to pod IPs and applies a removal on its own schedule.
-//! Load comes from oha, GET and POST at once, through an Ingress and an HTTPRoute on the Gateway.
+//! Load comes from vegeta, GET and POST at once, through an Ingress and an HTTPRoute on the Gateway.
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! GracefulRollout on the real cluster: the Deployment stays a normal Deployment (docs/rollout.md).
 //! Each scenario: the demo app with the sidecar injected, behind a Service, managed by a
-//! GracefulRollout, changed with the kubectl verbs people use, under steady load from oha
-//! (failed requests counted by oha); the Deployment is sampled every second as `kubectl get
+//! GracefulRollout, changed with the kubectl verbs people use, under steady load from vegeta
+//! (failed requests counted by vegeta); the Deployment is sampled every second as `kubectl get
 //! deploy` shows it, with its Available condition and Argo CD's health rating.
 //!
 //! Needs the cluster, the images and the chart (`make e2e` does all three).

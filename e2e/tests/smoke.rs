@@ -39,7 +39,7 @@ async fn cluster_ip_answers_from_the_host_and_from_a_pod() {
     let ip = demo_behind_service(&ns, "smoke-v1").await;
 
     // From the host: the body is the demo's version text, and 300 requests over keep-alive
-    // from oha all succeed.
+    // from vegeta all succeed.
     let (status, body) = wait::http_get(&format!("{ip}:80"), "/").await.unwrap();
     assert!(status.contains(" 200"), "{status}");
     assert_eq!(body, "smoke-v1\n");
@@ -57,7 +57,7 @@ async fn cluster_ip_answers_from_the_host_and_from_a_pod() {
         .await
         .unwrap();
     eprintln!("host -> ClusterIP: {report}");
-    assert!(report.sent >= 200, "oha sent too few requests: {report}");
+    assert!(report.sent >= 200, "vegeta sent too few requests: {report}");
     assert_eq!(report.failed, 0, "{report}");
 
     // From a pod: hey (packed by make images) against the same ClusterIP; its report through

@@ -1,11 +1,11 @@
 //! The zero-drop claims of `make demo`, on the real cluster: slow requests in flight when their
 //! pod is replaced, HTTP/2 and WebSocket clients across a rollout, and many rollouts in a row.
-//! Counts come from oha (HTTP) or from a WebSocket client that checks every echo.
+//! Counts come from vegeta and curl (HTTP) or from a WebSocket client that checks every echo.
 
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use graceful_e2e::cluster::{self, tool};
+use graceful_e2e::cluster;
 use graceful_e2e::graceful;
 use graceful_e2e::load::{Load, LoadReport};
 use graceful_e2e::namespace::TestNamespace;
@@ -49,18 +49,23 @@ async fn injected_demo(ns: &TestNamespace, annotations: serde_json::Value) -> St
     format!("http://{ip}")
 }
 
-/// One oha run to its natural end (no stop from outside, so nothing is aborted by us).
-async fn oha_run(args: &[&str], url: &str) -> LoadReport {
-    let started = Instant::now();
-    let out = tokio::process::Command::new(tool("oha").expect("oha"))
-        .args(["--no-tui", "--output-format", "json", "-w"])
-        .args(args)
+/// One request by curl (a client nobody here wrote): its status, or what curl said went wrong.
+async fn curl(url: &str, timeout: Duration) -> Result<u16, String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time"])
+        .arg(timeout.as_secs().to_string())
         .arg(url)
         .output()
         .await
-        .expect("oha runs");
-    LoadReport::from_oha_json(&String::from_utf8_lossy(&out.stdout), started.elapsed())
-        .expect("oha report")
+        .map_err(|e| format!("curl: {e}"))?;
+    if out.status.success() {
+        let code = String::from_utf8_lossy(&out.stdout);
+        code.trim()
+            .parse()
+            .map_err(|_| format!("curl wrote {code}"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
 }
 
 #[tokio::test]
@@ -74,21 +79,22 @@ async fn a_five_second_request_in_flight_when_its_pod_is_replaced_completes() {
     // Six 5-second requests spread over the three pods, then the rollout replaces every pod
     // while they are in flight (the first old pod goes about two seconds in).
     let url = format!("{base}/slow?ms=5000");
-    let slow =
-        tokio::spawn(async move { oha_run(&["-n", "6", "-c", "6", "-t", "30s"], &url).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let started = Instant::now();
-    rollout::restart(&ns, APP).await.expect("restart");
-    let report = slow.await.expect("burst task");
-    eprintln!("6 slow requests across a rollout: {report}");
+    let slow = futures::future::join_all((0..6).map(|_| curl(&url, Duration::from_secs(30))));
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rollout::restart(&ns, APP).await.expect("restart");
+        Instant::now()
+    };
+    let (outcomes, started) = tokio::join!(slow, restart);
+    eprintln!("6 slow requests across a rollout: {outcomes:?}");
     wait::rollout(&ns.api(), APP, ROLLOUT_TIMEOUT)
         .await
         .unwrap_or_else(|e| fail(&ns, e.to_string()));
     eprintln!("rollout done in {:.1}s", started.elapsed().as_secs_f64());
-    if report.sent != 6 || report.failed != 0 {
+    if outcomes.iter().any(|o| o != &Ok(200)) {
         fail(
             &ns,
-            format!("slow requests across a pod replacement: {report} (want 6 sent, 0 failed)"),
+            format!("slow requests across a pod replacement: {outcomes:?} (want 6 times 200)"),
         );
     }
 }
@@ -103,40 +109,30 @@ async fn http2_clients_across_a_rollout_fail_nothing() {
     let url = graceful::deploy_managed_demo(&ns, APP, 3, json!({}))
         .await
         .unwrap_or_else(|e| fail(&ns, e.to_string()));
-    // One h2c run that outlasts the rollout and ends on its own: HTTP/2 clients keep their
-    // connections (and streams) for its whole length.
-    let run_url = url.clone();
-    let load = tokio::spawn(async move {
-        let args = ["--http2", "-q", "300", "-c", "8", "-z", "75s", "-t", "10s"];
-        oha_run(&args, &run_url).await
-    });
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let since = graceful::trigger(&ns, APP).await.expect("trigger");
-    graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(65))
+    // One h2c client (Go's, in vegeta) for the whole rollout: HTTP/2 clients keep their
+    // connection and multiplex every request on it until the server sends GOAWAY. Go's client
+    // then opens a new connection for new requests and sends again only what the server's last
+    // GOAWAY says it never processed, as RFC 9113 allows: anything failed here, failed.
+    let load = Load {
+        http2: true,
+        lead_in: Duration::from_secs(3),
+        ..Load::default()
+    };
+    let (rolled, report) = load
+        .during(&url, async {
+            let since = graceful::trigger(&ns, APP).await?;
+            graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(65)).await
+        })
         .await
-        .unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
-    let report = load.await.expect("oha task");
+        .unwrap_or_else(|e| fail(&ns, format!("load: {e}")));
+    rolled.unwrap_or_else(|e| fail(&ns, format!("rollout: {e}")));
     eprintln!("HTTP/2 (h2c) across a rollout: {report}");
-    // oha fails requests that never leave it: the h2 crate under its hyper client records a
-    // connection error on any GOAWAY, even the first graceful one (last stream id 2^31-1), and
-    // refuses every later request on that connection locally ("http2 error"), or cancels one
-    // already queued for it ("operation was canceled"), until oha reconnects. Pooling clients
-    // (Go, Envoy, hyper-util's) open a new connection instead. No server can avoid these short
-    // of never sending GOAWAY, so they are told apart and bounded; everything else (refused or
-    // reset connections, timeouts, non-2xx) is a failure.
-    let goaway_races: u64 = report
-        .errors
-        .iter()
-        .filter(|(e, _)| e.as_str() == "operation was canceled" || e.as_str() == "http2 error")
-        .map(|(_, n)| n)
-        .sum();
-    let failed = report.failed - goaway_races;
-    if failed != 0 || report.sent < 10_000 || goaway_races * 1000 > report.sent {
+    // Most of the rate was really sent, so the rollout met the load.
+    let expected = f64::from(load.rate) * report.duration.as_secs_f64();
+    if report.failed != 0 || (report.sent as f64) < 0.8 * expected {
         fail(
             &ns,
-            format!(
-                "HTTP/2 across a rollout: {report} (want 0 failed besides at most 0.1% GOAWAY races)"
-            ),
+            format!("HTTP/2 across a rollout: {report} (want 0 failed, {expected:.0} sent)"),
         );
     }
 }

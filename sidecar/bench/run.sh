@@ -22,7 +22,7 @@ OUT=${OUT:-$REPO/target/bench/sidecar.md}
 
 die() { echo "bench: $*" >&2; exit 1; }
 for tool in wrk oha nginx haproxy jq ss; do
-  command -v "$tool" >/dev/null || die "$tool not found: run scripts/deps.sh --host (make bench-sidecar does)"
+  command -v "$tool" >/dev/null || die "$tool not found: run scripts/deps.sh --bench (make bench-sidecar does)"
 done
 for bin in graceful-sidecar graceful-demo; do
   [[ -x $RELEASE/$bin ]] || die "$RELEASE/$bin missing: run make build-static"

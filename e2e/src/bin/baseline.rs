@@ -1,5 +1,5 @@
 //! The baseline measurement (make baseline): the plain demo rolled out under steady load, failed
-//! requests counted by oha. Prints one line per rollout and the total.
+//! requests counted by vegeta. Prints one line per rollout and the total.
 
 use clap::Parser;
 use graceful_e2e::load::Load;

@@ -1,5 +1,5 @@
 //! `make demo`'s measurement: graceful-demo deployed three ways, each rolled out under the same
-//! steady load from oha, one table at the end.
+//! steady load from vegeta, one table at the end.
 //!
 //! 1. plain: no sidecar, the default RollingUpdate;
 //! 2. injected: `graceful.dev/inject: "true"`, the same RollingUpdate (`kubectl rollout restart`);
@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nplain: the demo app alone (exits on SIGTERM), RollingUpdate; injected: graceful.dev/inject=true, \
          same RollingUpdate; managed: injected + GracefulRollout. Failed = refused, reset, timed out or non-2xx, \
-         as oha counted them."
+         as vegeta counted them."
     );
     Ok(())
 }
