@@ -1,29 +1,71 @@
 #!/usr/bin/env bash
 # make test: lint, unit and process tests, then the e2e suite on the real cluster.
-# On a fresh machine most of the time is building: Kubernetes and Traefik with Go, oha and the
-# workspace with cargo. The Go builds start first, in the background, and run while cargo
-# installs oha, builds and tests the workspace and builds the static release binaries: each
-# fills the other's single-threaded stretches (big crates, links, downloads) on a 2-core
-# machine. Warm, the Go builds are stamp checks and cargo finds everything fresh.
+#
+# On a fresh machine most of the time is building, on 2 cores. What the cluster needs first is
+# built first, both cores busy: Kubernetes and helm with Go beside the workspace's unit tests
+# and static release binaries with cargo. Then the cluster comes up without its ingress and the
+# suite starts. What only the last tests need, Traefik (ingress.rs), and clippy build meanwhile
+# at the lowest CPU and I/O priority: the suite waits on rollouts and drains most of the time,
+# and a niced build takes only the CPU it leaves idle. Warm, every build is a stamp check and
+# cargo finds everything fresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/scripts/common.sh
 
 mkdir -p "$CACHE"
-go_log=$CACHE/test-go-builds.log
-step "background: Go builds for the cluster (log: $go_log)"
-# A process group of its own, so that a failed cargo step stops the go builds with it.
-setsid bash -c 'e2e/scripts/build-kube.sh && e2e/scripts/build-traefik.sh' >"$go_log" 2>&1 &
-go_builds=$!
-trap 'kill -- "-$go_builds" 2>/dev/null || true' EXIT
+bg_pids=()
+# A process group of its own for each background job, so that a failed step stops them all.
+trap 'for j in "${bg_pids[@]}"; do kill -- "-$j" 2>/dev/null || true; done' EXIT
+background() { # log-file command...: runs the command in its own process group
+  local log=$1
+  shift
+  setsid "$@" >"$log" 2>&1 &
+  bg_pids+=($!)
+}
+finish() { # pid log-file what: waits for a background job, shows its log, fails with it
+  if ! wait "$1"; then
+    cat "$2" >&2
+    die "$3 failed (above)"
+  fi
+  cat "$2" >&2
+}
 
-make --no-print-directory deps lint unit build-static
+cargo fmt --all --check
 
-if ! wait "$go_builds"; then
-  cat "$go_log" >&2
-  die "the cluster's Go builds failed (above)"
-fi
-trap - EXIT
-cat "$go_log" >&2
+go_log=$CACHE/test-kube-build.log
+step "background: Kubernetes and helm with Go (log: $go_log)"
+background "$go_log" e2e/scripts/build-kube.sh
+kube_build=$!
+make --no-print-directory deps unit build-static
+finish "$kube_build" "$go_log" "the Kubernetes build"
 done_step
-make --no-print-directory e2e
+
+GRACEFUL_NO_INGRESS=1 make --no-print-directory cluster-up deploy
+
+traefik_log=$CACHE/test-traefik-build.log lint_log=$CACHE/test-clippy.log
+log "background at idle priority: the Traefik build ($traefik_log), then clippy ($lint_log)"
+background "$traefik_log" nice -n 19 ionice -c 3 e2e/scripts/build-traefik.sh
+traefik_build=$!
+# Its own target directory: cargo locks one for a whole command, and the suite's run in it.
+background "$lint_log" nice -n 19 ionice -c 3 env CARGO_TARGET_DIR="$REPO/target/lint" \
+  bash -c "while kill -0 $traefik_build 2>/dev/null; do sleep 5; done; exec make --no-print-directory lint"
+lint=$!
+
+# Every e2e test file but the ingress's, in cargo's order, then the ingress once Traefik is up.
+suite=()
+for f in e2e/tests/*.rs; do
+  name=$(basename "$f" .rs)
+  [[ $name == ingress ]] || suite+=(--test "$name")
+done
+e2e/run.sh "${suite[@]}"
+
+step "ingress for ingress.rs (the Traefik build started with the suite)"
+finish "$traefik_build" "$traefik_log" "the Traefik build"
+make --no-print-directory cluster-up
+done_step
+e2e/run.sh --test ingress
+
+step "clippy (built beside the suite)"
+finish "$lint" "$lint_log" "clippy"
+done_step
+trap - EXIT

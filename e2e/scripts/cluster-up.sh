@@ -14,8 +14,15 @@ source "$here/traefik.sh"
 started=$SECONDS
 
 # The ingress on a ready cluster: Traefik's image, the Gateway API CRDs, its objects
-# (traefik.sh). A warm run changes nothing.
+# (traefik.sh). A warm run changes nothing. GRACEFUL_NO_INGRESS=1 leaves it (and its build)
+# for a later cluster-up: scripts/test.sh builds Traefik while the tests that need no
+# ingress run.
 ingress_up() {
+  if [[ ${GRACEFUL_NO_INGRESS:-} == 1 ]]; then
+    log "ingress: left for a later cluster-up (GRACEFUL_NO_INGRESS=1)"
+    return
+  fi
+  "$here/build-traefik.sh"
   step "ingress: traefik $TRAEFIK_VERSION at $INGRESS_URL (namespace $TRAEFIK_NAMESPACE)"
   traefik_install
   done_step
@@ -25,7 +32,6 @@ if cluster_healthy; then
   log "cluster already up ($(daemons_running | tr '\n' ' '))"
   host_network_up # idempotent: puts back a route or guard someone removed
   host_check_routes
-  "$here/build-traefik.sh" # a cluster started before the ingress existed: built once
   ingress_up
   log "cluster up in $((SECONDS - started))s"
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
@@ -47,9 +53,6 @@ if [[ -n $(host_tools_missing) ]]; then
   "$REPO/scripts/deps.sh"
   [[ -z $(host_tools_missing) ]] || die "still missing after scripts/deps.sh: $(host_tools_missing)"
 fi
-done_step
-step "binaries: traefik $TRAEFIK_VERSION, gateway-api $GATEWAY_API_VERSION CRDs (build-traefik.sh)"
-"$here/build-traefik.sh"
 done_step
 
 # Anything left by an earlier cluster (stopped or killed) goes first: stale pids, sandboxes,
