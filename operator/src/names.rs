@@ -17,3 +17,6 @@ pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i32 = 600;
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// The Deployment condition reason the Deployment controller sets when progress stalled.
 pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+
+/// The injected sidecar's admin port (`/metrics`, `/prestop`), by name, as the webhook declares it.
+pub const ADMIN_PORT_NAME: &str = "graceful-admin";

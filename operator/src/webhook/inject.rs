@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::annotations::{self, GracePolicy, PortRef, Settings};
+use crate::names::ADMIN_PORT_NAME;
 
 /// Name of the injected init container; its presence means "already injected".
 pub const SIDECAR_NAME: &str = "graceful-sidecar";
@@ -24,7 +25,6 @@ pub const GRACE_MARGIN: Duration = Duration::from_secs(5);
 const DEFAULT_GRACE_PERIOD_SECS: i64 = 30;
 /// Name of the sidecar's traffic port when the app port had no name to take over.
 const FALLBACK_TRAFFIC_PORT_NAME: &str = "graceful-http";
-const ADMIN_PORT_NAME: &str = "graceful-admin";
 /// Where the ServiceAccount admission plugin mounts the API token.
 const SERVICE_ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The distroless "nonroot" user: the sidecar needs no identity on the node.
