@@ -17,6 +17,8 @@ if [[ ${1:-} == baseline ]]; then
   shift
   exec cargo run --locked -q -p graceful-e2e --bin baseline -- "$@"
 fi
+# tests/plugin.rs runs the kubectl plugin as kubectl finds it: built next to the tests.
+cargo build --locked -q -p kubectl-graceful
 # cargo's arguments first, the test binary's after a `--` (e2e/run.sh --test smoke -- --nocapture).
 cargo_args=() test_args=()
 while (($#)); do

@@ -4,14 +4,17 @@
 #   scripts/deps.sh            everything
 #   scripts/deps.sh --host     only what the process-level tests need
 #   scripts/deps.sh --bench    also oha, which only the sidecar benchmark uses (a 7 min build)
+#   scripts/deps.sh --screenshot  also Chromium (Debian's), which only make screenshot uses
 set -euo pipefail
 source "$(dirname "$0")/../e2e/scripts/common.sh"
 
 # prometheus: promtool checks the metrics and the chart's alert rules (make unit, make test).
-host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus)
+# tmux: the terminal e2e/tests/plugin.rs drives `kubectl graceful status --watch` in.
+host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus tmux)
 cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
+[[ " $* " != *" --screenshot "* ]] || pkgs+=(chromium)
 [[ " $* " == *" --host "* || " $* " == *" --bench "* ]] || pkgs+=("${cluster_pkgs[@]}")
 
 missing=()

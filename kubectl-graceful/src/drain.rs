@@ -113,7 +113,7 @@ pub async fn fetch(client: &Client, pod: &Pod) -> Option<DrainFigures> {
     .body(Vec::new())
     .ok()?;
     let text = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(1),
         client.request_text(request),
     )
     .await

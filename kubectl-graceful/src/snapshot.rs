@@ -106,9 +106,9 @@ pub async fn take(client: &Client, ns: &str, name: &str) -> Result<Snapshot> {
             .list(&ListParams::default().labels_from(&selector))
             .await
             .with_context(|| format!("listing the pods of Deployment {ns}/{target}"))?;
-        for pod in listed.items {
-            pods.push(row(client, &pod).await);
-        }
+        // The draining pods' sidecars are asked at once: one slow answer delays the read by
+        // at most one timeout, not one per pod.
+        pods = futures::future::join_all(listed.items.iter().map(|pod| row(client, pod))).await;
     }
     let updated = rollout
         .status
@@ -156,8 +156,20 @@ async fn row(client: &Client, pod: &Pod) -> PodRow {
     };
     let mut drain = None;
     if state == PodState::Draining {
-        drain = drain::fetch(client, pod).await;
-        if drain.as_ref().is_some_and(|d| d.phase == "done") {
+        // Done by its own account, or its sidecar already exited (it does once done): an
+        // exited sidecar is not asked.
+        let sidecar_exited = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|s| sidecar_names.contains(&s.name.as_str()))
+            .any(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+        if !sidecar_exited {
+            drain = drain::fetch(client, pod).await;
+        }
+        if sidecar_exited || drain.as_ref().is_some_and(|d| d.phase == "done") {
             state = PodState::Drained;
         }
     }
