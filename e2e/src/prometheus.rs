@@ -85,6 +85,20 @@ impl Prometheus {
 
     /// The series `expr` returns with at least one sample in the last `window` (every
     /// `INTERVAL`), as a dashboard drawing that window would show them.
+    /// Prometheus' own graph page with one graph panel per `(expr)`, over the last `range`.
+    pub fn graph_url(&self, exprs: &[String], range: Duration) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (i, expr) in exprs.iter().enumerate() {
+            query.append_pair(&format!("g{i}.expr"), expr);
+            query.append_pair(&format!("g{i}.tab"), "0");
+            query.append_pair(
+                &format!("g{i}.range_input"),
+                &format!("{}s", range.as_secs()),
+            );
+        }
+        format!("http://{ADDR}/graph?{}", query.finish())
+    }
+
     pub async fn series_over(&self, expr: &str, window: Duration) -> Result<usize> {
         let end = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
