@@ -12,19 +12,20 @@ TARGET := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
-	deploy demo test e2e baseline bench-sidecar
+	deploy demo test e2e baseline bench-sidecar screenshot
 
 help:
 	@echo "make demo           real cluster, chart, rollouts under load, dropped-request report"
 	@echo "make test           lint, unit and process tests, then the e2e suite on the real cluster"
-	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar"
+	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot"
 
 deps:
 	scripts/deps.sh
 
-# Only what ships in images (and what the benchmark runs): the e2e crate is never built for release.
+# What ships (the images' binaries and the kubectl plugin) and what the benchmark runs: the e2e
+# crate is never built for release.
 build-static:
-	$(STATIC_BUILD) -p graceful-sidecar -p graceful-operator -p graceful-demo --bins
+	$(STATIC_BUILD) --bin graceful-sidecar --bin graceful-operator --bin graceful-demo --bin kubectl-graceful
 
 lint:
 	cargo fmt --all --check
@@ -60,6 +61,11 @@ demo: deps
 
 e2e: cluster-up deploy
 	e2e/run.sh
+
+# docs/dashboard.png: the dashboard's queries in Prometheus during a GracefulRollout under load.
+screenshot: cluster-up deploy
+	scripts/deps.sh --screenshot
+	cargo run --locked -q -p graceful-e2e --bin screenshot
 
 # What every graceful figure is compared with: plain RollingUpdate rollouts under vegeta's load.
 baseline: cluster-up images

@@ -37,7 +37,8 @@ pub struct Load {
     pub connections: u32,
     /// A request slower than this counts as failed.
     pub request_timeout: Duration,
-    /// Load before the action starts, so the action meets warm connections.
+    /// Load before the action starts, so the action meets warm connections (vegeta starts in
+    /// milliseconds: a second is 300 requests over every connection).
     pub lead_in: Duration,
     /// Load after the action ends: late failures (endpoints settling) still count.
     pub tail: Duration,
@@ -57,7 +58,7 @@ impl Default for Load {
             rate: 300,
             connections: 8,
             request_timeout: Duration::from_secs(10),
-            lead_in: Duration::from_secs(2),
+            lead_in: Duration::from_secs(1),
             tail: Duration::from_secs(3),
             max_duration: Duration::from_secs(300),
             http2: false,
