@@ -37,13 +37,20 @@ cargo fmt --all --check
 # benchmark (make bench-sidecar) measures what ships.
 export CARGO_INCREMENTAL=0 CARGO_PROFILE_RELEASE_LTO=false
 
-# The cluster comes up as soon as Kubernetes is built, while cargo still builds.
-go_log=$CACHE/test-kube-build.log
+# The cluster comes up as soon as Kubernetes is built, while cargo still builds; not before
+# `make deps` has installed the Debian packages (two apt-get at once would fight for its lock).
+go_log=$CACHE/test-kube-build.log deps_done=$CACHE/test-deps-done.$$
+rm -f "$deps_done"
 step "background: Kubernetes and helm with Go, then the cluster (log: $go_log)"
-background "$go_log" bash -c "e2e/scripts/build-kube.sh && GRACEFUL_NO_INGRESS=1 e2e/scripts/cluster-up.sh"
+background "$go_log" bash -c "e2e/scripts/build-kube.sh \
+  && until [[ -e $deps_done ]]; do sleep 1; done \
+  && GRACEFUL_NO_INGRESS=1 e2e/scripts/cluster-up.sh"
 kube_build=$!
-make --no-print-directory deps unit build-static
+make --no-print-directory deps
+touch "$deps_done"
+make --no-print-directory unit build-static
 finish "$kube_build" "$go_log" "the Kubernetes build or the cluster"
+rm -f "$deps_done"
 done_step
 
 make --no-print-directory deploy
