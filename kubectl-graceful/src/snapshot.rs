@@ -138,13 +138,18 @@ async fn row(client: &Client, pod: &Pod) -> PodRow {
         .filter(|c| c.restart_policy.as_deref() == Some("Always"))
         .map(|c| c.name.as_str())
         .collect();
-    let sidecars = pod
+    let sidecars: Vec<_> = pod
         .status
         .as_ref()
         .and_then(|s| s.init_container_statuses.clone())
         .unwrap_or_default()
         .into_iter()
-        .filter(|s| sidecar_names.contains(&s.name.as_str()));
+        .filter(|s| sidecar_names.contains(&s.name.as_str()))
+        .collect();
+    // Once done, the sidecar exits.
+    let sidecar_exited = sidecars
+        .iter()
+        .any(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
     let all: Vec<_> = statuses.into_iter().chain(sidecars).collect();
     let ready_count = all.iter().filter(|s| s.ready).count();
     let mut state = if pod.metadata.deletion_timestamp.is_some() {
@@ -156,16 +161,7 @@ async fn row(client: &Client, pod: &Pod) -> PodRow {
     };
     let mut drain = None;
     if state == PodState::Draining {
-        // Done by its own account, or its sidecar already exited (it does once done): an
-        // exited sidecar is not asked.
-        let sidecar_exited = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.init_container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|s| sidecar_names.contains(&s.name.as_str()))
-            .any(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+        // Done by its own account, or its sidecar already exited: an exited one is not asked.
         if !sidecar_exited {
             drain = drain::fetch(client, pod).await;
         }
