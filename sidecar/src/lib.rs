@@ -10,6 +10,7 @@ pub mod defaults;
 pub mod deregister;
 pub mod drain;
 pub mod exposition;
+pub mod latency;
 pub mod metrics;
 pub mod proxy;
 pub mod restarts;

@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::drain::Phase;
+use crate::latency::LatencyHistogram;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -133,6 +134,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Counter,
     pub in_flight: Gauge,
+    pub request_duration: LatencyHistogram,
     open: [Gauge; 4],
     phase: [Gauge; 4],
     phase_seconds: [Gauge<f64, AtomicU64>; 4],
@@ -172,6 +174,12 @@ impl Metrics {
             "in_flight_requests",
             "Requests whose response is not finished yet",
             in_flight.clone(),
+        );
+        let request_duration = LatencyHistogram::default();
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response (or the client leaving)",
+            request_duration.clone(),
         );
         let open_family = Family::<ProtocolLabel, Gauge>::default();
         registry.register(
@@ -242,6 +250,7 @@ impl Metrics {
             registry,
             requests,
             in_flight,
+            request_duration,
             open,
             phase,
             phase_seconds,
@@ -289,6 +298,8 @@ mod tests {
     fn the_exposition_passes_promtool() {
         let m = Metrics::new();
         m.requests.inc();
+        m.request_duration
+            .observe(std::time::Duration::from_millis(3));
         m.requests_force_closed.inc();
         m.restarts.requests_held.inc();
         m.set_phase_seconds(Phase::Quiescing, 1.5);

@@ -215,7 +215,11 @@ impl Proxy {
         if self.drain.phase() != Phase::Serving {
             metrics.requests_after_trigger.inc();
         }
-        let in_flight = GaugeGuard::new(&metrics.in_flight);
+        // Both end with the response's last frame (or the client leaving), as the body drops.
+        let in_flight = (
+            GaugeGuard::new(&metrics.in_flight),
+            metrics.request_duration.start(),
+        );
         let downstream = req.version();
 
         let upgrade = wants_upgrade(&req);
