@@ -329,15 +329,33 @@ fn conflict(message: &str) -> Response<Body> {
     )
 }
 
-/// The `labelSelector` of a list request (equality and existence terms, what the controller
-/// sends), as the API server reads it.
+/// The `labelSelector` of a list request (equality, existence and `in (a,b)` terms, what the
+/// controller sends), as the API server reads it.
 fn label_selector(query: &str) -> Option<kube::core::Selector> {
     let (_, raw) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "labelSelector")?;
     let mut selector = kube::core::Selector::default();
-    for term in raw.split(',').filter(|t| !t.is_empty()) {
-        let expr = match term.split_once('=') {
-            Some((k, v)) => kube::core::Expression::Equal(k.into(), v.into()),
-            None => kube::core::Expression::Exists(term.into()),
+    let mut rest = raw.as_ref();
+    while !rest.is_empty() {
+        // A set's values are separated by commas too: a term ends at the first comma outside ().
+        let end = match (rest.find('('), rest.find(',')) {
+            (Some(open), Some(comma)) if open < comma => {
+                rest.find(')').map_or(rest.len(), |c| c + 1)
+            }
+            (_, Some(comma)) => comma,
+            (_, None) => rest.len(),
+        };
+        let term = &rest[..end];
+        rest = rest[end..].trim_start_matches(',');
+        let expr = if let Some((k, set)) = term.split_once(" in ") {
+            let values = set.trim_matches(|c| c == '(' || c == ')' || c == ' ');
+            kube::core::Expression::In(
+                k.trim().into(),
+                values.split(',').map(str::to_owned).collect(),
+            )
+        } else if let Some((k, v)) = term.split_once('=') {
+            kube::core::Expression::Equal(k.into(), v.into())
+        } else {
+            kube::core::Expression::Exists(term.into())
         };
         selector.extend(std::iter::once(expr));
     }
@@ -439,6 +457,21 @@ pub fn slice(pods: &[(&str, bool)]) -> Value {
         .map(|(i, (name, ready))| json!({"addresses": [format!("10.244.0.{}", i + 10)], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": name, "namespace": NS}}))
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-abcde", "namespace": NS}, "addressType": "IPv4", "endpoints": endpoints})
+}
+
+/// `slice`, as the EndpointSlice controller makes it for Service `service`.
+pub fn slice_of(service: &str, pods: &[(&str, bool)]) -> Value {
+    let mut s = slice(pods);
+    s["metadata"]["name"] = json!(format!("{service}-abcde"));
+    s["metadata"]["labels"] = json!({"kubernetes.io/service-name": service});
+    s
+}
+
+/// `pod` with an injected sidecar naming the Services that select it (comma-separated).
+pub fn injected(mut pod: Value, services: &str) -> Value {
+    pod["spec"]["initContainers"] = json!([{"name": "graceful-sidecar", "image": "x",
+        "env": [{"name": graceful_sidecar::defaults::ENV_SERVICES, "value": services}]}]);
+    pod
 }
 
 pub fn rollout(spec_extra: Value, status: Value) -> Value {

@@ -7,11 +7,12 @@
 //! carry on is in the cluster (the Deployment's held fields, the status), so a restarted operator
 //! continues where the last one stopped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use graceful_sidecar::defaults::ENV_SERVICES;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -224,7 +225,7 @@ async fn observe(
         .list(&lp)
         .await?
         .items;
-    let listed = listed_ready(ctx, &ns).await?;
+    let listed = listed_ready(ctx, &ns, pods_services(&pods).as_ref()).await?;
     if let Some(started) = &status.rollout_started_at {
         ctx.drains.track(&rollout_key(gr, started), &pods);
     }
@@ -326,11 +327,44 @@ fn own_spec_fields(deploy: &Deployment) -> Option<usize> {
         })
 }
 
-/// pod name -> listed ready in some EndpointSlice of the namespace.
-async fn listed_ready(ctx: &Context, ns: &str) -> Result<HashMap<String, bool>> {
+/// The Services whose EndpointSlices can list these pods, as the injector wrote them into each
+/// pod's sidecar; None when a pod has no sidecar to say.
+fn pods_services(pods: &[Pod]) -> Option<BTreeSet<String>> {
+    let mut services = BTreeSet::new();
+    for pod in pods {
+        let spec = pod.spec.as_ref()?;
+        let named = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .flat_map(|c| c.env.iter().flatten())
+            .find(|e| e.name == ENV_SERVICES)?;
+        let names = named.value.as_deref().unwrap_or_default().split(',');
+        services.extend(names.filter(|n| !n.is_empty()).map(str::to_owned));
+    }
+    Some(services)
+}
+
+/// pod name -> listed ready in some EndpointSlice: of the given Services (one LIST, the size of
+/// the rollout's own Services; none when no Service selects the pods), or of the whole namespace
+/// when the pods do not name theirs.
+async fn listed_ready(
+    ctx: &Context,
+    ns: &str,
+    services: Option<&BTreeSet<String>>,
+) -> Result<HashMap<String, bool>> {
     let mut listed = HashMap::new();
+    let lp = match services {
+        Some(names) if names.is_empty() => return Ok(listed),
+        Some(names) => ListParams::default().labels(&format!(
+            "kubernetes.io/service-name in ({})",
+            names.iter().cloned().collect::<Vec<_>>().join(",")
+        )),
+        None => ListParams::default(),
+    };
     for slice in Api::<EndpointSlice>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default())
+        .list(&lp)
         .await?
         .items
     {
@@ -720,6 +754,51 @@ mod tests {
             ("old-3", true),
             ("new-1", ready),
         ]));
+    }
+
+    /// Whether `observe` finds pod `name` listed ready.
+    async fn listed_ready_seen(api: &FakeApi, name: &str) -> Option<bool> {
+        let gr = gr(api);
+        let deploy = deployment_now(api);
+        let seen = observe(
+            &ctx(api),
+            &gr,
+            &deploy,
+            &gr.status.clone().unwrap_or_default(),
+        )
+        .await
+        .unwrap();
+        let pods = seen.observed.replica_sets.iter().flat_map(|rs| &rs.pods);
+        pods.into_iter()
+            .find(|p| p.name == name)
+            .unwrap()
+            .listed_ready
+    }
+
+    #[tokio::test]
+    async fn only_the_slices_of_the_services_the_sidecars_name_are_read() {
+        let api = FakeApi::default();
+        rollout_in_progress(&api, Some(60));
+        api.delete("discovery.k8s.io/v1", "EndpointSlice", "web-abcde");
+        api.put(slice_of("web", &[("new-1", false)]));
+        // Another Service's slice of the namespace says new-1 is ready: not this rollout's.
+        api.put(slice_of("other", &[("new-1", true)]));
+        assert_eq!(
+            listed_ready_seen(&api, "new-1").await,
+            Some(true),
+            "unnamed: all"
+        );
+        for name in ["old-1", "old-2", "old-3"] {
+            api.put(injected(pod(name, "aaaaa", Some(600)), "web"));
+        }
+        api.put(injected(pod("new-1", "bbbbb", Some(60)), "web"));
+        assert_eq!(listed_ready_seen(&api, "new-1").await, Some(false));
+        // No Service selects the pods: no slice is read, and none is expected.
+        for name in ["old-1", "old-2", "old-3"] {
+            api.put(injected(pod(name, "aaaaa", Some(600)), ""));
+        }
+        api.put(injected(pod("new-1", "bbbbb", Some(60)), ""));
+        assert_eq!(listed_ready_seen(&api, "new-1").await, None);
     }
 
     #[tokio::test]
