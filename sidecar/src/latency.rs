@@ -44,15 +44,17 @@ struct Shard {
     sum_nanos: AtomicU64,
 }
 
+/// Each shard its own allocation: a [`Timer`] holds its thread's shard, so the reference count
+/// a request bumps is one no other thread touches.
 #[derive(Clone, Debug)]
 pub struct LatencyHistogram {
-    shards: Arc<[Shard; SHARDS]>,
+    shards: Arc<[Arc<Shard>; SHARDS]>,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
         Self {
-            shards: Arc::new(std::array::from_fn(|_| Shard::default())),
+            shards: Arc::new(std::array::from_fn(|_| Arc::default())),
         }
     }
 }
@@ -75,17 +77,13 @@ fn shard_index() -> usize {
 
 impl LatencyHistogram {
     pub fn observe(&self, took: Duration) {
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let bucket = BOUNDS_NANOS.partition_point(|&bound| bound < nanos);
-        let shard = &self.shards[shard_index()];
-        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.shards[shard_index()].observe(took);
     }
 
     /// Starts timing a request; the time is observed when the returned guard drops.
     pub fn start(&self) -> Timer {
         Timer {
-            histogram: self.clone(),
+            shard: self.shards[shard_index()].clone(),
             started: Instant::now(),
         }
     }
@@ -106,16 +104,26 @@ impl LatencyHistogram {
     }
 }
 
+impl Shard {
+    fn observe(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS_NANOS.partition_point(|&bound| bound < nanos);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
 /// Observes the time since `start()` when dropped: when the response's last frame is sent,
-/// or when the client went away first.
+/// or when the client went away first. Into the shard of the thread that started it (a
+/// traffic thread finishes the requests it starts).
 pub struct Timer {
-    histogram: LatencyHistogram,
+    shard: Arc<Shard>,
     started: Instant,
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        self.histogram.observe(self.started.elapsed());
+        self.shard.observe(self.started.elapsed());
     }
 }
 
