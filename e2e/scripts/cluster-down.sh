@@ -13,8 +13,9 @@ source "$here/host.sh"
 [[ $EUID == 0 ]] || die "cluster-down needs root"
 started=$SECONDS
 
-step "stop the control plane and kubelet (no pod may be recreated while pods go)"
-for name in kube-controller-manager kube-scheduler kubelet; do daemon_stop "$name"; done
+step "stop the control plane, kubelet and kwok (no pod may be recreated while pods go)"
+# kwok (kwok.sh, fake nodes) only runs when the scale measurement started it.
+for name in kwok kube-controller-manager kube-scheduler kubelet; do daemon_stop "$name"; done
 done_step
 
 step "remove every pod sandbox through containerd (CNI DEL frees veths, IPs, netns)"
@@ -56,7 +57,7 @@ step "state: sysctls restored, runtime files removed (image store and logs kept)
 host_restore_sysctls
 rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/cni" "$PIDS" "$PKI" "$RUN_DIR" \
   "$STATE"/*.kubeconfig "$STATE"/*.yaml "$STATE/containerd.toml" "$STATE/resolv.conf" \
-  "$STATE/containerd-opt"
+  "$STATE/containerd-opt" "$STATE/kwok"
 rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
 done_step
 log "cluster down in $((SECONDS - started))s (logs kept in $LOGS)"

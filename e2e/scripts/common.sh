@@ -8,6 +8,8 @@ HELM_VERSION=v3.21.4
 TRAEFIK_VERSION=v3.6.23
 # The Gateway API release Traefik $TRAEFIK_VERSION is built against (its go.mod); its standard CRDs.
 GATEWAY_API_VERSION=v1.4.0
+# KWOK: fake nodes and pods for the scale measurement (e2e/scripts/kwok.sh, build-kwok.sh).
+KWOK_VERSION=v0.8.0
 
 # Everything built or downloaded lives outside the repo so a fresh clone starts warm.
 CACHE=${GRACEFUL_CACHE:-$HOME/.cache/graceful}
@@ -28,6 +30,8 @@ die() { log "error: $*"; exit 1; }
 # Runtime files that must not survive a reboot (sockets, containerd state).
 RUN_DIR=/run/graceful-e2e
 LOGS=$STATE/logs
+# The apiserver's audit of service accounts' requests (cluster-up.sh's policy).
+AUDIT_LOG=$LOGS/audit.log
 PIDS=$STATE/pids
 PKI=$STATE/pki
 KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
@@ -77,6 +81,17 @@ TRAEFIK_PING_OFFSET=1000
 # providersThrottleDuration: the pause after each configuration Traefik applies (its default).
 TRAEFIK_THROTTLE=2s
 INGRESS_URL=http://$NODE_IP:$TRAEFIK_PORT
+
+# --- fake nodes: KWOK (e2e/scripts/kwok.sh), a host process that plays the kubelet of them ---
+# The label (kwok's node selector, and the pods' nodeSelector) and the taint (NoSchedule, so
+# that only pods tolerating it land there) of every fake node: key=value.
+KWOK_NODE_LABEL=kwok.x-k8s.io/node=fake
+# Pod IPs kwok hands out on fake nodes: apart from $POD_CIDR, $SERVICE_CIDR and eth0, and routed
+# to $SVC_SINK while kwok runs, so that whatever is sent to one (kube-proxy DNATs a Service
+# with fake endpoints there) is dropped on this host. Nothing may send to them on purpose.
+KWOK_POD_CIDR=10.200.0.0/16
+# kwok's /healthz and /metrics (loopback only).
+KWOK_ADDR=127.0.0.1:10247
 
 # Host settings the cluster changes (kubelet and kube-proxy set some themselves); `up` records
 # the values it found and `down` puts them back.
