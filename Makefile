@@ -12,12 +12,12 @@ TARGET := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
-	deploy demo test e2e baseline bench-sidecar screenshot
+	deploy demo test e2e baseline bench-sidecar screenshot scale
 
 help:
 	@echo "make demo           real cluster, chart, rollouts under load, dropped-request report"
 	@echo "make test           lint, unit and process tests, then the e2e suite on the real cluster"
-	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot"
+	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot | scale"
 
 deps:
 	scripts/deps.sh
@@ -70,6 +70,11 @@ screenshot: cluster-up deploy
 # What every graceful figure is compared with: plain RollingUpdate rollouts under vegeta's load.
 baseline: cluster-up images
 	e2e/run.sh baseline
+
+# The operator in a big cluster, simulated: KWOK fake nodes in the e2e cluster, fleets of 100,
+# 1,000 and 10,000 pods, 100 rollouts at once (ARGS: --sizes, --nodes, --at-once, ...; --help).
+scale: cluster-up deploy
+	cargo run --locked -q -p graceful-e2e --bin scale -- $(ARGS)
 
 # The cluster's Go builds run in the background meanwhile (scripts/test.sh).
 test:

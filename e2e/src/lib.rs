@@ -6,6 +6,7 @@
 //! under that load ([`rollout`]), processes killed on the node ([`node`]), and Argo CD's health rule for Deployments ([`argo`]).
 
 pub mod argo;
+pub mod audit;
 pub mod chart;
 pub mod cluster;
 pub mod demo;
@@ -18,6 +19,7 @@ pub mod namespace;
 pub mod node;
 pub mod prometheus;
 pub mod rollout;
+pub mod scale;
 pub mod wait;
 
 pub use error::{Error, Result};
