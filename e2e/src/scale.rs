@@ -348,8 +348,12 @@ impl OperatorProcess {
 
     /// Resident memory now, in MiB.
     pub fn rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .map_err(Error::io("reading the operator's /proc status"))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).map_err(|_| {
+            Error::Cluster(format!(
+                "the leading operator's process ({}, pod {}) is gone: did it lose the Lease? (its log: kubectl logs -p)",
+                self.pid, self.pod
+            ))
+        })?;
         let kib: f64 = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -148,7 +148,7 @@ fn table(rows: &[Row], args: &Args) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| pods | GracefulRollouts | operator RSS MiB at rest / busy | operator CPU cores at rest / busy | API requests/min at rest | template change to first step s p50 / p99 | {0} at once: graceful s p50 / all | native s p50 / all | API requests per rollout |",
+        "| pods (all) | GracefulRollouts | operator RSS MiB at rest / busy | operator CPU cores at rest / busy | API requests/min at rest | template change to first step s p50 / p99 | {0} at once: graceful s p50 / all | native s p50 / all | API requests per rollout |",
         rows.first().map_or(0, |r| r.at_once)
     );
     let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
