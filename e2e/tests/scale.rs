@@ -1,10 +1,9 @@
 //! The scale measurement's small version (issue 13; `make scale` is the big one): KWOK fake nodes
 //! in the e2e cluster, a fleet of injected Deployments on them, GracefulRollouts and native
 //! rollouts at once. What must hold at any size: every rollout finishes; the operator never lists
-//! or watches a whole namespace (or the cluster) of what it does not own, so its requests follow
-//! the rollout's own pods; its memory stays within the 128 MiB target; a template change reaches
-//! the first step within a second at rest. And a real sidecar's drain in a namespace full of
-//! other Services' slices costs the same two requests at most as in an empty one.
+//! or watches a whole namespace (or the cluster) of what it does not own (but for the webhook's
+//! lookup of the namespace's Services), so its requests follow the rollout's own pods; its memory stays within the 128 MiB target; a template change reaches
+//! the first step within a second at rest.
 
 use std::time::Duration;
 
@@ -17,10 +16,12 @@ const REPLICAS: i32 = 5;
 const MANAGED: usize = 12;
 const AT_ONCE: usize = 6;
 const TIMEOUT: Duration = Duration::from_secs(300);
-/// What a rollout may cost the operator's process (controller and webhook), per pod replaced.
-/// Measured: 34 (a reconcile of 4 reads on each of the Deployment's status changes and every
-/// 2 s, the status writes, the webhook's lookups); a poll per namespace would break it.
-const REQUESTS_PER_POD: f64 = 45.0;
+/// What a rollout may cost the operator's process (controller and webhook): per pod replaced
+/// (a reconcile of 4 reads on each of the Deployment's status changes, the status writes, the
+/// webhook's lookups), and per second it lasts (a reconcile every 2 s while it progresses).
+/// Measured: 166-169 for 5 pods in 9.4-11 s; a request per pod or per second more breaks it.
+const REQUESTS_PER_POD: f64 = 30.0;
+const REQUESTS_PER_SECOND: f64 = 5.0;
 
 /// Fake nodes and their pods go even when the test fails: the rest of the suite runs on the
 /// real node only.
@@ -84,9 +85,11 @@ async fn many_rollouts_at_once_cost_the_operator_what_their_pods_do() {
         unselected.is_empty(),
         "the operator read whole namespaces of what it does not own: {unselected:?}"
     );
+    let longest = quantile(&took, 1.0).as_secs_f64();
+    let bound = REQUESTS_PER_POD * f64::from(REPLICAS) + REQUESTS_PER_SECOND * longest;
     assert!(
-        per_rollout <= REQUESTS_PER_POD * f64::from(REPLICAS),
-        "{per_rollout:.1} requests per rollout of {REPLICAS} pods"
+        per_rollout <= bound,
+        "{per_rollout:.1} requests per rollout of {REPLICAS} pods in at most {longest:.1} s (bound {bound:.0})"
     );
     assert!(rss < 128.0, "operator RSS {rss:.1} MiB");
     assert!(

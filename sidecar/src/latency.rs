@@ -67,7 +67,7 @@ static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
 fn shard_index() -> usize {
     SHARD.with(|s| {
-        *s.get().get_or_insert_with(|| {
+        s.get().unwrap_or_else(|| {
             let i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
             s.set(Some(i));
             i
