@@ -12,7 +12,7 @@
 //! audit log, [`crate::audit`]). `make scale` (e2e/src/bin/scale.rs) prints them as tables;
 //! e2e/tests/scale.rs runs a small fleet in `make test`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -137,46 +137,42 @@ impl Fleet {
         self.settled(timeout).await
     }
 
+    /// The fleet's Deployments that are rolled out and, where a GracefulRollout manages one,
+    /// whose GracefulRollout is Healthy: (namespace index, name).
+    async fn done(&self) -> Result<BTreeSet<(usize, String)>> {
+        let mut done = BTreeSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            let lp = ListParams::default();
+            let deploys = ns.api::<Deployment>().list(&lp).await?;
+            let grs = ns.api::<GracefulRollout>().list(&lp).await?;
+            let phases: BTreeMap<String, Option<Phase>> =
+                grs.items.iter().map(|g| (g.name_any(), phase(g))).collect();
+            for d in deploys.items.iter().filter(|d| wait::rollout_complete(d)) {
+                let name = d.name_any();
+                if phases.get(&name).is_none_or(|p| *p == Some(Phase::Healthy)) {
+                    done.insert((i, name));
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// Every Deployment rolled out and every GracefulRollout Healthy.
     pub async fn settled(&self, timeout: Duration) -> Result<()> {
         let want = self.managed.len() + self.native.len();
-        let managed = self.managed.len();
         let mut last = Instant::now();
         let deadline = Instant::now() + timeout;
         loop {
-            let (mut done, mut healthy) = (0, 0);
-            for ns in &self.namespaces {
-                let deploys = ns.api::<Deployment>().list(&ListParams::default()).await?;
-                done += deploys
-                    .items
-                    .iter()
-                    .filter(|d| wait::rollout_complete(d))
-                    .count();
-                let grs = ns
-                    .api::<GracefulRollout>()
-                    .list(&ListParams::default())
-                    .await?;
-                healthy += grs
-                    .items
-                    .iter()
-                    .filter(|g| phase(g) == Some(Phase::Healthy))
-                    .count();
-            }
-            if done == want && healthy == managed {
+            let done = self.done().await?.len();
+            if done == want {
                 return Ok(());
             }
+            let what = format!("the fleet: {done}/{want} Deployments rolled out and Healthy");
             if Instant::now() > deadline {
-                return Err(Error::Timeout(
-                    timeout,
-                    format!(
-                        "the fleet: {done}/{want} Deployments rolled out, {healthy}/{managed} Healthy"
-                    ),
-                ));
+                return Err(Error::Timeout(timeout, what));
             }
             if last.elapsed() > Duration::from_secs(15) {
-                eprintln!(
-                    "scale: {done}/{want} Deployments rolled out, {healthy}/{managed} Healthy"
-                );
+                eprintln!("scale: {what}");
                 last = Instant::now();
             }
             tokio::time::sleep(POLL).await;
@@ -189,38 +185,21 @@ impl Fleet {
     pub async fn roll_at_once(
         &self,
         which: &[(usize, String)],
-        managed: bool,
         timeout: Duration,
     ) -> Result<Vec<Duration>> {
         let started = Instant::now();
         futures::stream::iter(which)
-            .map(|(ns, name)| restart(&self.namespaces[*ns], name))
+            .map(|(ns, name)| graceful::trigger(&self.namespaces[*ns], name))
             .buffer_unordered(CONCURRENCY)
-            .try_collect::<Vec<()>>()
+            .try_collect::<Vec<_>>()
             .await?;
         let mut took: BTreeMap<(usize, String), Duration> = BTreeMap::new();
         let mut last = Instant::now();
         let deadline = started + timeout;
         while took.len() < which.len() {
-            for (ns_index, ns) in self.namespaces.iter().enumerate() {
-                let deploys = ns.api::<Deployment>().list(&ListParams::default()).await?;
-                let grs = ns
-                    .api::<GracefulRollout>()
-                    .list(&ListParams::default())
-                    .await?;
-                for d in &deploys.items {
-                    let key = (ns_index, d.name_any());
-                    if took.contains_key(&key) || !which.contains(&key) {
-                        continue;
-                    }
-                    let healthy = !managed
-                        || grs
-                            .items
-                            .iter()
-                            .any(|g| g.name_any() == key.1 && phase(g) == Some(Phase::Healthy));
-                    if wait::rollout_complete(d) && healthy {
-                        took.insert(key, started.elapsed());
-                    }
+            for key in self.done().await? {
+                if which.contains(&key) {
+                    took.entry(key).or_insert_with(|| started.elapsed());
                 }
             }
             if Instant::now() > deadline {
@@ -260,7 +239,7 @@ impl Fleet {
                 }
             }
             let changed = Instant::now();
-            restart(ns, name).await?;
+            graceful::trigger(ns, name).await?;
             let progressing = async {
                 while let Some(e) = events
                     .try_next()
@@ -299,15 +278,6 @@ impl Fleet {
 
 fn phase(gr: &GracefulRollout) -> Option<Phase> {
     gr.status.as_ref().map(|s| s.phase)
-}
-
-async fn restart(ns: &TestNamespace, name: &str) -> Result<()> {
-    let now = Timestamp::now().to_string();
-    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
-    ns.api::<Deployment>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
 }
 
 /// The leading operator replica's process on this host, found by its pod name (the Lease's

@@ -51,12 +51,12 @@ async fn many_rollouts_at_once_cost_the_operator_what_their_pods_do() {
 
     let from = Timestamp::now();
     let (took, rss, cores) = op
-        .during(fleet.roll_at_once(&fleet.managed[..AT_ONCE], true, TIMEOUT))
+        .during(fleet.roll_at_once(&fleet.managed[..AT_ONCE], TIMEOUT))
         .await
         .unwrap();
     let requests = op.requests(from, Timestamp::now()).unwrap();
     let native = fleet
-        .roll_at_once(&fleet.native[..AT_ONCE], false, TIMEOUT)
+        .roll_at_once(&fleet.native[..AT_ONCE], TIMEOUT)
         .await
         .unwrap();
     let per_rollout = requests.total() as f64 / AT_ONCE as f64;

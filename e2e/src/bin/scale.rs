@@ -98,15 +98,12 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let first_step = (quantile(&first, 0.5), quantile(&first, 0.99));
 
-        let which = fleet.managed[..at_once].to_vec();
         let from = Timestamp::now();
-        let (took, rss_busy, cpu_busy) =
-            op.during(fleet.roll_at_once(&which, true, settle)).await?;
+        let rolled = fleet.roll_at_once(&fleet.managed[..at_once], settle);
+        let (took, rss_busy, cpu_busy) = op.during(rolled).await?;
         let requests = op.requests(from, Timestamp::now())?;
         let graceful = (quantile(&took, 0.5), quantile(&took, 1.0));
-        let took = fleet
-            .roll_at_once(&fleet.native[..at_once], false, settle)
-            .await?;
+        let took = fleet.roll_at_once(&fleet.native[..at_once], settle).await?;
         let native = (quantile(&took, 0.5), quantile(&took, 1.0));
 
         let row = Row {
