@@ -18,8 +18,15 @@ use crate::crd::{GracefulRolloutSpec, GracefulRolloutStatus, Phase, RolloutRecor
 use crate::drains::DrainTotals;
 use crate::pacing::Held;
 
-/// How often a rollout in progress is looked at, besides the watch events that wake it.
+/// How often a rollout in progress is looked at while it waits on what no watch shows: an old
+/// pod finishing its drain (a terminating pod's end changes no Deployment or ReplicaSet status),
+/// a ready pod's EndpointSlices catching up.
 pub const PROGRESS_RECHECK: Duration = Duration::from_secs(2);
+/// How often a rollout in progress is looked at while it waits only on what its Deployment's
+/// status shows (pods created, becoming ready, deleted): a safety net, since each such change
+/// wakes it. At 2 s, a hundred rollouts at once cost the apiserver 200 reads a second, most of
+/// them finding nothing new, and a rollout's requests grew with its length, not its pods.
+pub const PROGRESS_SAFETY_NET: Duration = Duration::from_secs(10);
 /// How often a rollout that waits on something no watch shows (a Deployment still missing, a
 /// conflict, nothing to roll back to) is looked at.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(60);
@@ -174,6 +181,9 @@ pub struct Counts {
     pub proven: i32,
     /// When the next pod enters or leaves `proven`.
     pub next_proof: Option<Duration>,
+    /// Ready pods, not terminating, whose EndpointSlices do not list them ready yet: the
+    /// slices' change wakes nothing.
+    pub unlisted: i32,
 }
 
 impl Observed {
@@ -198,6 +208,7 @@ impl Observed {
                 }
                 let serving = pod.serving(self.slices_expected);
                 c.serving += i32::from(serving);
+                c.unlisted += i32::from(pod.ready_since.is_some() && !serving);
                 if !rs.current {
                     continue;
                 }
@@ -560,10 +571,22 @@ fn paced(
     st.current_step = Some(msg.clone());
     let reason = if paused { "Paused" } else { "RollingOut" };
     set_condition(st, "Progressing", !paused, reason, &msg);
-    d.requeue = counts.next_proof.map_or(PROGRESS_RECHECK, |left| {
-        left.clamp(Duration::from_millis(200), PROGRESS_RECHECK)
-    });
+    d.requeue = progress_requeue(counts);
     d
+}
+
+/// When to look again at a rollout in progress: when the next pod's proof is due, and no later
+/// than the next look for what no watch shows.
+fn progress_requeue(counts: &Counts) -> Duration {
+    let unwatched = counts.draining > 0 || counts.unlisted > 0;
+    let net = if unwatched {
+        PROGRESS_RECHECK
+    } else {
+        PROGRESS_SAFETY_NET
+    };
+    counts
+        .next_proof
+        .map_or(net, |left| left.clamp(Duration::from_millis(200), net))
 }
 
 /// The end of a paced rollout, in two writes: availability first, then the user's strategy.
@@ -810,6 +833,29 @@ mod tests {
             now,
         );
         assert_eq!(d.act, Act::None);
+    }
+
+    #[test]
+    fn a_rollout_in_progress_is_looked_at_when_something_is_due_or_unwatched() {
+        let now = Timestamp::now();
+        let looks = |sets: Vec<ReplicaSetView>| {
+            step(&observed(sets, true), &spec(), &started(now), now).requeue
+        };
+        // A new pod starting: its readiness changes the Deployment's status, which wakes it.
+        let starting = rs("new", 1, true, vec![pod("new-1", None)]);
+        assert_eq!(looks(vec![old3(now), starting]), PROGRESS_SAFETY_NET);
+        // A proof due in 4 s: then, not sooner.
+        let young = rs("new", 1, true, vec![pod("new-1", Some(at(now, -1)))]);
+        assert_eq!(looks(vec![old3(now), young]), Duration::from_secs(4));
+        // Ready but not yet in the slices, or an old pod draining: no watch shows their end.
+        let mut unlisted = pod("new-1", Some(at(now, -60)));
+        unlisted.listed_ready = Some(false);
+        let unlisted = rs("new", 1, true, vec![unlisted]);
+        assert_eq!(looks(vec![old3(now), unlisted]), PROGRESS_RECHECK);
+        let mut old = old3(now);
+        old.pods[0].terminating = true;
+        let starting = rs("new", 1, true, vec![pod("new-1", None)]);
+        assert_eq!(looks(vec![old, starting]), PROGRESS_RECHECK);
     }
 
     #[test]
