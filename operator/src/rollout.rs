@@ -622,7 +622,13 @@ fn event_type(warning: bool) -> EventType {
 }
 
 async fn publish(ctx: &Context, gr: &GracefulRollout, type_: EventType, reason: &str, note: &str) {
-    let reference: ObjectReference = gr.object_ref(&());
+    // The Recorder counts an Event again (a series of the first, with the first one's note)
+    // when its reason and object repeat within 6 min, as client-go does: a rollout's three
+    // Steps would read "Step (x3)" with the first step's note. The version the decision was
+    // made on is part of the object's reference, so only a decision made again on the same
+    // version (a retry) counts as a repeat.
+    let mut reference: ObjectReference = gr.object_ref(&());
+    reference.resource_version = gr.resource_version();
     let event = Event {
         type_,
         reason: reason.into(),
