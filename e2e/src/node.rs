@@ -9,12 +9,14 @@ use kube::Api;
 
 use crate::{Error, Result, wait};
 
+/// The container's status: among the pod's containers, or its init containers (an injected
+/// sidecar is a native sidecar: an init container that keeps running).
 fn status<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
+    let status = pod.status.as_ref()?;
+    [&status.container_statuses, &status.init_container_statuses]
+        .into_iter()
+        .flatten()
+        .flatten()
         .find(|s| s.name == container)
 }
 
