@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -104,6 +105,8 @@ pub struct LoadReport {
     pub statuses: BTreeMap<String, u64>,
     /// What went wrong without a response (the end of Go's error message) -> count.
     pub errors: BTreeMap<String, u64>,
+    /// When the first and the last failed request were sent: where in a run its failures lie.
+    pub failed_span: Option<(Timestamp, Timestamp)>,
 }
 
 /// One line of `vegeta encode --to json`: one request.
@@ -115,6 +118,9 @@ struct Outcome {
     latency: u64,
     #[serde(default)]
     error: String,
+    /// When the request was sent (RFC 3339).
+    #[serde(default)]
+    timestamp: Option<String>,
 }
 
 impl LoadReport {
@@ -135,6 +141,18 @@ impl LoadReport {
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }
+        if let Some((first, last)) = other.failed_span {
+            self.failed_at(first);
+            self.failed_at(last);
+        }
+    }
+
+    /// Widens the span of failures to `at`.
+    fn failed_at(&mut self, at: Timestamp) {
+        self.failed_span = Some(match self.failed_span {
+            None => (at, at),
+            Some((first, last)) => (first.min(at), last.max(at)),
+        });
     }
 
     /// Counts one request from one line of `vegeta encode --to json`; returns its latency.
@@ -142,30 +160,58 @@ impl LoadReport {
         let outcome: Outcome = serde_json::from_str(line)
             .map_err(|e| Error::Report(format!("{e}; line was: {line:.500}")))?;
         self.sent += 1;
-        if outcome.code == 0 {
-            self.failed += 1;
+        let failed = if outcome.code == 0 {
             *self.errors.entry(error_kind(&outcome.error)).or_default() += 1;
+            true
         } else {
-            if !(200..300).contains(&outcome.code) {
-                self.failed += 1;
-            }
             *self.statuses.entry(outcome.code.to_string()).or_default() += 1;
+            !(200..300).contains(&outcome.code)
+        };
+        if failed {
+            self.failed += 1;
+            if let Some(at) = outcome.timestamp.as_deref() {
+                let at = at.parse::<Timestamp>().map_err(|e| {
+                    Error::Report(format!(
+                        "vegeta's timestamp {at:?}: {e}; line was: {line:.500}"
+                    ))
+                })?;
+                self.failed_at(at);
+            }
         }
         Ok(Duration::from_nanos(outcome.latency))
     }
 
     /// The counts of every line of `vegeta encode --to json` output.
     pub fn from_vegeta_json(lines: &str, duration: Duration) -> Result<Self> {
-        let mut report = Self {
-            duration,
-            ..Self::default()
-        };
-        let mut latencies = Vec::new();
-        for line in lines.lines().filter(|l| !l.trim().is_empty()) {
-            latencies.push(report.record(line)?);
+        let mut tally = Tally::default();
+        for line in lines.lines() {
+            tally.add(line)?;
         }
-        report.p99_ms = p99_ms(&mut latencies);
-        Ok(report)
+        Ok(LoadReport {
+            duration,
+            ..tally.finish()
+        })
+    }
+}
+
+/// Counts lines of `vegeta encode --to json` as they come, and their latencies for the p99.
+#[derive(Default)]
+struct Tally {
+    report: LoadReport,
+    latencies: Vec<Duration>,
+}
+
+impl Tally {
+    fn add(&mut self, line: &str) -> Result<()> {
+        if !line.trim().is_empty() {
+            self.latencies.push(self.report.record(line)?);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> LoadReport {
+        self.report.p99_ms = p99_ms(&mut self.latencies);
+        self.report
     }
 }
 
@@ -350,20 +396,16 @@ impl Attack {
 
 /// Counts results as vegeta reports them, until it is done.
 async fn count(results: ChildStdout) -> Result<LoadReport> {
-    let mut report = LoadReport::default();
-    let mut latencies = Vec::new();
+    let mut tally = Tally::default();
     let mut lines = BufReader::new(results).lines();
     while let Some(line) = lines
         .next_line()
         .await
         .map_err(Error::io("reading vegeta's results"))?
     {
-        if !line.trim().is_empty() {
-            latencies.push(report.record(&line)?);
-        }
+        tally.add(&line)?;
     }
-    report.p99_ms = p99_ms(&mut latencies);
-    Ok(report)
+    Ok(tally.finish())
 }
 
 #[cfg(test)]
@@ -399,6 +441,32 @@ mod tests {
             ])
         );
         assert_eq!(r.p99_ms, 10_000.0);
+    }
+
+    #[test]
+    fn failures_are_placed_in_time() {
+        let lines = [
+            r#"{"code":502,"latency":1,"error":"","timestamp":"2026-12-02T12:00:03.5Z"}"#,
+            r#"{"code":200,"latency":1,"error":"","timestamp":"2026-12-02T12:00:09Z"}"#,
+            r#"{"code":0,"latency":1,"error":"EOF","timestamp":"2026-12-02T12:00:01.25Z"}"#,
+        ]
+        .join("\n");
+        let r = LoadReport::from_vegeta_json(&lines, Duration::from_secs(1)).unwrap();
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert_eq!(
+            r.failed_span,
+            Some((at("2026-12-02T12:00:01.25Z"), at("2026-12-02T12:00:03.5Z")))
+        );
+        let mut merged = LoadReport::default();
+        merged.merge(&r);
+        assert_eq!(merged.failed_span, r.failed_span);
+        assert!(
+            LoadReport::from_vegeta_json(
+                r#"{"code":0,"latency":1,"timestamp":"soon"}"#,
+                Duration::ZERO
+            )
+            .is_err()
+        );
     }
 
     #[test]
