@@ -47,6 +47,43 @@ pub fn apiserver_addr() -> Result<String> {
         .ok_or_else(|| Error::Cluster(format!("no server in {}", path.display())))
 }
 
+/// One of `e2e/scripts/` as a command, to be given its arguments.
+pub fn script(name: &str) -> Command {
+    Command::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name),
+    )
+}
+
+/// Runs `command`; its output goes to the test's stderr, a failure names it.
+pub async fn run(command: Command) -> Result<()> {
+    let shown = format!("{:?}", command.get_program());
+    let status = tokio::process::Command::from(command)
+        .status()
+        .await
+        .map_err(Error::io(format!("running {shown}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            command: shown,
+            message: status.to_string(),
+        })
+    }
+}
+
+/// Restarts one of the cluster's daemons (`kube-apiserver`, `etcd`, ...) as a crash or an
+/// upgrade would, and waits until it serves again (`e2e/scripts/restart-daemon.sh`); returns
+/// how long that took. Async: a load running beside it must go on being read.
+pub async fn restart_daemon(name: &str) -> Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    let mut restart = script("restart-daemon.sh");
+    restart.arg(name);
+    run(restart).await?;
+    Ok(started.elapsed())
+}
+
 pub async fn client() -> Result<Client> {
     let path = kubeconfig_path();
     let kubeconfig_error = |message: String| Error::Kubeconfig {

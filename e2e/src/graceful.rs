@@ -178,16 +178,27 @@ pub async fn wait_first_new_pod(
     name: &str,
     timeout: Duration,
 ) -> Result<GracefulRollout> {
+    wait_new_pods(ns, name, 1, timeout).await
+}
+
+/// Waits until the rollout started by a template change has at least `n` pods of the new
+/// revision and is still going.
+pub async fn wait_new_pods(
+    ns: &TestNamespace,
+    name: &str,
+    n: i32,
+    timeout: Duration,
+) -> Result<GracefulRollout> {
     let api = ns.api::<GracefulRollout>();
     wait::until(
-        &format!("first pod of the new revision of {name}"),
+        &format!("{n} pod(s) of the new revision of {name}"),
         timeout,
         || async {
             let gr = api.get(name).await?;
             let started = gr.status.as_ref().is_some_and(|s| {
                 s.rollout_started_at.is_some()
                     && s.updated_revision != s.stable_revision
-                    && s.updated >= 1
+                    && s.updated >= n
             });
             Ok(started.then_some(gr))
         },

@@ -1,5 +1,14 @@
 //! Faults on the real cluster, under load: what graceful does when the ground moves.
 //!
+//! The control plane restarted mid-rollout: the apiserver at the first step, etcd at the
+//! second. The rollout must resume and finish with 0 requests failed, publish each of its
+//! Events once, and record the rollout it did.
+//!
+//! A sidecar SIGKILLed mid-drain, and the node's CPUs taken by busy loops during a rollout:
+//! what happens is measured. A killed sidecar costs the requests that reach its pod until
+//! kube-proxy drops the pod; nothing outside that window fails. Under CPU pressure every
+//! drain is slower and nothing fails.
+//!
 //! The leader cut off from the apiserver: an iptables rule on the node drops every packet from
 //! the leading operator pod to the apiserver, mid-rollout, so its API calls hang (not fail).
 //! The standby must take over and finish the rollout, and the old leader must have stopped
@@ -8,20 +17,31 @@
 use std::process::Command;
 use std::time::Duration;
 
+use graceful_e2e::drains::DrainWatch;
 use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
 use graceful_e2e::load::Load;
 use graceful_e2e::namespace::TestNamespace;
-use graceful_e2e::{Error, Result, cluster, wait};
+use graceful_e2e::{Error, Result, cluster, node, wait};
+use graceful_operator::crd::{GracefulRollout, Phase};
 use graceful_operator::leader::{LEASE_DURATION, RENEW_DEADLINE};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, LogParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 const APP: &str = "web";
+const SIDECAR: &str = "graceful-sidecar";
+/// The sidecar's admin port (its /metrics), on the pod's IP.
+const ADMIN_PORT: u16 = graceful_sidecar::defaults::ADMIN_PORT;
+const REPLICAS: i32 = 3;
+/// How long kube-proxy on this node may route to a pod after the EndpointSlice change: it
+/// applies one in 2-3 s when busy (docs/drain.md), and the EndpointSlice controller writes the
+/// change within a second of the deletion.
+const KUBE_PROXY_LAG: Duration = Duration::from_secs(5);
 const LEASE: &str = "graceful-operator";
 /// What the leader logs when it gives up, and what its successor logs.
 const GAVE_UP: &str = "no renewal within the deadline";
@@ -55,6 +75,16 @@ fn iptables(op: &str, spec: &[String]) -> Result<()> {
         .map_err(Error::io("running iptables"))?;
     cluster::stdout_of(out, || format!("iptables {op} {}", spec.join(" ")))?;
     Ok(())
+}
+
+/// A namespace with the injected demo (3 replicas) under a GracefulRollout (new pods serve 5 s
+/// before an old one goes), settled; and the Service's URL.
+async fn managed_demo(client: &Client, prefix: &str) -> (TestNamespace, String) {
+    let ns = TestNamespace::create(client, prefix).await.unwrap();
+    let url = graceful::deploy_managed_demo(&ns, APP, REPLICAS, json!({"minServingSeconds": 5}))
+        .await
+        .unwrap();
+    (ns, url)
 }
 
 async fn holder(client: &Client) -> Result<String> {
@@ -120,12 +150,7 @@ fn secs(a: Timestamp, b: Timestamp) -> f64 {
 #[ignore = "needs the e2e cluster, root for iptables, and the chart (make e2e)"]
 async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over() {
     let client = cluster::client().await.unwrap();
-    let ns = TestNamespace::create(&client, "fault-leader")
-        .await
-        .unwrap();
-    let url = graceful::deploy_managed_demo(&ns, APP, 3, json!({"minServingSeconds": 5}))
-        .await
-        .unwrap();
+    let (ns, url) = managed_demo(&client, "fault-leader").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let port = apiserver_port(&client).await.unwrap().to_string();
 
@@ -211,4 +236,322 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over
     )
     .await
     .unwrap();
+}
+
+/// Waits until the apiserver answers this test again: the first request after a restart may
+/// meet a pooled connection the restart closed.
+async fn answering(api: &Api<GracefulRollout>) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..120 {
+        match api.get(APP).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(Error::Cluster(format!(
+        "the apiserver did not answer for 30 s after the restart: {last}"
+    )))
+}
+
+/// The Events the operator published about the GracefulRollout since `since`, as
+/// (reason, note, how many times each was seen: its Events and their series counts).
+async fn events_since(ns: &TestNamespace, since: Timestamp) -> Result<Vec<(String, String, i32)>> {
+    let mut seen: Vec<(String, String, i32)> = Vec::new();
+    for e in ns.api::<Event>().list(&ListParams::default()).await?.items {
+        let about_us = e.regarding.as_ref().is_some_and(|r| {
+            r.kind.as_deref() == Some("GracefulRollout") && r.name.as_deref() == Some(APP)
+        });
+        let at = e.event_time.as_ref().map(|t| t.0);
+        if !about_us || at.is_none_or(|at| at < since) {
+            continue;
+        }
+        let times = e.series.as_ref().map_or(1, |s| s.count);
+        let (reason, note) = (e.reason.unwrap_or_default(), e.note.unwrap_or_default());
+        match seen.iter_mut().find(|(r, n, _)| *r == reason && *n == note) {
+            Some(entry) => entry.2 += times,
+            None => seen.push((reason, note, times)),
+        }
+    }
+    Ok(seen)
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, root to restart its daemons, and the chart (make e2e)"]
+async fn a_rollout_resumes_and_finishes_across_apiserver_and_etcd_restarts() {
+    let client = cluster::client().await.unwrap();
+    let (ns, url) = managed_demo(&client, "fault-control-plane").await;
+    let rollouts = ns.api::<GracefulRollout>();
+
+    let (result, report) = Load::default()
+        .during(&url, async {
+            let since = graceful::trigger(&ns, APP).await?;
+            graceful::wait_first_new_pod(&ns, APP, Duration::from_secs(60)).await?;
+            let apiserver = cluster::restart_daemon("kube-apiserver").await?;
+            answering(&rollouts).await?;
+            // A later step, not yet the end: etcd goes with the rollout still going.
+            let at = graceful::wait_new_pods(&ns, APP, 2, Duration::from_secs(120)).await?;
+            let etcd = cluster::restart_daemon("etcd").await?;
+            answering(&rollouts).await?;
+            let gr =
+                graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(240)).await?;
+            let step = at.status.and_then(|s| s.progress).unwrap_or_default();
+            Ok::<_, Error>((since, gr, apiserver, etcd, step))
+        })
+        .await
+        .expect("load run");
+    let (since, gr, apiserver, etcd, step) = result.unwrap_or_else(|e| {
+        ns.print_diagnostics();
+        panic!("the rollout did not survive the control plane's restarts: {e}")
+    });
+    let status = gr.status.clone().unwrap_or_default();
+    let record = status
+        .last_rollout
+        .clone()
+        .expect("a finished rollout is recorded");
+    let events = events_since(&ns, since).await.unwrap();
+    eprintln!(
+        "apiserver restarted at the first step (gone {:.1}s), etcd at {step} (gone {:.1}s); \
+         rollout {:?} in {:.1}s: {}; under load: {report}",
+        apiserver.as_secs_f64(),
+        etcd.as_secs_f64(),
+        record.outcome,
+        record
+            .finished_at
+            .0
+            .duration_since(record.started_at.0)
+            .as_secs_f64(),
+        record.summary,
+    );
+    for (reason, note, times) in &events {
+        eprintln!("  event {reason} x{times}: {note}");
+    }
+
+    assert_eq!(
+        report.failed, 0,
+        "requests failed across the restarts: {report}"
+    );
+    // The status record is this rollout's, whole.
+    assert_eq!(status.phase, Phase::Healthy);
+    assert_eq!(record.outcome, "Succeeded");
+    assert_eq!(record.pods_replaced, REPLICAS, "{record:?}");
+    assert_eq!(
+        status.updated_revision.as_deref(),
+        Some(record.revision.as_str())
+    );
+    assert_eq!(
+        status.stable_revision.as_deref(),
+        Some(record.revision.as_str())
+    );
+    assert!(record.finished_at.0 > record.started_at.0, "{record:?}");
+    let serving: Vec<String> = ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&format!("app={APP}")))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            p.labels()
+                .get("pod-template-hash")
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        serving,
+        vec![record.revision.clone(); REPLICAS as usize],
+        "the pods left are not all of the recorded revision"
+    );
+    // Each Event once: none published again by a retried reconcile or by a new leader.
+    for (reason, note, times) in &events {
+        assert_eq!(*times, 1, "Event {reason} published {times} times: {note}");
+    }
+    for reason in ["RolloutStarted", "RolloutFinished"] {
+        let n = events.iter().filter(|(r, _, _)| r == reason).count();
+        assert_eq!(n, 1, "{n} {reason} Events: {events:?}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, root to kill a container, and the chart (make e2e)"]
+async fn a_sidecar_killed_mid_drain_costs_only_what_reaches_its_pod() {
+    let client = cluster::client().await.unwrap();
+    let (ns, url) = managed_demo(&client, "fault-sidecar-kill").await;
+    let pods = ns.api::<Pod>();
+
+    let (result, report) = Load::default()
+        .during(&url, async {
+            let since = graceful::trigger(&ns, APP).await?;
+            // The first old pod to drain: its sidecar is killed once its own metrics say its
+            // drain began (deregistering or quiescing), within a poll (250 ms) of that.
+            let draining = wait::until("an old pod terminating", Duration::from_secs(60), || {
+                let pods = pods.clone();
+                async move {
+                    let list = pods
+                        .list(&ListParams::default().labels(&format!("app={APP}")))
+                        .await?;
+                    Ok(list
+                        .items
+                        .into_iter()
+                        .find(|p| p.metadata.deletion_timestamp.is_some()))
+                }
+            })
+            .await?;
+            let admin = format!(
+                "{}:{ADMIN_PORT}",
+                draining
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .unwrap_or_default()
+            );
+            let phase = wait::until("its sidecar draining", Duration::from_secs(30), || async {
+                let (_, metrics) = wait::http_get(&admin, "/metrics").await?;
+                Ok(drain_phase(&metrics).filter(|p| *p != "serving"))
+            })
+            .await?;
+            let killed = node::kill_container(&draining, SIDECAR)?;
+            let killed_at = Timestamp::now();
+            let name = draining.name_any();
+            // Until the pod is gone: whether the kubelet started the sidecar again meanwhile.
+            let gone = async {
+                let restarts = std::cell::Cell::new(0);
+                wait::until(
+                    &format!("{name} gone"),
+                    Duration::from_secs(120),
+                    || async {
+                        let pod = pods.get_opt(&name).await?;
+                        if let Some(pod) = &pod {
+                            restarts.set(restarts.get().max(node::restart_count(pod, SIDECAR)));
+                        }
+                        Ok(pod.is_none().then_some(()))
+                    },
+                )
+                .await?;
+                Ok::<_, Error>((Timestamp::now(), restarts.get()))
+            };
+            let finished =
+                graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(240));
+            let (gone, gr) = tokio::try_join!(gone, finished)?;
+            Ok::<_, Error>((name, phase, killed, killed_at, gone, gr))
+        })
+        .await
+        .expect("load run");
+    let (name, phase, killed, killed_at, (gone, restarts), gr) = result.unwrap_or_else(|e| {
+        ns.print_diagnostics();
+        panic!("the rollout did not survive a sidecar killed mid-drain: {e}")
+    });
+    let record = gr
+        .status
+        .and_then(|s| s.last_rollout)
+        .expect("a finished rollout");
+    let span = report
+        .failed_span
+        .map(|(first, last)| (secs(killed_at, first), secs(killed_at, last)));
+    eprintln!(
+        "sidecar of {name} SIGKILLed while {phase} (pids {killed:?}); the pod was gone {:.1}s later, \
+         the sidecar restarted {restarts} time(s) meanwhile; failures from {} after the kill; \
+         rollout {}: {}; under load: {report}",
+        secs(killed_at, gone),
+        span.map_or("none".into(), |(a, b)| format!("{a:+.2}s to {b:+.2}s")),
+        record.outcome,
+        record.summary,
+    );
+    assert_eq!(record.outcome, "Succeeded", "{record:?}");
+    assert_eq!(record.pods_replaced, REPLICAS, "{record:?}");
+    // What failed was on its way to the killed pod: sent between the kill (a request in
+    // flight then, at most a second old) and kube-proxy letting the pod go. The other drains
+    // of the rollout cost nothing.
+    if let Some((first, last)) = span {
+        assert!(
+            first >= -1.0 && last <= KUBE_PROXY_LAG.as_secs_f64(),
+            "failures outside the killed pod's window: {first:+.2}s to {last:+.2}s after the \
+             kill ({report})"
+        );
+    }
+}
+
+/// The drain phase a sidecar's /metrics says it is in.
+fn drain_phase(metrics: &str) -> Option<String> {
+    metrics.lines().find_map(|l| {
+        let phase = l.strip_prefix("graceful_drain_phase{phase=\"")?;
+        let (phase, value) = phase.split_once("\"} ")?;
+        (value.trim() == "1").then(|| phase.to_owned())
+    })
+}
+
+/// Busy loops, one pinned to each CPU of this node, at the pods' own priority: the node under
+/// CPU pressure. Stopped when dropped.
+struct CpuHog(Vec<std::process::Child>);
+
+impl CpuHog {
+    fn start() -> Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut hogs = Vec::new();
+        for cpu in 0..cpus {
+            let child = Command::new("taskset")
+                .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                .spawn()
+                .map_err(Error::io("starting a busy loop with taskset"))?;
+            hogs.push(child);
+        }
+        Ok(Self(hogs))
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the chart (make e2e)"]
+async fn a_rollout_on_a_node_under_cpu_pressure_drops_nothing() {
+    let client = cluster::client().await.unwrap();
+    let (ns, url) = managed_demo(&client, "fault-cpu").await;
+    let load = Load::default();
+    let timeout = Duration::from_secs(240);
+    let mut figures = Vec::new();
+    for pressure in [false, true] {
+        let drains = DrainWatch::start(&ns);
+        let hog = pressure.then(CpuHog::start).transpose().unwrap();
+        let (_, report, wall) = graceful::rollout_under_load(&ns, APP, &url, &load, timeout)
+            .await
+            .unwrap_or_else(|e| {
+                ns.print_diagnostics();
+                panic!("rollout (CPU pressure: {pressure}): {e}")
+            });
+        drop(hog);
+        graceful::wait_pods_settled(&ns, APP, REPLICAS as usize, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let summaries = drains.summaries();
+        let longest = summaries
+            .values()
+            .map(|d| d.total_seconds)
+            .fold(0.0, f64::max);
+        let lag = summaries
+            .values()
+            .map(|d| d.traffic_after_deregistration_seconds)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "CPU pressure {pressure}: rollout {:.1}s, {} drains, longest {longest:.1}s, traffic \
+             up to {lag:.1}s after deregistration; {report}",
+            wall.as_secs_f64(),
+            summaries.len(),
+        );
+        for (pod, d) in &summaries {
+            eprintln!("  {pod}: {d}");
+        }
+        figures.push((pressure, report));
+    }
+    for (pressure, report) in figures {
+        assert_eq!(report.failed, 0, "CPU pressure {pressure}: {report}");
+    }
 }
