@@ -13,17 +13,16 @@
 //! e2e/tests/scale.rs runs a small fleet in `make test`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use graceful_operator::crd::{GracefulRollout, Phase};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -44,11 +43,10 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// Runs `e2e/scripts/kwok.sh ARGS` (start, nodes N, down, ...), its output on stderr.
 pub fn kwok(args: &[&str]) -> Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kwok.sh");
-    let status = Command::new(&script)
+    let status = crate::cluster::script("kwok.sh")
         .args(args)
         .status()
-        .map_err(Error::io(format!("running {}", script.display())))?;
+        .map_err(Error::io("running e2e/scripts/kwok.sh"))?;
     if status.success() {
         Ok(())
     } else {
@@ -273,6 +271,64 @@ impl Fleet {
             .await?;
         }
         Ok(took)
+    }
+}
+
+/// What real sidecars asked of the apiserver while draining beside the fleet.
+pub struct SidecarDrains {
+    pub drains: usize,
+    pub requests: Requests,
+    /// EndpointSlices in their namespace: what a sidecar listing its namespace would read.
+    pub slices_in_namespace: usize,
+}
+
+impl SidecarDrains {
+    pub fn per_drain(&self) -> f64 {
+        self.requests.total() as f64 / self.drains.max(1) as f64
+    }
+}
+
+impl Fleet {
+    /// Real sidecars draining in a namespace full of the fleet's Services: an injected
+    /// Deployment of `replicas` pods on the real node (the fake nodes are tainted) with a
+    /// GracefulRollout, in the fleet's first namespace, rolled once. Returns the requests its
+    /// sidecars made (the audit log's, by the namespace's default ServiceAccount, which only
+    /// they use), from the template change until every old pod is gone; then removes it.
+    pub async fn sidecar_drains(&self, replicas: i32, timeout: Duration) -> Result<SidecarDrains> {
+        const NAME: &str = "real";
+        let ns = &self.namespaces[0];
+        graceful::deploy_managed_demo(ns, NAME, replicas, json!({"minServingSeconds": 0})).await?;
+        let since = graceful::trigger(ns, NAME).await?;
+        graceful::wait_rollout_finished(ns, NAME, since, timeout).await?;
+        graceful::wait_pods_settled(ns, NAME, replicas as usize, timeout).await?;
+        let account = format!("system:serviceaccount:{}:default", ns.name);
+        let requests = audit::requests_of(&account, since, Timestamp::now())?;
+        let slices_in_namespace = ns
+            .api::<EndpointSlice>()
+            .list(&ListParams::default())
+            .await?
+            .items
+            .len();
+        // Gone before the fleet is counted again (it counts every Deployment of its namespaces).
+        let dp = DeleteParams::default();
+        ns.api::<GracefulRollout>().delete(NAME, &dp).await?;
+        ns.api::<Service>().delete(NAME, &dp).await?;
+        ns.api::<Deployment>().delete(NAME, &dp).await?;
+        wait::until(
+            &format!("GracefulRollout and Deployment {NAME} gone"),
+            timeout,
+            || async {
+                let gr = ns.api::<GracefulRollout>().get_opt(NAME).await?;
+                let d = ns.api::<Deployment>().get_opt(NAME).await?;
+                Ok((gr.is_none() && d.is_none()).then_some(()))
+            },
+        )
+        .await?;
+        Ok(SidecarDrains {
+            drains: replicas as usize,
+            requests,
+            slices_in_namespace,
+        })
     }
 }
 

@@ -3,7 +3,9 @@
 //! rollouts at once. What must hold at any size: every rollout finishes; the operator never lists
 //! or watches a whole namespace (or the cluster) of what it does not own (but for the webhook's
 //! lookup of the namespace's Services), so its requests follow the rollout's own pods; its memory stays within the 128 MiB target; a template change reaches
-//! the first step within a second at rest.
+//! the first step within a second at rest. Real sidecars draining in one of the fleet's
+//! namespaces make at most a LIST and a WATCH of their own Services' EndpointSlices each,
+//! however many the namespace holds.
 
 use std::time::Duration;
 
@@ -22,6 +24,8 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 /// Measured: 166-169 for 5 pods in 9.4-11 s; a request per pod or per second more breaks it.
 const REQUESTS_PER_POD: f64 = 30.0;
 const REQUESTS_PER_SECOND: f64 = 5.0;
+/// Real injected pods drained beside the fleet.
+const REAL_PODS: i32 = 3;
 
 /// Fake nodes and their pods go even when the test fails: the rest of the suite runs on the
 /// real node only.
@@ -92,6 +96,34 @@ async fn many_rollouts_at_once_cost_the_operator_what_their_pods_do() {
         "{per_rollout:.1} requests per rollout of {REPLICAS} pods in at most {longest:.1} s (bound {bound:.0})"
     );
     assert!(rss < 128.0, "operator RSS {rss:.1} MiB");
+
+    let sidecars = fleet.sidecar_drains(REAL_PODS, TIMEOUT).await.unwrap();
+    let by = sidecars.requests.by_verb_and_resource();
+    eprintln!(
+        "{REAL_PODS} real sidecars drained beside {} EndpointSlices: {:.2} API requests per drain: {by:?}",
+        sidecars.slices_in_namespace,
+        sidecars.per_drain()
+    );
+    // At most one LIST and one WATCH per drain, of its own Services' EndpointSlices, by name.
+    assert!(
+        sidecars.slices_in_namespace > (MANAGED + AT_ONCE) / 2,
+        "the namespace holds its share of the fleet's EndpointSlices, and the real one's: {}",
+        sidecars.slices_in_namespace
+    );
+    assert!(
+        sidecars.requests.unselected().is_empty(),
+        "a sidecar read its whole namespace: {by:?}"
+    );
+    for ((verb, resource), n) in &by {
+        assert!(
+            resource == "endpointslices" && ["list", "watch"].contains(&verb.as_str()),
+            "a sidecar asked for {verb} {resource}"
+        );
+        assert!(
+            *n <= REAL_PODS as u64,
+            "{n} {verb} {resource} for {REAL_PODS} drains"
+        );
+    }
     assert!(
         quantile(&first, 1.0) < Duration::from_secs(1),
         "template change to first step: {first:?}"

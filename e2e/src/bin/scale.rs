@@ -2,7 +2,8 @@
 //! says what is real and what is not). Fake nodes, then a fleet that grows through the sizes
 //! given (pods); at each size: the operator at rest, the time from a template change to the
 //! first step, many GracefulRollouts at once against as many native rollouts, and the
-//! operator's API requests per rollout by verb and resource. Tables on stdout and in --out.
+//! operator's API requests per rollout by verb and resource, and real sidecars' API requests per
+//! drain in a namespace of the fleet. Tables on stdout and in --out.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ struct Args {
     /// Seconds the operator is watched at rest.
     #[arg(long, default_value_t = 30)]
     rest: u64,
+    /// Real (injected, on the real node) pods drained beside the fleet at each size.
+    #[arg(long, default_value_t = 3)]
+    real_pods: i32,
     #[arg(long, default_value = "target/scale/scale.md")]
     out: PathBuf,
 }
@@ -59,6 +63,10 @@ struct Row {
     requests_per_rollout: f64,
     by_verb: Vec<((String, String), u64)>,
     unselected: Vec<((String, String), u64)>,
+    sidecar_per_drain: f64,
+    sidecar_by_verb: Vec<((String, String), u64)>,
+    sidecar_unselected: u64,
+    slices_beside: usize,
 }
 
 #[tokio::main]
@@ -105,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         let graceful = (quantile(&took, 0.5), quantile(&took, 1.0));
         let took = fleet.roll_at_once(&fleet.native[..at_once], settle).await?;
         let native = (quantile(&took, 0.5), quantile(&took, 1.0));
+        let sidecars = fleet.sidecar_drains(args.real_pods, settle).await?;
 
         let row = Row {
             pods: fleet.pods(),
@@ -121,6 +130,14 @@ async fn main() -> anyhow::Result<()> {
             requests_per_rollout: requests.total() as f64 / at_once as f64,
             by_verb: requests.by_verb_and_resource().into_iter().collect(),
             unselected: requests.unselected().into_iter().collect(),
+            sidecar_per_drain: sidecars.per_drain(),
+            sidecar_by_verb: sidecars
+                .requests
+                .by_verb_and_resource()
+                .into_iter()
+                .collect(),
+            sidecar_unselected: sidecars.requests.unselected().values().sum(),
+            slices_beside: sidecars.slices_in_namespace,
         };
         eprintln!("{}", table(std::slice::from_ref(&row), &args));
         rows.push(row);
@@ -145,14 +162,14 @@ fn table(rows: &[Row], args: &Args) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| pods (all) | GracefulRollouts | operator RSS MiB at rest / busy | operator CPU cores at rest / busy | API requests/min at rest | template change to first step s p50 / p99 | {0} at once: graceful s p50 / all | native s p50 / all | API requests per rollout |",
+        "| pods (all) | GracefulRollouts | operator RSS MiB at rest / busy | operator CPU cores at rest / busy | API requests/min at rest | template change to first step s p50 / p99 | {0} at once: graceful s p50 / all | native s p50 / all | API requests per rollout | sidecar API requests per drain (EndpointSlices in its namespace) |",
         rows.first().map_or(0, |r| r.at_once)
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} / {:.1} | {:.3} / {:.3} | {:.0} | {} / {} | {} / {} | {} / {} | {:.1} |",
+            "| {} | {} | {:.1} / {:.1} | {:.3} / {:.3} | {:.0} | {} / {} | {} / {} | {} / {} | {:.1} | {:.2} ({}) |",
             r.pods,
             r.managed,
             r.rss_rest,
@@ -167,6 +184,8 @@ fn table(rows: &[Row], args: &Args) -> String {
             secs(r.native.0),
             secs(r.native.1),
             r.requests_per_rollout,
+            r.sidecar_per_drain,
+            r.slices_beside,
         );
     }
     for r in rows {
@@ -188,6 +207,22 @@ fn table(rows: &[Row], args: &Args) -> String {
                 unselected as f64 / r.at_once as f64
             );
         }
+    }
+    for r in rows {
+        let by: Vec<String> = r
+            .sidecar_by_verb
+            .iter()
+            .map(|((verb, resource), n)| format!("{n} {verb} {resource}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nReal sidecars draining at {} pods, in a namespace of {} EndpointSlices, {} drains: {} ({} without a selector).",
+            r.pods,
+            r.slices_beside,
+            args.real_pods,
+            by.join(", "),
+            r.sidecar_unselected
+        );
     }
     let _ = writeln!(
         out,
