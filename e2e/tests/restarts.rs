@@ -85,26 +85,33 @@ fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap()
 }
 
-/// The pod with the most of the load's connections open: vegeta keeps each connection on one pod, so
-/// a restart there meets requests for sure.
+/// The pod taking the most of the load's requests, over a second. Not the one with the most
+/// connections open: Go's client reuses its most recently used idle connection first, so a
+/// pod can hold a connection that carries nothing, and a restart there meets no request.
 async fn busiest_pod(pods: &Api<Pod>) -> Pod {
     let list = pods
         .list(&ListParams::default().labels(&format!("app={APP}")))
         .await
         .unwrap()
         .items;
+    let requests = |metrics: String| metric(&metrics, "graceful_requests_total");
+    let mut before = Vec::new();
+    for pod in &list {
+        before.push(requests(sidecar_metrics(pod).await));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut best = None;
-    for pod in list {
-        let open = metric(
-            &sidecar_metrics(&pod).await,
-            "graceful_open_connections{protocol=\"http1\"}",
-        );
-        if best.as_ref().is_none_or(|(n, _)| open > *n) {
-            best = Some((open, pod));
+    for (pod, before) in list.into_iter().zip(before) {
+        let taken = requests(sidecar_metrics(&pod).await) - before;
+        if best.as_ref().is_none_or(|(n, _)| taken > *n) {
+            best = Some((taken, pod));
         }
     }
-    let (open, pod) = best.expect("pods");
-    assert!(open >= 1.0, "no pod holds a connection of the load");
+    let (taken, pod) = best.expect("pods");
+    assert!(
+        taken >= 30.0,
+        "no pod takes a steady share of the load: at most {taken} requests in a second"
+    );
     pod
 }
 
@@ -207,8 +214,12 @@ where
         tail: Duration::from_secs(5),
         ..Load::default()
     };
+    // Each request takes 20 ms at the app, so about 6 are in flight at once and the load
+    // spreads over most of its connections, each pinned to a pod: every pod holding one takes
+    // requests all along, instead of the one connection a fast app would keep reusing.
+    let url = format!("{url}slow?ms=20");
     let (outcome, report) = load
-        .during(url, async {
+        .during(&url, async {
             let victim = busiest_pod(&pods).await;
             let name = victim.metadata.name.clone().unwrap();
             let before = node::restart_count(&victim, CONTAINER);
