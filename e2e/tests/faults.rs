@@ -487,14 +487,26 @@ fn drain_phase(metrics: &str) -> Option<String> {
 struct CpuHog(Vec<std::process::Child>);
 
 impl CpuHog {
-    fn start() -> Result<Self> {
+    /// Each loop ends by itself after `bound` (coreutils' timeout), should this process be
+    /// killed before it can stop them.
+    fn start(bound: Duration) -> Result<Self> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bound = format!("{}s", bound.as_secs());
         let mut hogs = Vec::new();
         for cpu in 0..cpus {
-            let child = Command::new("taskset")
-                .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+            let cpu = cpu.to_string();
+            let child = Command::new("timeout")
+                .args([
+                    &bound,
+                    "taskset",
+                    "-c",
+                    &cpu,
+                    "sh",
+                    "-c",
+                    "while :; do :; done",
+                ])
                 .spawn()
-                .map_err(Error::io("starting a busy loop with taskset"))?;
+                .map_err(Error::io("starting a busy loop with timeout and taskset"))?;
             hogs.push(child);
         }
         Ok(Self(hogs))
@@ -520,7 +532,10 @@ async fn a_rollout_on_a_node_under_cpu_pressure_drops_nothing() {
     let mut figures = Vec::new();
     for pressure in [false, true] {
         let drains = DrainWatch::start(&ns);
-        let hog = pressure.then(CpuHog::start).transpose().unwrap();
+        let hog = pressure
+            .then(|| CpuHog::start(timeout + Duration::from_secs(60)))
+            .transpose()
+            .unwrap();
         let (_, report, wall) = graceful::rollout_under_load(&ns, APP, &url, &load, timeout)
             .await
             .unwrap_or_else(|e| {
