@@ -84,7 +84,8 @@ async fn main() -> anyhow::Result<()> {
     for &pods in &args.sizes {
         let deployments = (pods / args.replicas as usize).max(1);
         let at_once = args.at_once.min(deployments);
-        let settle = Duration::from_secs(300) + Duration::from_millis(100) * pods as u32;
+        // Growing to 10,000 pods alone takes 15-20 min here (the apiserver creating and admitting them).
+        let settle = Duration::from_secs(300) + Duration::from_millis(200) * pods as u32;
         eprintln!("scale: growing to {deployments} managed + {at_once} native Deployments");
         let grew = std::time::Instant::now();
         fleet.grow(deployments, at_once, settle).await?;
