@@ -487,26 +487,20 @@ fn drain_phase(metrics: &str) -> Option<String> {
 struct CpuHog(Vec<std::process::Child>);
 
 impl CpuHog {
-    /// Each loop ends by itself after `bound` (coreutils' timeout), should this process be
-    /// killed before it can stop them.
+    /// Each loop ends by itself after `bound`, should this process be killed before it can
+    /// stop them. The loop is the process spawned (taskset execs bash), so killing the child
+    /// kills the loop: behind coreutils' `timeout` it outlived the kill, as a first version's
+    /// did, and starved the tests after it.
     fn start(bound: Duration) -> Result<Self> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let bound = format!("{}s", bound.as_secs());
+        let script = format!("while (( SECONDS < {} )); do :; done", bound.as_secs());
         let mut hogs = Vec::new();
         for cpu in 0..cpus {
             let cpu = cpu.to_string();
-            let child = Command::new("timeout")
-                .args([
-                    &bound,
-                    "taskset",
-                    "-c",
-                    &cpu,
-                    "sh",
-                    "-c",
-                    "while :; do :; done",
-                ])
+            let child = Command::new("taskset")
+                .args(["-c", &cpu, "bash", "-c", &script])
                 .spawn()
-                .map_err(Error::io("starting a busy loop with timeout and taskset"))?;
+                .map_err(Error::io("starting a busy loop with taskset"))?;
             hogs.push(child);
         }
         Ok(Self(hogs))
