@@ -237,6 +237,11 @@ wait_daemon kube-apiserver 90 "/readyz" apiserver_ready
 done_step
 
 step "kube-controller-manager, kube-scheduler"
+# Each controller's client may send 100 requests/s (client-go's default is 20), as in
+# Kubernetes' own 5,000-node scalability tests (CONTROLLER_MANAGER_TEST_ARGS): at 20 the
+# ReplicaSet controller alone, creating pods and writing statuses, held a 10,000-pod KWOK fleet
+# (make scale) to about 12 new pods a second. It is a cap: the suite's small clusters never
+# reach it.
 daemon_start kube-controller-manager "$BIN/kube-controller-manager" \
   --kubeconfig="$STATE/controller-manager.kubeconfig" \
   --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
@@ -245,7 +250,7 @@ daemon_start kube-controller-manager "$BIN/kube-controller-manager" \
   --use-service-account-credentials=true --service-cluster-ip-range="$SERVICE_CIDR" \
   --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
   --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-  --profiling=false
+  --kube-api-qps=100 --kube-api-burst=100 --profiling=false
 daemon_start kube-scheduler "$BIN/kube-scheduler" \
   --kubeconfig="$STATE/scheduler.kubeconfig" \
   --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
