@@ -52,6 +52,7 @@ fn schema_refuses_bad_values_by_name() {
     for (set, path) in [
         ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
         ("operator.replicas=0", "/operator/replicas"),
+        ("controller.concurrency=0", "/controller/concurrency"),
         (
             "sidecar.image.pullPolicy=Maybe",
             "/sidecar/image/pullPolicy",

@@ -34,6 +34,10 @@ struct Args {
     /// Run the rollout controller.
     #[arg(long, env = "GRACEFUL_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
     controller: bool,
+    /// GracefulRollouts reconciled at once (at least 1).
+    #[arg(long, env = "GRACEFUL_RECONCILE_CONCURRENCY", default_value_t = rollout::DEFAULT_CONCURRENCY,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     /// Log as JSON lines (for log pipelines) instead of text.
     #[arg(long, env = "GRACEFUL_LOG_JSON")]
     log_json: bool,
@@ -87,10 +91,11 @@ async fn main() -> anyhow::Result<()> {
         check_crd(&client).await?;
         let namespace = args.webhook_args.operator_namespace.clone();
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
-        let (client, no_election, lease) = (
+        let (client, no_election, lease, concurrency) = (
             client.clone(),
             args.no_leader_election,
             args.lease_name.clone(),
+            args.reconcile_concurrency,
         );
         let ready = ready.clone();
         tasks.spawn(async move {
@@ -114,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
             // Losing the lease drops the controller mid-reconcile: a replica that may no longer
             // lead must not make one more write.
             tokio::select! {
-                _ = rollout::run(client, metrics) => {}
+                _ = rollout::run(client, metrics, concurrency) => {}
                 _ = lost => anyhow::bail!(
                     "lost leadership; exiting so a fresh process can stand for election"
                 ),
