@@ -74,15 +74,18 @@ iptables_remove_chains() { # prefix...
     command -v "$ipt" >/dev/null || continue
     for table in filter nat mangle raw; do
       "$ipt" -w -t "$table" -S >/dev/null 2>&1 || continue
-      # Rules jumping to our chains, in any chain, go first.
-      while IFS= read -r rule; do
-        eval "$ipt -w -t $table -D ${rule#-A }" 2>/dev/null || true
-      done < <("$ipt" -w -t "$table" -S | grep -E -- "-j ${pattern}" | grep '^-A ' || true)
       chains=$("$ipt" -w -t "$table" -S | awk '$1 == "-N" {print $2}' | grep -E "^$pattern" || true)
-      for chain in $chains; do "$ipt" -w -t "$table" -F "$chain" 2>/dev/null || true; done
-      for chain in $chains; do
-        "$ipt" -w -t "$table" -X "$chain" 2>/dev/null || log "could not delete $ipt $table $chain"
-      done
+      # One iptables-restore for the whole table: each iptables call rewrites the table, so
+      # chain by chain took over 10 min after make scale (kube-proxy's 20,000 chains for
+      # 11,000 fake endpoints). Rules jumping to our chains from other chains go first.
+      {
+        echo "*$table"
+        "$ipt" -w -t "$table" -S | grep -E -- "-j ${pattern}" | grep '^-A ' \
+          | grep -vE "^-A ${pattern}" | sed 's/^-A /-D /' || true
+        for chain in $chains; do echo "-F $chain"; done
+        for chain in $chains; do echo "-X $chain"; done
+        echo COMMIT
+      } | "$ipt-restore" -w --noflush || log "could not remove the chains of $ipt $table"
     done
   done
 }
