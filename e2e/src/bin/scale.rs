@@ -112,6 +112,12 @@ async fn main() -> anyhow::Result<()> {
             .first_step_latency(args.samples.min(deployments), settle)
             .await?;
         let first_step = (quantile(&first, 0.5), quantile(&first, 0.99));
+        eprintln!(
+            "scale: at rest {rss_rest:.1} MiB, {cpu_rest:.3} cores, {:.0} requests/min; template change to first step p50 {} s, p99 {} s",
+            rest_requests as f64 * 60.0 / rest.as_secs_f64(),
+            secs(first_step.0),
+            secs(first_step.1)
+        );
 
         let from = Timestamp::now();
         let rolled = fleet.roll_at_once(&fleet.managed[..at_once], settle);
