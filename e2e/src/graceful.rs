@@ -69,8 +69,12 @@ pub async fn deploy_managed_demo(
     replicas: i32,
     strategy: serde_json::Value,
 ) -> Result<String> {
-    ns.apply(&injected_deployment(name, replicas, "v1")).await?;
+    // The Service first, as Helm orders them: the webhook names in each sidecar the Services
+    // that select its pod when it injects it, and a pod created before its Service drains on
+    // every EndpointSlice of the namespace. Applied the other way, the first pods raced the
+    // Service once the controller manager created pods faster (scale.rs saw one such drain).
     ns.apply(&named_port_service(name)).await?;
+    ns.apply(&injected_deployment(name, replicas, "v1")).await?;
     wait::rollout(&ns.api(), name, Duration::from_secs(120)).await?;
     ns.apply(&graceful_rollout(name, strategy)).await?;
     wait_phase(ns, name, Phase::Healthy, Duration::from_secs(60)).await?;
