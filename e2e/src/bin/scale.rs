@@ -107,14 +107,14 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         let rest_requests = op.requests(from, Timestamp::now())?.total();
+        let rest_requests_per_min = rest_requests as f64 * 60.0 / rest.as_secs_f64();
 
         let first = fleet
             .first_step_latency(args.samples.min(deployments), settle)
             .await?;
         let first_step = (quantile(&first, 0.5), quantile(&first, 0.99));
         eprintln!(
-            "scale: at rest {rss_rest:.1} MiB, {cpu_rest:.3} cores, {:.0} requests/min; template change to first step p50 {} s, p99 {} s",
-            rest_requests as f64 * 60.0 / rest.as_secs_f64(),
+            "scale: at rest {rss_rest:.1} MiB, {cpu_rest:.3} cores, {rest_requests_per_min:.0} requests/min; template change to first step p50 {} s, p99 {} s",
             secs(first_step.0),
             secs(first_step.1)
         );
@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
             managed: deployments,
             rss_rest,
             cpu_rest,
-            rest_requests_per_min: rest_requests as f64 * 60.0 / rest.as_secs_f64(),
+            rest_requests_per_min,
             first_step,
             at_once,
             graceful,
@@ -174,13 +174,15 @@ const QUIET_CORES: f64 = 0.01;
 const QUIET_WINDOW: Duration = Duration::from_secs(10);
 
 /// Waits until the operator is at rest, or `bound` has passed (then "at rest" is measured as it
-/// is, and the report says so); returns how long it waited.
+/// is, said on stderr); returns how long it waited.
 async fn until_quiet(op: &OperatorProcess, bound: Duration) -> anyhow::Result<Duration> {
     let started = std::time::Instant::now();
     loop {
-        let cpu = op.cpu()?;
-        tokio::time::sleep(QUIET_WINDOW).await;
-        let cores = (op.cpu()? - cpu).as_secs_f64() / QUIET_WINDOW.as_secs_f64();
+        let window = async {
+            tokio::time::sleep(QUIET_WINDOW).await;
+            Ok(())
+        };
+        let ((), _, cores) = op.during(window).await?;
         if cores < QUIET_CORES {
             return Ok(started.elapsed());
         }
