@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
 use serde::Deserialize;
 
@@ -26,6 +27,13 @@ pub struct DrainSummary {
     pub quiet_window: QuietWindow,
     pub traffic_after_deregistration_seconds: f64,
     pub forced: bool,
+    /// When the sidecar exited (its container's `finishedAt`): the drain began
+    /// `total_seconds` before.
+    #[serde(skip)]
+    pub exited_at: Option<Timestamp>,
+    /// The pod's IP, to find it in kube-proxy's rules.
+    #[serde(skip)]
+    pub pod_ip: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -101,13 +109,9 @@ fn summary_of(pod: &Pod) -> Option<(String, DrainSummary)> {
         .iter()
         .flatten()
         .find(|c| c.name == SIDECAR)?;
-    let message = sidecar
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()?
-        .message
-        .as_ref()?;
-    let summary = serde_json::from_str(message).ok()?;
+    let terminated = sidecar.state.as_ref()?.terminated.as_ref()?;
+    let mut summary: DrainSummary = serde_json::from_str(terminated.message.as_ref()?).ok()?;
+    summary.exited_at = terminated.finished_at.as_ref().map(|t| t.0);
+    summary.pod_ip = status.pod_ip.clone();
     Some((pod.metadata.name.clone()?, summary))
 }

@@ -3,7 +3,7 @@
 //! that is deleted afterwards and dumps pod logs and events when the test fails
 //! ([`namespace`]), the demo app's manifests ([`demo`]), waits with timeouts ([`wait`]), steady
 //! load from vegeta with failed requests counted by vegeta itself ([`load`]), and rollouts measured
-//! under that load ([`rollout`]), processes killed on the node ([`node`]), and Argo CD's health rule for Deployments ([`argo`]).
+//! under that load ([`rollout`]), processes killed on the node ([`node`]), where kube-proxy routes a Service ([`kube_proxy`]), and Argo CD's health rule for Deployments ([`argo`]).
 
 pub mod argo;
 pub mod audit;
@@ -14,6 +14,7 @@ pub mod drains;
 pub mod error;
 pub mod graceful;
 pub mod ingress;
+pub mod kube_proxy;
 pub mod load;
 pub mod namespace;
 pub mod node;

@@ -107,6 +107,23 @@ pub struct LoadReport {
     pub errors: BTreeMap<String, u64>,
     /// When the first and the last failed request were sent: where in a run its failures lie.
     pub failed_span: Option<(Timestamp, Timestamp)>,
+    /// The first [`FAILURES_KEPT`] failures, in the order vegeta reported them: when each was
+    /// sent and what went wrong, to lay beside what the cluster did at that moment.
+    pub failures: Vec<Failure>,
+}
+
+/// How many failed requests a report keeps one by one.
+pub const FAILURES_KEPT: usize = 50;
+
+/// One failed request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// When vegeta sent it.
+    pub sent_at: Timestamp,
+    /// How long it took to fail.
+    pub latency: Duration,
+    /// The error's kind, or `HTTP <status>`.
+    pub what: String,
 }
 
 /// One line of `vegeta encode --to json`: one request.
@@ -145,6 +162,9 @@ impl LoadReport {
             self.failed_at(first);
             self.failed_at(last);
         }
+        let room = FAILURES_KEPT.saturating_sub(self.failures.len());
+        self.failures
+            .extend(other.failures.iter().take(room).cloned());
     }
 
     /// Widens the span of failures to `at`.
@@ -160,25 +180,34 @@ impl LoadReport {
         let outcome: Outcome = serde_json::from_str(line)
             .map_err(|e| Error::Report(format!("{e}; line was: {line:.500}")))?;
         self.sent += 1;
-        let failed = if outcome.code == 0 {
-            *self.errors.entry(error_kind(&outcome.error)).or_default() += 1;
-            true
+        let latency = Duration::from_nanos(outcome.latency);
+        let failure = if outcome.code == 0 {
+            let kind = error_kind(&outcome.error);
+            *self.errors.entry(kind.clone()).or_default() += 1;
+            Some(kind)
         } else {
             *self.statuses.entry(outcome.code.to_string()).or_default() += 1;
-            !(200..300).contains(&outcome.code)
+            (!(200..300).contains(&outcome.code)).then(|| format!("HTTP {}", outcome.code))
         };
-        if failed {
+        if let Some(what) = failure {
             self.failed += 1;
             if let Some(at) = outcome.timestamp.as_deref() {
-                let at = at.parse::<Timestamp>().map_err(|e| {
+                let sent_at = at.parse::<Timestamp>().map_err(|e| {
                     Error::Report(format!(
                         "vegeta's timestamp {at:?}: {e}; line was: {line:.500}"
                     ))
                 })?;
-                self.failed_at(at);
+                self.failed_at(sent_at);
+                if self.failures.len() < FAILURES_KEPT {
+                    self.failures.push(Failure {
+                        sent_at,
+                        latency,
+                        what,
+                    });
+                }
             }
         }
-        Ok(Duration::from_nanos(outcome.latency))
+        Ok(latency)
     }
 
     /// The counts of every line of `vegeta encode --to json` output.
@@ -457,9 +486,22 @@ mod tests {
             r.failed_span,
             Some((at("2026-12-02T12:00:01.25Z"), at("2026-12-02T12:00:03.5Z")))
         );
+        let what: Vec<_> = r
+            .failures
+            .iter()
+            .map(|f| (f.sent_at, f.what.as_str()))
+            .collect();
+        assert_eq!(
+            what,
+            [
+                (at("2026-12-02T12:00:03.5Z"), "HTTP 502"),
+                (at("2026-12-02T12:00:01.25Z"), "EOF"),
+            ]
+        );
         let mut merged = LoadReport::default();
         merged.merge(&r);
         assert_eq!(merged.failed_span, r.failed_span);
+        assert_eq!(merged.failures, r.failures);
         assert!(
             LoadReport::from_vegeta_json(
                 r#"{"code":0,"latency":1,"timestamp":"soon"}"#,
