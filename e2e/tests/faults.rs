@@ -14,16 +14,19 @@
 //! The standby must take over and finish the rollout, and the old leader must have stopped
 //! acting before the standby started: the two log lines' times say so (one host clock).
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use graceful_e2e::drains::DrainWatch;
+use graceful_e2e::drains::{DrainSummary, DrainWatch};
 use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
-use graceful_e2e::load::Load;
+use graceful_e2e::kube_proxy::{RouteChange, RouteWatch};
+use graceful_e2e::load::{Load, LoadReport};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{Error, Result, cluster, node, wait};
 use graceful_operator::crd::{GracefulRollout, Phase};
 use graceful_operator::leader::{LEASE_DURATION, RENEW_DEADLINE};
+use graceful_operator::outage::RECONNECT_BOUND;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -146,6 +149,76 @@ fn secs(a: Timestamp, b: Timestamp) -> f64 {
     b.duration_since(a).as_secs_f64()
 }
 
+/// What happened when, in seconds from `since`: the test's own marks, each drain (from its
+/// sidecar's summary: exit less its length; exits are known to the second), each change of the
+/// endpoints kube-proxy routes the Service to, and each failed request vegeta kept. A failure lies beside what the cluster was doing as it was sent.
+fn timeline(
+    since: Timestamp,
+    marks: &[(Timestamp, &str)],
+    drains: &BTreeMap<String, DrainSummary>,
+    routes: &[RouteChange],
+    report: &LoadReport,
+) -> String {
+    let pod_of = |endpoint: &str| {
+        let ip = endpoint.split(':').next().unwrap_or(endpoint);
+        drains
+            .iter()
+            .find(|(_, d)| d.pod_ip.as_deref() == Some(ip))
+            .map_or(endpoint.to_owned(), |(pod, _)| {
+                format!("{endpoint} ({pod})")
+            })
+    };
+    let mut lines: Vec<(f64, String)> = marks
+        .iter()
+        .map(|(at, what)| (secs(since, *at), what.to_string()))
+        .collect();
+    for (pod, d) in drains {
+        if let Some(exit) = d.exited_at {
+            let exit = secs(since, exit);
+            lines.push((exit - d.total_seconds, format!("{pod} drain began: {d}")));
+            lines.push((exit, format!("{pod} sidecar exited")));
+        }
+    }
+    for (at, endpoints) in routes {
+        let to: Vec<String> = endpoints.iter().map(|e| pod_of(e)).collect();
+        lines.push((
+            secs(since, *at),
+            format!("kube-proxy routes to {}", to.join(", ")),
+        ));
+    }
+    for f in &report.failures {
+        let sent = secs(since, f.sent_at);
+        let took = f.latency.as_secs_f64();
+        lines.push((sent, format!("request failed after {took:.2}s: {}", f.what)));
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out = String::from("timeline (s from the template change):");
+    for (at, what) in lines {
+        out.push_str(&format!("\n  {at:+8.2}  {what}"));
+    }
+    out
+}
+
+/// A daemon's warnings and errors (klog's `W` and `E` lines) since `since`, from its log in
+/// the cluster's state directory: how its watches fared while the control plane was away.
+fn print_daemon_warnings(daemon: &str, since: Timestamp) {
+    let path = cluster::state_dir()
+        .join("logs")
+        .join(format!("{daemon}.log"));
+    let Ok(log) = std::fs::read_to_string(&path) else {
+        eprintln!("no log at {}", path.display());
+        return;
+    };
+    // klog: `W1202 18:41:57.123456 ...`; the day and time, compared as text.
+    let day = since.strftime("%m%d %H:%M:%S").to_string();
+    eprintln!("--- {daemon}: warnings and errors since {since}");
+    for line in log.lines().filter(|l| {
+        (l.starts_with('W') || l.starts_with('E')) && l.get(1..15).is_some_and(|t| t >= &day[..])
+    }) {
+        eprintln!("{line:.400}");
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e cluster, root for iptables, and the chart (make e2e)"]
 async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over() {
@@ -181,7 +254,13 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over
             )
             .await?;
             drop(rule);
-            graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(240)).await?;
+            graceful::wait_rollout_finished(
+                &ns,
+                APP,
+                since,
+                RECONNECT_BOUND + Duration::from_secs(120),
+            )
+            .await?;
             Ok::<_, Error>((leader, successor, cut_at))
         })
         .await
@@ -282,19 +361,34 @@ async fn a_rollout_resumes_and_finishes_across_apiserver_and_etcd_restarts() {
     let client = cluster::client().await.unwrap();
     let (ns, url) = managed_demo(&client, "fault-control-plane").await;
     let rollouts = ns.api::<GracefulRollout>();
+    let drains = DrainWatch::start(&ns);
+    let routes = RouteWatch::start(&format!("{}/{APP}", ns.name));
+    let marks = std::cell::RefCell::new(Vec::new());
+    let mark = |what: &'static str| marks.borrow_mut().push((Timestamp::now(), what));
 
-    let (result, report) = Load::default()
+    // Each outage the operator meets holds the next step for RECONNECT_BOUND (outage.rs).
+    let load = Load {
+        max_duration: Duration::from_secs(180) + RECONNECT_BOUND * 2,
+        ..Load::default()
+    };
+    let (result, report) = load
         .during(&url, async {
             let since = graceful::trigger(&ns, APP).await?;
             graceful::wait_first_new_pod(&ns, APP, Duration::from_secs(60)).await?;
+            mark("apiserver stopping");
             let apiserver = cluster::restart_daemon("kube-apiserver").await?;
+            mark("apiserver ready");
             answering(&rollouts).await?;
-            // A later step, not yet the end: etcd goes with the rollout still going.
-            let at = graceful::wait_new_pods(&ns, APP, 2, Duration::from_secs(120)).await?;
+            // A later step, not yet the end: etcd goes with the rollout still going. The step
+            // comes RECONNECT_BOUND after the apiserver is back, when the data planes are.
+            let second = RECONNECT_BOUND + Duration::from_secs(60);
+            let at = graceful::wait_new_pods(&ns, APP, 2, second).await?;
+            mark("etcd stopping");
             let etcd = cluster::restart_daemon("etcd").await?;
+            mark("etcd and apiserver ready");
             answering(&rollouts).await?;
-            let gr =
-                graceful::wait_rollout_finished(&ns, APP, since, Duration::from_secs(240)).await?;
+            let rest = RECONNECT_BOUND + Duration::from_secs(120);
+            let gr = graceful::wait_rollout_finished(&ns, APP, since, rest).await?;
             let step = at.status.and_then(|s| s.progress).unwrap_or_default();
             Ok::<_, Error>((since, gr, apiserver, etcd, step))
         })
@@ -304,6 +398,16 @@ async fn a_rollout_resumes_and_finishes_across_apiserver_and_etcd_restarts() {
         ns.print_diagnostics();
         panic!("the rollout did not survive the control plane's restarts: {e}")
     });
+    eprintln!(
+        "{}",
+        timeline(
+            since,
+            &marks.borrow(),
+            &drains.summaries(),
+            &routes.changes(),
+            &report
+        )
+    );
     let status = gr.status.clone().unwrap_or_default();
     let record = status
         .last_rollout
@@ -327,6 +431,10 @@ async fn a_rollout_resumes_and_finishes_across_apiserver_and_etcd_restarts() {
         eprintln!("  event {reason} x{times}: {note}");
     }
 
+    if report.failed > 0 {
+        print_daemon_warnings("kube-proxy", since);
+        print_daemon_warnings("kube-controller-manager", since);
+    }
     assert_eq!(
         report.failed, 0,
         "requests failed across the restarts: {report}"

@@ -47,11 +47,17 @@ pub struct Elector {
     name: String,
     identity: String,
     observed: Option<Observed>,
+    /// The holder the lease named when this replica last won a round (empty: nobody).
+    won_from: String,
 }
 
 /// Leadership held: `leading()` turns false when it is lost (the holder must stop acting at
 /// once); `release()` hands it back.
 pub struct Leadership {
+    /// The lease was taken over, not handed back: the leader before (another replica, or this
+    /// pod's own container before a restart) stopped without a word, by a crash or because the
+    /// API server was away. This replica cannot know what it missed.
+    pub inherited: bool,
     leading: watch::Receiver<bool>,
     stop: oneshot::Sender<()>,
     renewer: JoinHandle<()>,
@@ -64,6 +70,7 @@ impl Elector {
             name: name.into(),
             identity: identity.into(),
             observed: None,
+            won_from: String::new(),
         }
     }
 
@@ -89,6 +96,7 @@ impl Elector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observe(&created);
+                    self.won_from.clear();
                     Ok(true)
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -116,6 +124,7 @@ impl Elector {
         {
             Ok(written) => {
                 self.observe(&written);
+                self.won_from = holder;
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -185,7 +194,8 @@ impl Elector {
             }
             tokio::time::sleep(RETRY_PERIOD).await;
         };
-        tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
+        let inherited = !self.won_from.is_empty();
+        tracing::info!(lease = %self.name, identity = %self.identity, inherited, "became leader");
         leader.set(1);
         let (leading_tx, leading) = watch::channel(true);
         let (stop, stopped) = oneshot::channel();
@@ -208,6 +218,7 @@ impl Elector {
             }
         });
         Leadership {
+            inherited,
             leading,
             stop,
             renewer,
@@ -378,12 +389,30 @@ mod tests {
         assert_eq!(gauge.get(), 1);
         let mut standby = elector(&api, "b");
         assert!(!standby.try_acquire_or_renew().await.unwrap());
+        assert!(!leadership.inherited, "a new lease");
         leadership.release().await;
         assert_eq!(gauge.get(), 0);
         assert_eq!(holder(&api), None);
         // No waiting for the 15 s: the holder is empty.
-        assert!(standby.try_acquire_or_renew().await.unwrap());
+        let standby = standby.lead(Gauge::default()).await;
         assert_eq!(holder(&api).as_deref(), Some("b"));
+        assert!(!standby.inherited, "handed back, not inherited");
+        standby.release().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_not_handed_back_is_inherited() {
+        // Another replica's, expired.
+        let api = FakeApi::default();
+        api.put(lease_held_by("a", &Timestamp::now().to_string(), "10"));
+        let b = elector(&api, "b").lead(Gauge::default()).await;
+        assert!(b.inherited);
+        b.release().await;
+        // This pod's own, from before its container restarted: taken at once, but inherited.
+        api.put(lease_held_by("c", &Timestamp::now().to_string(), "20"));
+        let c = elector(&api, "c").lead(Gauge::default()).await;
+        assert!(c.inherited);
+        c.release().await;
     }
 
     #[tokio::test(start_paused = true)]

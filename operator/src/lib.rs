@@ -10,6 +10,7 @@ mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod outage;
 pub mod pacing;
 pub mod plan;
 pub mod revision;

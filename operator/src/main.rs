@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use clap::Parser;
 use graceful_operator::crd::GracefulRollout;
+use graceful_operator::outage::{ApiOutages, OutageLayer};
 use graceful_operator::{leader, metrics, rollout, webhook};
 use kube::Client;
 use kube::api::{Api, ListParams};
+use kube::client::ClientBuilder;
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Parser)]
@@ -64,9 +66,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let client = Client::try_default()
+    // Every request's outcome tells when the API server was last away (outage.rs).
+    let outages = Arc::new(ApiOutages::default());
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    let client = ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&OutageLayer(outages.clone()))
+        .build();
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
@@ -108,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
                     _ = shutdown_signal() => return Ok(()),
                 },
             };
+            if leadership.as_ref().is_some_and(|l| l.inherited) {
+                outages.assume_just_back();
+            }
             ready.store(true, Ordering::Relaxed);
             let mut leading = leadership.as_ref().map(|l| l.leading());
             let lost = async {
@@ -119,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
             // Losing the lease drops the controller mid-reconcile: a replica that may no longer
             // lead must not make one more write.
             tokio::select! {
-                _ = rollout::run(client, metrics, concurrency) => {}
+                _ = rollout::run(client, metrics, concurrency, outages) => {}
                 _ = lost => anyhow::bail!(
                     "lost leadership; exiting so a fresh process can stand for election"
                 ),

@@ -107,6 +107,9 @@ pub struct Observed {
     pub slices_expected: bool,
     /// The drains seen during the rollout in progress (kept in memory by the shell).
     pub drains: DrainTotals,
+    /// The API server was away lately: how long yet until every data plane's watch is surely
+    /// back (`outage::ApiOutages::settling`). No old pod gets leave to go until then.
+    pub api_settling: Option<Duration>,
 }
 
 /// The one write to make before the status.
@@ -532,7 +535,12 @@ fn paced(
     } else {
         Phase::Progressing
     };
-    if allowed < now_allowed || (allowed > now_allowed && !paused) {
+    // After an outage of the API server, data planes may still route by what they knew before
+    // it: an old pod let go now might be dropped by the API and not yet by them.
+    let settling = seen
+        .api_settling
+        .filter(|_| allowed > now_allowed && !paused);
+    if allowed < now_allowed || (allowed > now_allowed && !paused && settling.is_none()) {
         d.act = Act::Step {
             max_unavailable: allowed,
         };
@@ -557,6 +565,14 @@ fn paced(
             "kubectl rollout pause (the Deployment's spec.paused)"
         };
         format!("paused by {by}: {}/{replicas} updated", counts.updated)
+    } else if let Some(left) = settling {
+        format!(
+            "{}/{replicas} updated, {} proven serving: the API server was away; the next old pod \
+             leaves in {}s, once every data plane's watch is surely back",
+            counts.updated,
+            counts.proven,
+            left.as_secs().max(1)
+        )
     } else if counts.draining > 0 && counts.proven >= replicas {
         format!(
             "waiting for {} old pod(s) to finish draining",
@@ -572,6 +588,9 @@ fn paced(
     let reason = if paused { "Paused" } else { "RollingOut" };
     set_condition(st, "Progressing", !paused, reason, &msg);
     d.requeue = progress_requeue(counts);
+    if let Some(left) = settling {
+        d.requeue = d.requeue.min(left);
+    }
     d
 }
 
@@ -730,6 +749,7 @@ mod tests {
             replica_sets: sets,
             slices_expected: true,
             drains: DrainTotals::default(),
+            api_settling: None,
         }
     }
 
@@ -819,6 +839,43 @@ mod tests {
         );
         assert_eq!(d.act, Act::Step { max_unavailable: 1 });
         assert_eq!(d.announce[0].reason, "Step");
+    }
+
+    #[test]
+    fn after_an_api_server_outage_no_old_pod_goes_until_the_data_planes_are_back() {
+        let now = Timestamp::now();
+        let proven = |n| {
+            let pods = (1..=n)
+                .map(|i| pod(&format!("new-{i}"), Some(at(now, -60))))
+                .collect();
+            rs("new", n, true, pods)
+        };
+        let mut seen = observed(vec![old3(now), proven(2)], true);
+        seen.max_unavailable = Some(1);
+        seen.api_settling = Some(Duration::from_secs(42));
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::None, "the second old pod waits");
+        assert!(d.announce.is_empty());
+        assert_eq!(d.requeue, PROGRESS_SAFETY_NET, "still looked at as usual");
+        let step_msg = d.status.current_step.unwrap();
+        assert!(step_msg.contains("API server was away"), "{step_msg}");
+        assert!(step_msg.contains("42s"), "{step_msg}");
+        // Once settled, the step it held is taken.
+        seen.api_settling = None;
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::Step { max_unavailable: 2 });
+        // A pod that stopped serving takes its allowance back whatever the API did.
+        let mut seen = observed(vec![old3(now), proven(1)], true);
+        seen.max_unavailable = Some(2);
+        seen.api_settling = Some(Duration::from_secs(42));
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.act, Act::Step { max_unavailable: 1 });
+        // The requeue comes no later than the end of the wait.
+        let mut seen = observed(vec![old3(now), proven(2)], true);
+        seen.max_unavailable = Some(1);
+        seen.api_settling = Some(Duration::from_millis(700));
+        let d = step(&seen, &spec(), &started(now), now);
+        assert_eq!(d.requeue, Duration::from_millis(700));
     }
 
     #[test]

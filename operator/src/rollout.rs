@@ -35,6 +35,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::names::{
     FINALIZER, MANAGED_LABEL, MANAGER, POD_TEMPLATE_HASH, PROGRESS_DEADLINE_EXCEEDED,
 };
+use crate::outage::ApiOutages;
 use crate::pacing;
 use crate::plan::{self, Act, Decision, Observed, PodView, ReplicaSetView};
 use crate::revision::same_template;
@@ -49,10 +50,12 @@ pub struct Context {
     pub drains: Drains,
     /// Retry delays of the GracefulRollouts whose reconciles fail.
     pub backoffs: Backoffs,
+    /// The API server's recent outages, as the client's requests met them.
+    pub outages: Arc<ApiOutages>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>, outages: Arc<ApiOutages>) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -63,6 +66,7 @@ impl Context {
             metrics,
             drains: Drains::default(),
             backoffs: Backoffs::default(),
+            outages,
         }
     }
 }
@@ -77,9 +81,14 @@ pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 /// Runs the controller until a shutdown signal, when in-flight reconciles finish first. A lost
 /// leadership must stop it at once instead: the caller drops this future.
-pub async fn run(client: Client, metrics: Arc<Metrics>, concurrency: u16) {
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    concurrency: u16,
+    outages: Arc<ApiOutages>,
+) {
     let rollouts = Api::<GracefulRollout>::all(client.clone());
-    let ctx = Arc::new(Context::new(client.clone(), metrics));
+    let ctx = Arc::new(Context::new(client.clone(), metrics, outages));
     let reports = {
         let (client, ctx) = (client.clone(), ctx.clone());
         tokio::spawn(async move { drains::watch_reports(client, &ctx.drains, &ctx.metrics).await })
@@ -313,6 +322,7 @@ async fn observe(
         replica_sets: views,
         slices_expected: pods.iter().any(|p| listed.contains_key(&p.name_any())),
         drains,
+        api_settling: ctx.outages.settling(),
     };
     Ok(Seen {
         observed,
@@ -731,6 +741,7 @@ mod tests {
         Arc::new(Context::new(
             api.client(),
             Arc::new(Metrics::new(&mut Registry::default())),
+            Arc::default(),
         ))
     }
 
