@@ -15,9 +15,11 @@
 //! until [`RECONNECT_BOUND`] after the API server was back (`plan::step`).
 //!
 //! Seen through every request this replica makes (a layer under its kube client): a transport
-//! error, a 5xx or a 429 is an outage (client-go backs off on connection refused and on 429);
-//! any other answer is the API server back. etcd restarting behind an API server that stays up
-//! shows as 5xx on the requests that reach it.
+//! error, a 429, 502, 503 or 504 is an outage (client-go backs off on connection refused and on
+//! 429; a restarted API server answers 503 until its paths are installed and 429 "storage is
+//! (re)initializing" while its watch cache reloads); any other answer is the API server back.
+//! A 500 is not: it is one request failing (an admission webhook down, say), not the API away,
+//! and would otherwise hold every rollout for one broken object.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,7 +58,7 @@ impl ApiOutages {
         seen.last_failure = Some(Instant::now());
         seen.back_since = None;
         if was_up {
-            tracing::warn!(wait = ?RECONNECT_BOUND, "the API server is away (a transport error, 5xx or 429): no old pod gets leave to go until this long after it is back");
+            tracing::warn!(wait = ?RECONNECT_BOUND, "the API server is away (a transport error, 429, 502, 503 or 504): no old pod gets leave to go until this long after it is back");
         }
     }
 
@@ -117,7 +119,11 @@ pub struct OutageService<S> {
 
 /// An answer that says the API server (or the etcd behind it) is away or shedding load.
 fn is_outage(status: http::StatusCode) -> bool {
-    status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS
+    use http::StatusCode as S;
+    matches!(
+        status,
+        S::TOO_MANY_REQUESTS | S::BAD_GATEWAY | S::SERVICE_UNAVAILABLE | S::GATEWAY_TIMEOUT
+    )
 }
 
 impl<S, Req, B> tower::Service<Req> for OutageService<S>
@@ -184,7 +190,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_layer_counts_transport_errors_5xx_and_429_as_outages() {
+    async fn the_layer_counts_transport_errors_429_502_503_and_504_as_outages() {
         let outages = Arc::new(ApiOutages::default());
         let answer = |status: u16| {
             let layer = OutageLayer(outages.clone());
@@ -193,11 +199,11 @@ mod tests {
                 Ok::<_, std::io::Error>(r)
             }))
         };
-        for ok in [200, 201, 404, 409, 422] {
+        for ok in [200, 201, 404, 409, 422, 500] {
             answer(ok).ready().await.unwrap().call(()).await.unwrap();
             assert_eq!(outages.settling(), None, "{ok}");
         }
-        for away in [429, 500, 503, 504] {
+        for away in [429, 502, 503, 504] {
             answer(away).ready().await.unwrap().call(()).await.unwrap();
             assert_eq!(outages.settling(), Some(RECONNECT_BOUND), "{away}");
             answer(200).ready().await.unwrap().call(()).await.unwrap();
