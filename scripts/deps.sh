@@ -11,7 +11,7 @@ source "$(dirname "$0")/../e2e/scripts/common.sh"
 # prometheus: promtool checks the metrics and the chart's alert rules (make unit, make test).
 # tmux: the terminal e2e/tests/plugin.rs drives `kubectl graceful status --watch` in.
 host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus tmux)
-cluster_pkgs=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
+cluster_pkgs=(containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
 [[ " $* " != *" --screenshot "* ]] || pkgs+=(chromium)

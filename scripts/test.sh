@@ -2,7 +2,7 @@
 # make test: lint, unit and process tests, then the e2e suite on the real cluster.
 #
 # On a fresh machine most of the time is building, on 2 cores. What the cluster needs first is
-# built first, both cores busy: Kubernetes, helm and kwok (scale.rs) with Go beside the
+# built first, both cores busy: Kubernetes, helm, etcd and kwok (scale.rs) with Go beside the
 # workspace's unit tests and static release binaries with cargo. Then the cluster comes up without its ingress and the
 # suite starts. What only the last tests need, Traefik (ingress.rs), and clippy build meanwhile
 # at the lowest CPU and I/O priority: the suite waits on rollouts and drains most of the time,
@@ -41,8 +41,8 @@ export CARGO_INCREMENTAL=0 CARGO_PROFILE_RELEASE_LTO=false
 # `make deps` has installed the Debian packages (two apt-get at once would fight for its lock).
 go_log=$CACHE/test-kube-build.log deps_done=$CACHE/test-deps-done.$$
 rm -f "$deps_done"
-step "background: Kubernetes, helm and kwok with Go, then the cluster (log: $go_log)"
-background "$go_log" bash -c "e2e/scripts/build-kube.sh && e2e/scripts/build-kwok.sh \
+step "background: Kubernetes, helm, etcd and kwok with Go, then the cluster (log: $go_log)"
+background "$go_log" bash -c "e2e/scripts/build-kube.sh && e2e/scripts/build-etcd.sh && e2e/scripts/build-kwok.sh \
   && until [[ -e $deps_done ]]; do sleep 1; done \
   && GRACEFUL_NO_INGRESS=1 e2e/scripts/cluster-up.sh"
 kube_build=$!

@@ -38,11 +38,12 @@ if cluster_healthy; then
   exit 0
 fi
 
-step "binaries: kubernetes $KUBE_VERSION, helm (build-kube.sh)"
+step "binaries: kubernetes $KUBE_VERSION, helm, etcd $ETCD_VERSION (build-kube.sh, build-etcd.sh)"
 "$here/build-kube.sh"
+"$here/build-etcd.sh"
 host_tools_missing() {
   local tool missing=()
-  for tool in etcd containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
+  for tool in containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
     command -v "$tool" >/dev/null || missing+=("$tool")
   done
   [[ -x $CNI_BIN/bridge && -x $CNI_BIN/host-local && -x $CNI_BIN/portmap ]] || missing+=("CNI plugins")
@@ -191,7 +192,7 @@ done_step
 
 step "etcd (127.0.0.1, data in $STATE/etcd)"
 rm -rf "$STATE/etcd"
-daemon_start etcd "$(command -v etcd)" --name graceful --data-dir "$STATE/etcd" \
+daemon_start etcd "$BIN/etcd" --name graceful --data-dir "$STATE/etcd" \
   --listen-client-urls "$ETCD_CLIENT" --advertise-client-urls "$ETCD_CLIENT" \
   --listen-peer-urls "$ETCD_PEER" --initial-advertise-peer-urls "$ETCD_PEER" \
   --initial-cluster "graceful=$ETCD_PEER" --initial-cluster-state new \

@@ -10,6 +10,8 @@ TRAEFIK_VERSION=v3.6.23
 GATEWAY_API_VERSION=v1.4.0
 # KWOK: fake nodes and pods for the scale measurement (e2e/scripts/kwok.sh, build-kwok.sh).
 KWOK_VERSION=v0.8.0
+# etcd, built from e2e/etcd (its go.mod requires the same version): build-etcd.sh.
+ETCD_VERSION=v3.6.16
 
 # Everything built or downloaded lives outside the repo so a fresh clone starts warm.
 CACHE=${GRACEFUL_CACHE:-$HOME/.cache/graceful}
