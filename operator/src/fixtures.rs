@@ -30,6 +30,8 @@ struct State {
     /// collection path -> name -> object
     objects: BTreeMap<String, BTreeMap<String, Value>>,
     writes: Vec<Write>,
+    /// Paths read (GET), in order.
+    reads: Vec<String>,
     next_uid: u64,
 }
 
@@ -118,6 +120,11 @@ impl FakeApi {
             .cloned()
     }
 
+    /// Paths read (gets and lists), in order.
+    pub fn reads(&self) -> Vec<String> {
+        self.state.lock().unwrap().reads.clone()
+    }
+
     /// Writes other than events, in order.
     pub fn writes(&self) -> Vec<Write> {
         self.state
@@ -165,7 +172,9 @@ impl FakeApi {
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let path = parts.uri.path().to_string();
         let mut st = self.state.lock().unwrap();
-        if parts.method != Method::GET {
+        if parts.method == Method::GET {
+            st.reads.push(path.clone());
+        } else {
             st.writes.push(Write {
                 path: path.clone(),
                 body: body.clone(),
