@@ -9,7 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 etcd_src="$REPO/e2e/etcd"
-stamp=$(cat "$etcd_src/go.mod" "$etcd_src/go.sum" "$etcd_src"/*.go | sha256sum | cut -c1-16)
+stamp=$(wrapper_module_stamp "$etcd_src")
 etcd_bin="$BIN/etcd"
 
 if [[ -x $etcd_bin && $(cat "$BIN/etcd.stamp" 2>/dev/null) == "$stamp" ]]; then

@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 kube_src="$REPO/e2e/kube"
-stamp=$(cat "$kube_src/go.mod" "$kube_src/go.sum" "$kube_src"/*.go | sha256sum | cut -c1-16)
+stamp=$(wrapper_module_stamp "$kube_src")
 kube_bin="$BIN/kube"
 
 if [[ -x $kube_bin && $(cat "$BIN/kube.stamp" 2>/dev/null) == "$stamp" ]]; then

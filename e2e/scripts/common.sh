@@ -21,6 +21,9 @@ STATE=${GRACEFUL_STATE:-/var/lib/graceful-e2e}
 
 export PATH="$BIN:$PATH"
 
+# The stamp of a Go wrapper module (e2e/kube, e2e/etcd): a change to its sources rebuilds it.
+wrapper_module_stamp() { cat "$1/go.mod" "$1/go.sum" "$1"/*.go | sha256sum | cut -c1-16; }
+
 _step_start=0
 _step_name=""
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
