@@ -504,7 +504,7 @@ mod tests {
     }
 
     fn annotated(mut obj: serde_json::Value) -> serde_json::Value {
-        obj["metadata"]["annotations"] = serde_json::json!({"graceful.dev/inject": "true"});
+        obj["metadata"]["annotations"] = serde_json::json!({annotations::INJECT: "true"});
         obj
     }
 
@@ -537,7 +537,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            found.get("graceful.dev/inject").map(String::as_str),
+            found.get(annotations::INJECT).map(String::as_str),
             Some("true")
         );
         assert_eq!(
@@ -561,7 +561,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            found.get("graceful.dev/inject").map(String::as_str),
+            found.get(annotations::INJECT).map(String::as_str),
             Some("true")
         );
         assert_eq!(api.reads().len(), 2, "{:?}", api.reads());
