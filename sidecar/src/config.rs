@@ -196,9 +196,11 @@ impl Config {
 }
 
 /// Same port, and the same IP or a wildcard on either side: one socket would shadow the other
-/// (or the proxy would forward to itself).
+/// (or the proxy would forward to itself). Port 0 lets the kernel pick, and it picks apart.
 fn overlap(x: SocketAddr, y: SocketAddr) -> bool {
-    x.port() == y.port() && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified())
+    x.port() != 0
+        && x.port() == y.port()
+        && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -245,6 +247,11 @@ mod tests {
         assert_eq!(cfg.min_quiet_window, defaults::MIN_QUIET_WINDOW);
         assert_eq!(cfg.upstream_restart_wait, defaults::UPSTREAM_RESTART_WAIT);
         assert_eq!(cfg.upstream_max_held, defaults::UPSTREAM_MAX_HELD);
+    }
+
+    #[test]
+    fn port_zero_on_both_sockets_is_not_a_clash() {
+        parse(&["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]).unwrap();
     }
 
     #[test]

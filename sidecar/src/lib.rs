@@ -57,7 +57,11 @@ async fn bind(option: &'static str, addr: SocketAddr) -> Result<TcpListener, Err
 
 /// One listening socket per traffic thread on the same address (SO_REUSEPORT): the kernel
 /// spreads connections over them, and no thread ever waits on another, as with nginx's workers.
-fn bind_shards(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, Error> {
+/// Returns them with the address they share.
+fn bind_shards(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), Error> {
     let err = |source| Error::Bind {
         option: "listen",
         addr,
@@ -80,7 +84,7 @@ fn bind_shards(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>,
         addr = listener.local_addr().map_err(err)?;
         listeners.push(listener.into_std().map_err(err)?);
     }
-    Ok(listeners)
+    Ok((listeners, addr))
 }
 
 /// Serves until the drain is done and it is time to exit; returns the drain's summary.
@@ -89,8 +93,14 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let traffic_listeners = bind_shards(cfg.listen, shards)?;
+    let (traffic_listeners, listen) = bind_shards(cfg.listen, shards)?;
     let admin_listener = bind("admin", cfg.admin).await?;
+    // The addresses bound, not the ones asked for: with port 0 only these say where to connect.
+    let admin = admin_listener.local_addr().map_err(|source| Error::Bind {
+        option: "admin",
+        addr: cfg.admin,
+        source,
+    })?;
     let mut signals = Signals::new().map_err(Error::Signals)?;
 
     let drain = Drain::new(Metrics::new());
@@ -136,7 +146,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
             .clone()
             .run(deregister, cfg.following(), cfg.drain_timeout),
     );
-    info!(listen = %cfg.listen, admin = %cfg.admin, upstream = %cfg.upstream, "serving");
+    info!(%listen, %admin, upstream = %cfg.upstream, "serving");
 
     let mut signals_seen = 0;
     let summary = loop {

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,9 +54,25 @@ pub fn hey_bin() -> PathBuf {
     );
 }
 
+/// A fixed address nothing listens on yet, for an app that must listen where it did after a
+/// restart (or for one that never listens). Its port is below the kernel's ephemeral range,
+/// where `bind(0)` and outgoing connections take theirs, and no two calls in a test process
+/// share one: so nothing else can take it between this check and the app's own bind. Processes
+/// that may listen anywhere take port 0 instead and say which port they got.
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let first = ephemeral.saturating_sub(8000).max(1024);
+    loop {
+        let port = first + NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < ephemeral, "no free port left below {ephemeral}");
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// A child process killed when the test ends, with its stderr collected.
@@ -130,6 +147,32 @@ impl Drop for Proc {
     }
 }
 
+/// Waits for the line a process logs once it listens, and returns the address it names after
+/// `key` (`listen=` in the sidecar's log, `listening on ` in the demo's).
+async fn logged_addr(proc: &mut Proc, what: &str, key: &str) -> SocketAddr {
+    let start = Instant::now();
+    loop {
+        let found = proc.stderr().split(key).nth(1).and_then(|rest| {
+            rest.split(|c: char| c.is_whitespace())
+                .next()?
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        if let Some(addr) = found {
+            return addr;
+        }
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            panic!("{what} exited early ({status}): {}", proc.stderr());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} never logged `{key}`: {}",
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_listening(addr: SocketAddr, what: &str, proc: &mut Proc) {
     let start = Instant::now();
     while TcpStream::connect(addr).await.is_err() {
@@ -144,21 +187,23 @@ async fn wait_listening(addr: SocketAddr, what: &str, proc: &mut Proc) {
     }
 }
 
+/// The demo on a port the kernel picks.
 pub async fn start_demo() -> (Proc, SocketAddr) {
-    let addr = free_addr();
-    (start_demo_at(addr).await, addr)
+    let mut p = spawn_demo("127.0.0.1:0".parse().unwrap());
+    let addr = logged_addr(&mut p, "graceful-demo", "listening on ").await;
+    wait_listening(addr, "graceful-demo", &mut p).await;
+    (p, addr)
 }
 
 /// The demo on a given address: a restarted app listens where it did before.
 pub async fn start_demo_at(addr: SocketAddr) -> Proc {
-    let mut p = Proc::spawn(Command::new(demo_bin()).args([
-        "--listen",
-        &addr.to_string(),
-        "--workers",
-        "2",
-    ]));
+    let mut p = spawn_demo(addr);
     wait_listening(addr, "graceful-demo", &mut p).await;
     p
+}
+
+fn spawn_demo(addr: SocketAddr) -> Proc {
+    Proc::spawn(Command::new(demo_bin()).args(["--listen", &addr.to_string(), "--workers", "2"]))
 }
 
 pub struct Sidecar {
@@ -167,21 +212,19 @@ pub struct Sidecar {
     pub admin: SocketAddr,
 }
 
+/// The sidecar on two ports the kernel picks, read back from its `serving` log line.
 pub async fn start_sidecar(upstream: SocketAddr, args: &[&str]) -> Sidecar {
-    let (listen, admin) = (free_addr(), free_addr());
     let mut p = Proc::spawn(
         Command::new(sidecar_bin())
-            .args([
-                "--listen",
-                &listen.to_string(),
-                "--admin",
-                &admin.to_string(),
-            ])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(["--upstream", &upstream.to_string(), "--workers", "2"])
             .args(args)
             .env_remove("GRACEFUL_POD_IP")
-            .env_remove("GRACEFUL_PRESTOP_TOKEN"),
+            .env_remove("GRACEFUL_PRESTOP_TOKEN")
+            .env_remove("GRACEFUL_LOG"),
     );
+    let listen = logged_addr(&mut p, "graceful-sidecar", " listen=").await;
+    let admin = logged_addr(&mut p, "graceful-sidecar", " admin=").await;
     wait_listening(admin, "graceful-sidecar admin", &mut p).await;
     wait_listening(listen, "graceful-sidecar traffic", &mut p).await;
     Sidecar {
