@@ -250,11 +250,9 @@ fn print_daemon_warnings(daemon: &str, since: Timestamp) {
     }
 }
 
-/// Named to run last of this file (tests run in name order, one at a time): in `make test` the
-/// chart was just installed, and the faults before this one give the standby its time.
 #[tokio::test]
 #[ignore = "needs the e2e cluster, root for iptables, and the chart (make e2e)"]
-async fn the_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over() {
+async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over() {
     let client = cluster::client().await.unwrap();
     let (ns, url) = managed_demo(&client, "fault-leader").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
