@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             };
             if leadership.as_ref().is_some_and(|l| l.inherited) {
-                outages.took_over();
+                outages.assume_just_back();
             }
             ready.store(true, Ordering::Relaxed);
             let mut leading = leadership.as_ref().map(|l| l.leading());

@@ -35,44 +35,12 @@ use tokio::time::Instant;
 /// caches caught up 74 s after a 22 s outage (docs/faults.md).
 pub const RECONNECT_BOUND: Duration = Duration::from_secs(120);
 
-/// The longest this replica's requests may come apart and still count as watching the API server
-/// without a break: five of a standby's lease polls (`leader::RETRY_PERIOD`), room for slow
-/// answers on a loaded control plane. An outage that ends within it can fall between two
-/// requests unseen; an API server does not restart and reload its watch cache that fast, and a
-/// data plane whose watch such a blip broke is back within a few of client-go's first, short
-/// backoff waits, not 120 s.
-pub const UNBROKEN_GAP: Duration = Duration::from_secs(crate::leader::RETRY_PERIOD.as_secs() * 5);
-
 #[derive(Debug, Default)]
 struct Seen {
     /// The last request that found the API server away.
     last_failure: Option<Instant>,
     /// The first answer after that failure, if one came yet.
     back_since: Option<Instant>,
-    /// The last request that ended, answered or failed.
-    last_outcome: Option<Instant>,
-    /// Since when requests have ended no more than [`UNBROKEN_GAP`] apart.
-    unbroken_since: Option<Instant>,
-}
-
-impl Seen {
-    fn met(&mut self, now: Instant) {
-        if self
-            .last_outcome
-            .is_none_or(|last| now.duration_since(last) > UNBROKEN_GAP)
-        {
-            self.unbroken_since = Some(now);
-        }
-        self.last_outcome = Some(now);
-    }
-
-    /// This replica's requests met the API server at least every [`UNBROKEN_GAP`] for the whole
-    /// last [`RECONNECT_BOUND`]: any outage a data plane may still be catching up on, it met too.
-    fn watched_all_along(&self, now: Instant) -> bool {
-        let since = |t: Option<Instant>| t.map(|t| now.duration_since(t));
-        since(self.unbroken_since).is_some_and(|d| d >= RECONNECT_BOUND)
-            && since(self.last_outcome).is_some_and(|d| d <= UNBROKEN_GAP)
-    }
 }
 
 /// The API server's outages as this replica's requests met them. Shared by the kube client's
@@ -86,10 +54,8 @@ impl ApiOutages {
     /// A request found the API server away.
     pub fn failed(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        seen.met(now);
         let was_up = seen.last_failure.is_none() || seen.back_since.is_some();
-        seen.last_failure = Some(now);
+        seen.last_failure = Some(Instant::now());
         seen.back_since = None;
         if was_up {
             tracing::warn!(wait = ?RECONNECT_BOUND, "the API server is away (a transport error, 429, 502, 503 or 504): no old pod gets leave to go until this long after it is back");
@@ -99,10 +65,8 @@ impl ApiOutages {
     /// A request was answered.
     pub fn answered(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        seen.met(now);
         if seen.last_failure.is_some() && seen.back_since.is_none() {
-            seen.back_since = Some(now);
+            seen.back_since = Some(Instant::now());
             tracing::info!(
                 wait = ?RECONNECT_BOUND,
                 "the API server answers again; old pods wait for the data planes' watches to reconnect"
@@ -110,30 +74,14 @@ impl ApiOutages {
         }
     }
 
-    /// This replica has just come to lead by taking over a lease that was not handed back
-    /// (`leader::Leadership::inherited`): the replica before it stopped without a word, maybe
-    /// because the API server was away. If this replica's own requests (a standby's lease polls)
-    /// met the API server all along, as a leader's renewals do, it saw any such outage itself
-    /// and its own record stands: the old leader was alone in losing the API server, or crashed.
-    /// Otherwise (it started since, or its requests hung) it cannot know, and takes the API
-    /// server as just back. Returns whether it did.
-    pub fn took_over(&self) -> bool {
+    /// This replica has just come to lead without knowing what happened before (the lease was
+    /// not handed back, `leader::Leadership::inherited`): the API server may have been away
+    /// moments ago, as seen by the replica that led, so it is taken as just back.
+    pub fn assume_just_back(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if seen.watched_all_along(now) {
-            tracing::info!(
-                watched = ?RECONNECT_BOUND,
-                "took over a lease not handed back; this replica met the API server all along, so its own record of outages stands"
-            );
-            return false;
-        }
-        tracing::warn!(
-            wait = ?RECONNECT_BOUND,
-            "took over a lease not handed back without having met the API server all along: no old pod gets leave to go for this long, as if it were just back"
-        );
         seen.last_failure = Some(now);
         seen.back_since = Some(now);
-        true
     }
 
     /// How long yet until every informer is surely watching again, if an outage was seen and
@@ -236,69 +184,9 @@ mod tests {
         assert_eq!(o.settling(), Some(RECONNECT_BOUND));
         tokio::time::advance(RECONNECT_BOUND).await;
         assert_eq!(o.settling(), None);
-    }
-
-    /// A standby answered at each lease poll, every `RETRY_PERIOD`, for `for_`.
-    async fn poll(o: &ApiOutages, for_: Duration) {
-        let end = Instant::now() + for_;
-        while Instant::now() < end {
-            o.answered();
-            tokio::time::advance(crate::leader::RETRY_PERIOD).await;
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_standby_that_met_the_api_server_all_along_takes_over_by_its_own_record() {
-        // Polled without a break for the whole bound: no outage, no wait.
-        let o = ApiOutages::default();
-        poll(&o, RECONNECT_BOUND).await;
-        assert!(!o.took_over());
-        assert_eq!(o.settling(), None);
-
-        // It saw an outage itself 30 s ago: the rest of that wait, not a new one.
-        let o = ApiOutages::default();
-        poll(&o, RECONNECT_BOUND).await;
-        o.failed();
-        poll(&o, Duration::from_secs(30)).await;
-        assert!(!o.took_over());
-        assert_eq!(
-            o.settling(),
-            Some(RECONNECT_BOUND - Duration::from_secs(30))
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_standby_that_cannot_know_waits_as_if_the_api_server_were_just_back() {
-        let gap = UNBROKEN_GAP + Duration::from_secs(1);
-        // What it met: polled this long, then silent (its requests hung, say), then polled again.
-        let histories = [
-            (
-                "started less than the bound ago (a restarted container, a new replica)",
-                RECONNECT_BOUND - Duration::from_secs(10),
-                Duration::ZERO,
-                Duration::ZERO,
-            ),
-            (
-                "a silence wider than the gap within the bound",
-                RECONNECT_BOUND,
-                gap,
-                RECONNECT_BOUND - Duration::from_secs(10),
-            ),
-            (
-                "its last request older than the gap",
-                RECONNECT_BOUND,
-                gap,
-                Duration::ZERO,
-            ),
-        ];
-        for (what, polled, silent, again) in histories {
-            let o = ApiOutages::default();
-            poll(&o, polled).await;
-            tokio::time::advance(silent).await;
-            poll(&o, again).await;
-            assert!(o.took_over(), "{what}");
-            assert_eq!(o.settling(), Some(RECONNECT_BOUND), "{what}");
-        }
+        // A leader that inherited its lease does not know; it waits as if just back.
+        o.assume_just_back();
+        assert_eq!(o.settling(), Some(RECONNECT_BOUND));
     }
 
     #[tokio::test(start_paused = true)]
