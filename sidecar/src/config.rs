@@ -162,6 +162,8 @@ fn parse_quiet_window(s: &str) -> Result<QuietWindowArg, String> {
 pub enum ConfigError {
     #[error("--drain-timeout ({timeout}) must not be shorter than --deregister-delay ({delay})")]
     DrainShorterThanDeregister { timeout: String, delay: String },
+    #[error("--upstream {0} has port 0: name the port the app listens on")]
+    UpstreamPortZero(SocketAddr),
     #[error("--{a} and --{b} are both {addr}: each needs its own address")]
     SameAddress {
         a: &'static str,
@@ -178,6 +180,10 @@ impl Config {
                 timeout: humantime::format_duration(self.drain_timeout).to_string(),
                 delay: humantime::format_duration(self.deregister_delay).to_string(),
             });
+        }
+        // Port 0 lets the kernel pick for a socket the sidecar binds; the app's is not ours to pick.
+        if self.upstream.port() == 0 {
+            return Err(ConfigError::UpstreamPortZero(self.upstream));
         }
         let addrs = [
             ("listen", self.listen),

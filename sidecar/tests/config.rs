@@ -61,6 +61,7 @@ fn each_bad_value_is_one_line_naming_the_option() {
             &[],
             &["--admin", "--upstream"],
         ),
+        (&["--upstream", "127.0.0.1:0"], &[], &["--upstream"]),
         (&["--listen", "localhost"], &[], &["--listen"]),
         (
             &["--app-drain-url", "ftp://x/drain"],
