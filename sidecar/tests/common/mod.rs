@@ -57,18 +57,22 @@ pub fn hey_bin() -> PathBuf {
 /// A fixed address nothing listens on yet, for an app that must listen where it did after a
 /// restart (or for one that never listens). Its port is below the kernel's ephemeral range,
 /// where `bind(0)` and outgoing connections take theirs, and no two calls in a test process
-/// share one: so nothing else can take it between this check and the app's own bind. Processes
-/// that may listen anywhere take port 0 instead and say which port they got.
+/// share one: so nothing else can take it between this check and the app's own bind. It is
+/// below Kubernetes' NodePort range too: with the e2e cluster up, kube-proxy (iptables mode)
+/// can redirect a connection to 127.0.0.1 on a NodePort to a Service. Processes that may listen anywhere take port 0 instead and say
+/// which port they got.
 pub fn free_addr() -> SocketAddr {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const FIRST: u16 = 20000;
+    const NODE_PORTS: u16 = 30000;
+    static NEXT: AtomicU16 = AtomicU16::new(FIRST);
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let first = ephemeral.saturating_sub(8000).max(1024);
+    let end = NODE_PORTS.min(ephemeral);
     loop {
-        let port = first + NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < ephemeral, "no free port left below {ephemeral}");
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < end, "no free port left in {FIRST}..{end}");
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             return l.local_addr().unwrap();
         }
