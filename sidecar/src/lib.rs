@@ -47,17 +47,21 @@ pub enum Error {
     Thread(std::io::Error),
 }
 
-async fn bind(option: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+/// The listener, with the address it got: with port 0 only that says where to connect.
+async fn bind(option: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let err = |source| Error::Bind {
         option,
         addr,
         source,
-    })
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 /// One listening socket per traffic thread on the same address (SO_REUSEPORT): the kernel
 /// spreads connections over them, and no thread ever waits on another, as with nginx's workers.
-/// Returns them with the address they share.
+/// Returns them with the address they share (the one bound, for port 0).
 fn bind_shards(
     addr: SocketAddr,
     n: usize,
@@ -94,13 +98,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         n => n,
     };
     let (traffic_listeners, listen) = bind_shards(cfg.listen, shards)?;
-    let admin_listener = bind("admin", cfg.admin).await?;
-    // The addresses bound, not the ones asked for: with port 0 only these say where to connect.
-    let admin = admin_listener.local_addr().map_err(|source| Error::Bind {
-        option: "admin",
-        addr: cfg.admin,
-        source,
-    })?;
+    let (admin_listener, admin) = bind("admin", cfg.admin).await?;
     let mut signals = Signals::new().map_err(Error::Signals)?;
 
     let drain = Drain::new(Metrics::new());

@@ -59,8 +59,8 @@ pub fn hey_bin() -> PathBuf {
 /// where `bind(0)` and outgoing connections take theirs, and no two calls in a test process
 /// share one: so nothing else can take it between this check and the app's own bind. It is
 /// below Kubernetes' NodePort range too: with the e2e cluster up, kube-proxy (iptables mode)
-/// can redirect a connection to 127.0.0.1 on a NodePort to a Service. Processes that may listen anywhere take port 0 instead and say
-/// which port they got.
+/// can redirect a connection to 127.0.0.1 on a NodePort to a Service. Processes that may
+/// listen anywhere take port 0 instead and say which port they got.
 pub fn free_addr() -> SocketAddr {
     const FIRST: u16 = 20000;
     const NODE_PORTS: u16 = 30000;
