@@ -15,6 +15,7 @@ source e2e/scripts/common.sh
 mkdir -p "$CACHE"
 bg_pids=()
 # A process group of its own for each background job, so that a failed step stops them all.
+# shellcheck disable=SC2154 # j is the trap's own loop variable (SC2154 misreads the string)
 trap 'for j in "${bg_pids[@]}"; do kill -- "-$j" 2>/dev/null || true; done' EXIT
 background() { # log-file command...: runs the command in its own process group
   local log=$1

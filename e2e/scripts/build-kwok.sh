@@ -46,6 +46,7 @@ else
   mkdir -p "${stages%/*}"
   for dir in node/fast node/heartbeat-with-lease pod/fast; do
     # The resources of each kustomization, in its order (testdata/ is not among them).
+    # shellcheck disable=SC2013 # file names: one word each, split on purpose
     for f in $(sed -n 's/^- *//p' "$mod_dir/kustomize/stage/$dir/kustomization.yaml"); do
       echo "---"
       cat "$mod_dir/kustomize/stage/$dir/$f"

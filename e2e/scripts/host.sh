@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The host side of the e2e cluster: sysctls, the pod bridge, the service-CIDR sink, the egress
 # guard, and their removal. Sourced by cluster-up.sh and cluster-down.sh after common.sh.
 
@@ -68,7 +69,7 @@ host_check_routes() {
 # Removes every iptables chain whose name starts with one of the prefixes, in every table,
 # with the rules in other chains that jump to them.
 iptables_remove_chains() { # prefix...
-  local ipt table chain chains rule pattern
+  local ipt table chain chains pattern
   pattern="($(IFS="|"; echo "$*"))"
   for ipt in iptables ip6tables; do
     command -v "$ipt" >/dev/null || continue

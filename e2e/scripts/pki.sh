@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Certificates and keys of the e2e cluster ("Kubernetes the hard way" layout, ECDSA P-256 so a
 # fresh set takes a fraction of a second). Sourced by cluster-up.sh after common.sh.
 

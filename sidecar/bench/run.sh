@@ -65,12 +65,12 @@ PIDS+=($!)
 "$RELEASE/graceful-sidecar" --listen "127.0.0.1:$SIDECAR" --admin "127.0.0.1:$ADMIN" \
   --upstream "127.0.0.1:$APP" --workers "$WORKERS" --log warn 2>"$TMP/sidecar.log" &
 SIDECAR_PID=$!
-PIDS+=($SIDECAR_PID)
+PIDS+=("$SIDECAR_PID")
 if [[ -n ${BASELINE:-} ]]; then
   "$BASELINE" --listen "127.0.0.1:$BASE" --admin "127.0.0.1:$BASE_ADMIN" \
     --upstream "127.0.0.1:$APP" --workers "$WORKERS" --log warn 2>"$TMP/baseline.log" &
   BASE_PID=$!
-  PIDS+=($BASE_PID)
+  PIDS+=("$BASE_PID")
 fi
 
 mkdir -p "$TMP/nginx"
@@ -100,7 +100,7 @@ http {
 CONF
 nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" &
 NGINX_PID=$!
-PIDS+=($NGINX_PID)
+PIDS+=("$NGINX_PID")
 
 cat > "$TMP/haproxy.cfg" <<CONF
 global
@@ -122,7 +122,7 @@ backend app
 CONF
 haproxy -db -f "$TMP/haproxy.cfg" 2>"$TMP/haproxy.log" &
 HAPROXY_PID=$!
-PIDS+=($HAPROXY_PID)
+PIDS+=("$HAPROXY_PID")
 
 for p in $APP $SIDECAR $ADMIN $NGINX $HAPROXY ${BASELINE:+$BASE}; do wait_port "$p"; done
 
@@ -149,20 +149,20 @@ port_of() { case $1 in direct) echo "$APP" ;; graceful-sidecar) echo "$SIDECAR" 
 TARGETS=(direct graceful-sidecar ${BASELINE:+baseline-sidecar} nginx haproxy)
 for t in "${TARGETS[@]}"; do
   curl -sf "http://127.0.0.1:$(port_of "$t")/" >/dev/null || die "$t does not answer"
-  pids=$(proxy_pids "$t")
-  [[ $t == direct ]] || echo "$(rss_mib $pids)" > "$TMP/$t.idle"
+  read -ra pids <<< "$(proxy_pids "$t")"
+  [[ $t == direct ]] || printf '%s\n' "$(rss_mib "${pids[@]}")" > "$TMP/$t.idle"
 done
 
 echo "bench: rounds=$ROUNDS duration=${DURATION}s rate=$RATE conns=$CONNS workers=$WORKERS" >&2
 for round in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     url="http://127.0.0.1:$(port_of "$t")/"
-    pids=$(proxy_pids "$t")
+    read -ra pids <<< "$(proxy_pids "$t")"
     # Full speed, with an RSS sample in the middle of the run.
     wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url" > "$TMP/wrk.txt" &
     wrk_pid=$!
     sleep "$(awk -v d="$DURATION" 'BEGIN { print d * 0.6 }')"
-    if [[ $t != direct ]]; then rss_mib $pids >> "$TMP/$t.load"; echo >> "$TMP/$t.load"; fi
+    if [[ $t != direct ]]; then rss_mib "${pids[@]}" >> "$TMP/$t.load"; echo >> "$TMP/$t.load"; fi
     wait "$wrk_pid"
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$TMP/wrk.txt")
     errs=$(awk '/Non-2xx|Socket errors/' "$TMP/wrk.txt")
