@@ -10,7 +10,9 @@ source "$(dirname "$0")/../e2e/scripts/common.sh"
 
 # prometheus: promtool checks the metrics and the chart's alert rules (make unit, make test).
 # tmux: the terminal e2e/tests/plugin.rs drives `kubectl graceful status --watch` in.
-host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus tmux)
+# scripts/lint.sh runs shellcheck on the scripts and, through actionlint, on the workflows' steps.
+host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus tmux
+  shellcheck)
 cluster_pkgs=(containerd runc containernetworking-plugins iptables conntrack openssl
   ethtool socat kmod util-linux mount gcc libc6-dev)
 pkgs=("${host_pkgs[@]}")
@@ -46,6 +48,8 @@ go_tool() { # name module@version
 go_tool hey github.com/rakyll/hey@v0.1.5
 # vegeta: every e2e load (rate-limited, keep-alive, h2c) with one result per request (1 min).
 go_tool vegeta github.com/tsenart/vegeta/v12@v12.13.0
+# actionlint: scripts/lint.sh checks .github/workflows with it.
+go_tool actionlint github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
 
 [[ " $* " == *" --bench "* ]] || { log "deps ready (tools in $BIN)"; exit 0; }
 
