@@ -12,11 +12,12 @@ TARGET := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
-	deploy demo test e2e baseline bench-sidecar screenshot scale
+	deploy demo test e2e baseline bench-sidecar screenshot scale release
 
 help:
 	@echo "make demo           real cluster, chart, rollouts under load, dropped-request report"
 	@echo "make test           lint, unit and process tests, then the e2e suite on the real cluster"
+	@echo "make release REGISTRY=host[:port]  images and chart of this commit's version, pushed there"
 	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot | scale"
 
 deps:
@@ -30,6 +31,7 @@ build-static:
 lint:
 	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	scripts/lint.sh
 
 # Process-level tests start the built binaries (sidecar and demo) on real sockets.
 unit:
@@ -50,11 +52,18 @@ cluster-down:
 cluster-status:
 	e2e/scripts/cluster-status.sh
 
+# Build the images and push them to the cluster's registry (127.0.0.1:5000), as make release
+# would, under a development version of these binaries; the node pulls the :dev ones.
 images: deps build-static
 	e2e/scripts/images.sh
 
+# graceful into the e2e cluster from that registry, as a user installs a release.
 deploy: images
 	e2e/scripts/deploy.sh
+
+# A versioned release of a clean tree: images and chart pushed to REGISTRY (scripts/release.sh).
+release:
+	REGISTRY="$(REGISTRY)" scripts/release.sh
 
 demo: deps
 	e2e/demo.sh $(ARGS)

@@ -12,12 +12,12 @@ step "[1/5] cluster up (first run builds Kubernetes, helm and Traefik from sourc
 "$here/scripts/cluster-up.sh"
 done_step
 
-step "[2/5] static release binaries and images"
+step "[2/5] static release binaries, images pushed to the cluster's registry ($E2E_REGISTRY)"
 make -C "$REPO" --no-print-directory build-static
 "$here/scripts/images.sh"
 done_step
 
-step "[3/5] helm install charts/graceful (release graceful, namespace graceful-system)"
+step "[3/5] helm install oci://$E2E_REGISTRY/charts/graceful (release graceful, namespace graceful-system)"
 "$here/scripts/deploy.sh"
 done_step
 

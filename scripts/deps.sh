@@ -13,8 +13,10 @@ source "$(dirname "$0")/../e2e/scripts/common.sh"
 # scripts/lint.sh runs shellcheck on the scripts and, through actionlint, on the workflows' steps.
 host_pkgs=(wrk nginx-light haproxy jq curl procps iproute2 libssl-dev pkg-config prometheus tmux
   shellcheck)
+# docker-registry and buildah: the cluster's registry, and the images built for it (make images,
+# make release).
 cluster_pkgs=(containerd runc containernetworking-plugins iptables conntrack openssl
-  ethtool socat kmod util-linux mount gcc libc6-dev)
+  ethtool socat kmod util-linux mount gcc libc6-dev docker-registry buildah)
 pkgs=("${host_pkgs[@]}")
 [[ " $* " != *" --screenshot "* ]] || pkgs+=(chromium)
 [[ " $* " == *" --host "* || " $* " == *" --bench "* ]] || pkgs+=("${cluster_pkgs[@]}")

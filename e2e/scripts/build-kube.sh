@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the multi-call Kubernetes binary (e2e/kube) and helm into the cache, once.
+# Builds the multi-call Kubernetes binary (e2e/kube) and helm (build-helm.sh) into the cache, once.
 # A warm run only compares a stamp and returns in milliseconds.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -30,13 +30,4 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubele
   ln -sf kube "$BIN/$c"
 done
 
-if [[ -x $BIN/helm && $("$BIN/helm" version --template '{{.Version}}' 2>/dev/null) == "$HELM_VERSION" ]]; then
-  log "helm $HELM_VERSION: cached"
-else
-  step "go install helm $HELM_VERSION"
-  # Without -X helm reports only "v3.21" and this check would never match.
-  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-  done_step
-fi
+"$(dirname "$0")/build-helm.sh"

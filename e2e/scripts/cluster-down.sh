@@ -2,7 +2,7 @@
 # Stops what cluster-up.sh started and removes what it set up: pods (through the CRI, so CNI
 # tears their network down), daemons by recorded pid, kubelet and containerd mounts, iptables
 # chains (KUBE-*, CNI-*, GRACEFUL-*), the bridge, the service sink, veths, and the sysctls it changed.
-# Kept: containerd's image store (images cannot be pulled back) and the last logs.
+# Kept: containerd's image store, the registry's storage and the last logs.
 # Safe to run on a stopped, half-started or killed cluster.
 set -euo pipefail
 here=$(dirname "$0")
@@ -35,8 +35,8 @@ fi
 $temporary_containerd && log "   (containerd was started only for this)"
 done_step
 
-step "stop kube-proxy, kube-apiserver, containerd, etcd"
-for name in kube-proxy kube-apiserver containerd etcd; do daemon_stop "$name"; done
+step "stop kube-proxy, kube-apiserver, containerd, the registry, etcd"
+for name in kube-proxy kube-apiserver containerd registry etcd; do daemon_stop "$name"; done
 done_step
 
 step "unmount what the kubelet and containerd left, remove network namespaces"
@@ -53,11 +53,11 @@ step "iptables chains (KUBE-*, CNI-*, GRACEFUL-*), bridge $BRIDGE, sink $SVC_SIN
 host_network_down
 done_step
 
-step "state: sysctls restored, runtime files removed (image store and logs kept)"
+step "state: sysctls restored, runtime files removed (image stores and logs kept)"
 host_restore_sysctls
 rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/cni" "$PIDS" "$PKI" "$RUN_DIR" \
   "$STATE"/*.kubeconfig "$STATE"/*.yaml "$STATE/containerd.toml" "$STATE/resolv.conf" \
-  "$STATE/containerd-opt" "$STATE/kwok"
+  "$STATE/containerd-opt" "$STATE/kwok" "$REGISTRY_HOSTS"
 rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
 done_step
 log "cluster down in $((SECONDS - started))s (logs kept in $LOGS)"

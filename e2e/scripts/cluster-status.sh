@@ -23,8 +23,9 @@ if apiserver_ready; then
 fi
 echo "routes: $(ip -o route get "$SERVICE_IP_APISERVER" 2>/dev/null | awk '{print $1, "via dev", $3}'); pod net $(ip -br addr show "$BRIDGE" 2>/dev/null || echo "$BRIDGE missing")"
 if [[ -S $CONTAINERD_SOCK ]]; then
-  echo "images:"
-  ctr_k8s images ls 2>/dev/null | awk 'NR > 1 && $1 ~ /^localhost\// {print "  " $1, substr($3, 1, 19)}'
+  echo "images on the node (pulled from the registry $E2E_REGISTRY, and their localhost/ names):"
+  ctr_k8s images ls 2>/dev/null | awk -v r="$E2E_REGISTRY/" \
+    'NR > 1 && (index($1, r) == 1 || $1 ~ /^localhost\//) && $1 !~ /@sha256:/ {print "  " $1, substr($3, 1, 19)}'
 fi
 if ((status == 0)); then echo "cluster: up"; echo "export KUBECONFIG=$KUBECONFIG_ADMIN"; else echo "cluster: down or unhealthy (make cluster-up)"; fi
 exit $status

@@ -43,7 +43,8 @@ step "binaries: kubernetes $KUBE_VERSION, helm, etcd $ETCD_VERSION (build-kube.s
 "$here/build-etcd.sh"
 host_tools_missing() {
   local tool missing=()
-  for tool in containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl; do
+  for tool in containerd containerd-shim-runc-v2 runc iptables conntrack openssl gcc python3 curl \
+    docker-registry buildah; do
     command -v "$tool" >/dev/null || missing+=("$tool")
   done
   [[ -x $CNI_BIN/bridge && -x $CNI_BIN/host-local && -x $CNI_BIN/portmap ]] || missing+=("CNI plugins")
@@ -124,6 +125,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # This VM withholds CAP_SYS_RESOURCE even from root: a negative oom_score_adj (the kubelet
   # asks -998 for sandboxes) makes runc init fail. Clamp to containerd's own value instead.
   restrict_oom_score_adj = true
+  # Where the node pulls from: $REGISTRY_HOSTS/<registry>/hosts.toml (ours: plain HTTP).
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$REGISTRY_HOSTS"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$CNI_BIN"
     conf_dir = "$STATE/cni/net.d"
@@ -136,6 +140,28 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
 TOML
+mkdir -p "$REGISTRY_HOSTS/$E2E_REGISTRY" "$REGISTRY_DIR"
+cat > "$REGISTRY_HOSTS/$E2E_REGISTRY/hosts.toml" <<TOML
+server = "http://$E2E_REGISTRY"
+[host."http://$E2E_REGISTRY"]
+  capabilities = ["pull", "resolve"]
+TOML
+# The registry on loopback only, no auth (nothing else on this machine reaches it), deletes
+# allowed (a developer may prune it); its storage stays when the cluster goes down.
+cat > "$STATE/registry.yaml" <<YAML
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $REGISTRY_DIR
+  delete:
+    enabled: true
+http:
+  addr: $E2E_REGISTRY
+YAML
 cat > "$STATE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -200,6 +226,14 @@ daemon_start etcd "$BIN/etcd" --name graceful --data-dir "$STATE/etcd" \
 wait_daemon etcd 30 "health" curl -fsS --max-time 1 "$ETCD_CLIENT/health"
 done_step
 
+step "registry ($E2E_REGISTRY, storage $REGISTRY_DIR)"
+# Another registry on that port would answer in ours' stead, and ours would exit.
+! curl -fsS --max-time 1 -o /dev/null "http://$E2E_REGISTRY/v2/" 2>/dev/null \
+  || die "something already answers at $E2E_REGISTRY (ss -ltnp 'sport = :${E2E_REGISTRY##*:}'): stop it first"
+daemon_start registry "$(command -v docker-registry)" serve "$STATE/registry.yaml"
+wait_daemon registry 30 "/v2/" curl -fsS --max-time 1 "http://$E2E_REGISTRY/v2/"
+done_step
+
 step "containerd ($CONTAINERD_SOCK)"
 daemon_start containerd "$(command -v containerd)" --config "$STATE/containerd.toml"
 wait_daemon containerd 30 "socket" ctr --address "$CONTAINERD_SOCK" version
@@ -216,7 +250,8 @@ if [[ ! -x $pause_dir/pause ]]; then
   strip "$pause_dir/pause.tmp"
   mv "$pause_dir/pause.tmp" "$pause_dir/pause"
 fi
-image_import "$pause_dir/pause" "$PAUSE_IMAGE" 65535:65535
+# The kubelet's first sandbox makes containerd pull it from the registry.
+image_push "$REPO/e2e/images/pause.Containerfile" "$pause_dir/pause" "$PAUSE_IMAGE" -- --timestamp 0
 done_step
 
 step "kube-apiserver ($APISERVER_URL, advertised as $NODE_IP)"

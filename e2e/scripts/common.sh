@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # the variables are for the scripts that source this file
 # Shared settings for the e2e scripts: versions, paths and the progress log. Sourced, not run.
 # One place for each fact: addresses and versions live here and nowhere else.
 
@@ -69,12 +70,22 @@ CONTAINERD_SOCK=$RUN_DIR/containerd.sock
 CONTAINERD_ROOT=$STATE/containerd
 CONTAINERD_STATE=$RUN_DIR/containerd
 CNI_BIN=/usr/lib/cni
-PAUSE_IMAGE=localhost/graceful-pause:3.10
-IMAGE_TAG=${GRACEFUL_IMAGE_TAG:-dev}
+
+# --- images: built with buildah from Containerfiles, pulled by the node from a registry ---
+# The cluster's registry (Debian's docker-registry, started by cluster-up.sh). Its storage
+# outlives cluster-down, like containerd's image store. `make images` pushes here, the suite
+# installs graceful from here as a user installs it from theirs.
+E2E_REGISTRY=127.0.0.1:5000
+REGISTRY_DIR=$STATE/registry
+# containerd's registry configuration (a hosts.toml per registry): plain HTTP to ours.
+REGISTRY_HOSTS=$STATE/registry-hosts
+# buildah's image store (vfs: no overlay mounts of its own), for builds only: pushed, removed.
+BUILDAH_ROOT=$CACHE/buildah
+PAUSE_IMAGE=$E2E_REGISTRY/graceful-pause:3.10
 
 # --- the ingress: Traefik (e2e/scripts/traefik.sh), host network, on the node IP ---
 TRAEFIK_NAMESPACE=traefik
-TRAEFIK_IMAGE=localhost/graceful-traefik:$TRAEFIK_VERSION
+TRAEFIK_IMAGE=$E2E_REGISTRY/graceful-traefik:$TRAEFIK_VERSION
 # The main instance. Its name is also its GatewayClass and Gateway; its IngressClass is the
 # cluster's default class (an Ingress without a class gets it at admission).
 TRAEFIK_NAME=traefik
@@ -106,7 +117,7 @@ TOUCHED_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables
   net.ipv4.conf.all.route_localnet)
 
 # Daemons in start order; `down` stops them in reverse.
-DAEMONS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+DAEMONS=(etcd registry containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 ctr_k8s() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 kubectl_admin() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
@@ -131,28 +142,112 @@ wait_for() { # timeout description cmd...
   done
 }
 
-# Imports BINARY as the single-file image REF unless containerd already holds that exact image
-# (packing is deterministic, so equal digests mean equal images). Needs the cluster's containerd.
-# The packed tarball and its digest are kept with a key of the binary's identity (size, mtime
-# to the nanosecond, inode), the ref, the user and the packer: a warm run does not re-read a
-# large binary (Traefik: 175 MB, 1.2 s to pack).
-image_import() { # binary ref [user]
-  local bin=$1 ref=$2 user=${3:-65532:65532} tar key digest have
-  tar="$CACHE/images/$(tr '/:' '__' <<< "$ref").tar"
+# The version of the workspace (Cargo.toml), which the chart's version and appVersion repeat.
+workspace_version() {
+  awk -F'"' '/^\[workspace.package\]/ {p = 1} p && /^version *=/ {print $2; exit}' "$REPO/Cargo.toml"
+}
+
+# What `make images` calls a build of the tree: the workspace's version, marked as a development
+# build of exactly these operator and sidecar binaries. A rebuilt binary is a new version, so
+# no node runs a stale image under an old tag (the pull policy stays IfNotPresent).
+dev_version() { # release-dir
+  echo "$(workspace_version)-dev-$(cat "$1/graceful-operator" "$1/graceful-sidecar" | sha256sum | cut -c1-12)"
+}
+# The same binaries under a second, later version: what the e2e upgrade test upgrades to.
+upgrade_version() { echo "$1.upgrade"; }
+
+# Packages the chart as VERSION (its version and appVersion) with image.registry set to
+# REGISTRY, so that a plain `helm install oci://REGISTRY/charts/graceful --version VERSION`
+# pulls the images pushed beside it, and pushes it there. Fails before pushing when the
+# packaged chart does not render those images.
+chart_push() { # registry version
+  local registry=$1 version=$2 work out plain=()
+  work=$(mktemp -d)
+  cp -r "$REPO/charts/graceful" "$work/graceful"
+  # values.yaml's first `registry: ""` is image.registry (charts/graceful/values.yaml says so).
+  sed -i "0,/^  registry: \"\"\$/s||  registry: \"$registry\"|" "$work/graceful/values.yaml"
+  helm package "$work/graceful" --version "$version" --app-version "$version" -d "$work" >/dev/null
+  helm template graceful "$work/graceful-$version.tgz" --namespace graceful-system \
+    --kube-version "${KUBE_VERSION#v}" \
+    | grep -q "image: \"$registry/graceful-operator:$version\"" \
+    || die "the packaged chart does not name $registry/graceful-operator:$version"
+  registry_plain_http "$registry" && plain=(--plain-http)
+  out=$(helm push "${plain[@]}" "$work/graceful-$version.tgz" "oci://$registry/charts" 2>&1) \
+    || die "helm push of graceful $version to oci://$registry/charts failed: $out"
+  rm -rf "$work"
+  log "   oci://$registry/charts/graceful:$version pushed"
+}
+
+# Plain HTTP for a registry on this machine, TLS for any other.
+registry_url() { # host[:port][/path] -> scheme://host[:port]
+  local host=${1%%/*}
+  case $host in
+    127.* | localhost | localhost:* | "[::1]"*) echo "http://$host" ;;
+    *) echo "https://$host" ;;
+  esac
+}
+registry_plain_http() { [[ $(registry_url "$1") == http://* ]]; }
+
+# The manifest digest the registry serves for REF (registry/path/name:tag), or nothing.
+registry_digest() { # ref
+  local reg=${1%%/*} path=${1#*/}
+  curl -fsS --max-time 10 -I \
+    -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    -H 'Accept: application/vnd.oci.image.index.v1+json' \
+    -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+    "$(registry_url "$reg")/v2/${path%:*}/manifests/${path##*:}" 2>/dev/null \
+    | tr -d '\r' | awk -F': ' 'tolower($1) == "docker-content-digest" {print $2}'
+}
+
+buildah_() { buildah --root "$BUILDAH_ROOT" --runroot /run/graceful-buildah --storage-driver vfs "$@"; }
+
+# Builds an image around one static binary from CONTAINERFILE and pushes it under every REF,
+# unless each REF already serves the image that this binary, file and these build arguments
+# gave last time (a key of the binary's identity -- size, mtime to the nanosecond, inode --
+# spares re-reading Traefik's 175 MB). The context holds the binary as $TARGETARCH/NAME, as in
+# the release's multi-arch build. Build arguments: buildah's (--build-arg, --timestamp).
+image_push() { # containerfile binary ref... [-- build-args...]
+  local file=$1 bin=$2 refs=() ref stamp key digest ctx arch tls
+  shift 2
+  while (($#)) && [[ $1 != -- ]]; do refs+=("$1"); shift; done
+  (($#)) && shift
+  [[ -x $bin ]] || die "no $bin to build ${refs[0]} from"
+  stamp="$CACHE/images/$(tr '/:' '__' <<< "${refs[0]}")"
+  key="$(stat -L -c '%s %y %i' "$bin") $(sha256sum < "$file" | cut -c1-16) ${refs[*]} $*"
+  digest=$(cat "$stamp.digest" 2>/dev/null || true)
+  if [[ -n $digest && $(cat "$stamp.key" 2>/dev/null) == "$key" ]]; then
+    for ref in "${refs[@]}"; do [[ $(registry_digest "$ref") == "$digest" ]] || digest=""; done
+    if [[ -n $digest ]]; then
+      log "   ${refs[0]}$(tags_also "${refs[@]}"): unchanged (${digest:0:19})"
+      return
+    fi
+  fi
   mkdir -p "$CACHE/images"
-  key="$(stat -L -c '%s %y %i' "$bin") $ref $user $(sha256sum < "$REPO/e2e/scripts/oci-image.py" | cut -c1-16)"
-  if [[ -s $tar && -s $tar.digest && $(cat "$tar.key" 2>/dev/null) == "$key" ]]; then
-    digest=$(cat "$tar.digest")
-  else
-    digest=$(python3 "$REPO/e2e/scripts/oci-image.py" "$bin" "$ref" "$tar" --user "$user")
-    echo "$digest" > "$tar.digest"
-    echo "$key" > "$tar.key"
-  fi
-  have=$(ctr_k8s images ls "name==$ref" 2>/dev/null | awk 'NR > 1 {print $3}')
-  if [[ $have == "$digest" ]]; then
-    log "   $ref: unchanged (${digest:0:19})"
-    return
-  fi
-  ctr_k8s images import "$tar" >/dev/null
-  log "   $ref: imported (${digest:0:19}, $(du -h "$bin" | cut -f1))"
+  case $(uname -m) in x86_64) arch=amd64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
+  ctx=$(mktemp -d "$CACHE/images/context.XXXXXX")
+  mkdir "$ctx/$arch"
+  ln "$(readlink -f "$bin")" "$ctx/$arch/${bin##*/}" 2>/dev/null || cp "$bin" "$ctx/$arch/${bin##*/}"
+  buildah_ build --quiet --layers=false --build-arg "TARGETARCH=$arch" "$@" -f "$file" \
+    -t "${refs[0]}" "$ctx" >/dev/null
+  rm -rf "$ctx"
+  for ref in "${refs[@]}"; do
+    registry_plain_http "$ref" && tls=false || tls=true
+    buildah_ push --quiet --tls-verify="$tls" --digestfile "$stamp.digest" "${refs[0]}" "docker://$ref"
+  done
+  buildah_ rmi "${refs[0]}" >/dev/null
+  echo "$key" > "$stamp.key"
+  log "   ${refs[0]}$(tags_also "${refs[@]}"): pushed ($(cut -c1-19 "$stamp.digest"), $(du -h "$bin" | cut -f1))"
+}
+
+tags_also() { # ref... -> " (also name:tag2 ...)", the refs after the first
+  local ref more=""
+  for ref in "${@:2}"; do more+=" ${ref##*/}"; done
+  [[ -z $more ]] || echo " (also$more)"
+}
+
+# The node pulls REF from the registry as the kubelet does, and names it ALIAS too: the
+# localhost/NAME:dev names that tests outside the repo run with imagePullPolicy: Never.
+node_pull() { # ref [alias]
+  ctr_k8s images pull --hosts-dir "$REGISTRY_HOSTS" "$1" >/dev/null
+  [[ -z ${2:-} ]] || ctr_k8s images tag --force "$1" "$2" >/dev/null
 }

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Starting and stopping the cluster's daemons by recorded pid. Sourced after common.sh.
 
 # Starts a daemon in its own session (a Ctrl-C in the caller's terminal must not reach it),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs (or upgrades) the chart into the e2e cluster with the local :dev images: release
-# `graceful` in namespace graceful-system, then waits until the operator and its webhook serve.
+# Installs (or upgrades) graceful into the e2e cluster as a user would, from the cluster's
+# registry: the chart `make images`' version names (pushed here first), release `graceful` in
+# namespace graceful-system; then waits until the operator and its webhook serve.
 # CRDs are applied first: Helm installs crds/ once and never upgrades them.
 set -euo pipefail
 here=$(dirname "$0")
@@ -16,9 +17,9 @@ command -v kubectl >/dev/null || die "kubectl missing: run make cluster-up"
 [[ -s $CHART/crds/gracefulrollouts.yaml ]] || die "no CRD in $CHART/crds: run make crds"
 kubectl get --raw /readyz >/dev/null 2>&1 || die "no cluster at $KUBECONFIG: make cluster-up"
 
-# Same tag, new binary: the image digest in a pod annotation rolls the operator when it changed.
-digest=$(ctr_k8s images ls "name==localhost/graceful-operator:$IMAGE_TAG" 2>/dev/null | awk 'NR > 1 {print $3}')
-[[ -n $digest ]] || die "image localhost/graceful-operator:$IMAGE_TAG not in containerd: make images"
+version=$(cat "$CACHE/images/dev-version" 2>/dev/null) || die "no images pushed yet: make images"
+[[ -n $(registry_digest "$E2E_REGISTRY/graceful-operator:$version") ]] \
+  || die "$E2E_REGISTRY/graceful-operator:$version is not in the registry: make images"
 
 step "CRDs from $CHART/crds"
 kubectl apply --server-side --force-conflicts -f "$CHART/crds/" >/dev/null
@@ -34,12 +35,17 @@ if [[ -n $lease ]] && ! kubectl -n "$NAMESPACE" get "$lease" -o jsonpath='{.meta
   kubectl -n "$NAMESPACE" label "$lease" --overwrite app.kubernetes.io/managed-by=Helm >/dev/null
 fi
 
-step "helm upgrade --install $RELEASE ($NAMESPACE, images :$IMAGE_TAG)"
-helm upgrade --install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --create-namespace \
-  -f "$CHART/ci/dev-values.yaml" \
-  --set operator.image.tag="$IMAGE_TAG" --set sidecar.image.tag="$IMAGE_TAG" \
-  --set-string "operator.podAnnotations.graceful\.dev/image-digest=${digest#sha256:}" \
-  --wait --timeout 180s >/dev/null
+# As a user installs a release: the chart from the registry, which names the images beside it.
+# The same binaries under a later version wait there for the upgrade test (e2e/tests/upgrade.rs).
+step "chart oci://$E2E_REGISTRY/charts/graceful, versions $version and $(upgrade_version "$version")"
+chart_push "$E2E_REGISTRY" "$version"
+chart_push "$E2E_REGISTRY" "$(upgrade_version "$version")"
+done_step
+
+step "helm upgrade --install $RELEASE oci://$E2E_REGISTRY/charts/graceful --version $version ($NAMESPACE)"
+out=$(helm upgrade --install "$RELEASE" "oci://$E2E_REGISTRY/charts/graceful" --version "$version" \
+  --plain-http --namespace "$NAMESPACE" --create-namespace --set image.registry="$E2E_REGISTRY" \
+  --wait --timeout 180s 2>&1) || die "helm upgrade --install failed: $out"
 done_step
 
 step "operator rollout and webhook caBundle"

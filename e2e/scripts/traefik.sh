@@ -91,16 +91,19 @@ YAML
 traefik_check_args() { # name port throttle ingressclass
   (($# == 4)) || die "usage: traefik.sh up|manifests NAME PORT THROTTLE INGRESSCLASS"
   [[ $1 =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] || die "instance name '$1': a DNS label"
-  [[ $2 =~ ^[0-9]+$ ]] && (($2 > 1024 && $2 + TRAEFIK_PING_OFFSET < 65536)) \
+  { [[ $2 =~ ^[0-9]+$ ]] && (($2 > 1024 && $2 + TRAEFIK_PING_OFFSET < 65536)); } \
     || die "port '$2': 1025..$((65535 - TRAEFIK_PING_OFFSET)) (unprivileged; ping is port + $TRAEFIK_PING_OFFSET)"
   [[ $3 =~ ^[0-9]+(ms|s|m)$ ]] || die "throttle '$3': a Go duration such as 2s, 500ms, 10s"
   [[ $4 =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] || die "ingress class '$4': a DNS label"
 }
 
-# The image's digest in containerd, as a pod annotation: a rebuilt binary under the same tag
-# rolls the Deployment. Empty when containerd cannot be asked (not root).
+# The image's digest in the registry: pods pull by digest, so a rebuilt binary under the same tag
+# rolls the Deployment and no node runs the stale one.
 traefik_image_digest() {
-  ctr_k8s images ls "name==$TRAEFIK_IMAGE" 2>/dev/null | awk 'NR > 1 {print $3}' || true
+  local digest
+  digest=$(registry_digest "$TRAEFIK_IMAGE")
+  [[ -n $digest ]] || die "$TRAEFIK_IMAGE is not in the registry $E2E_REGISTRY (traefik.sh install pushes it)"
+  echo "$digest"
 }
 
 traefik_instance_manifests() { # name port throttle ingressclass
@@ -163,7 +166,6 @@ spec:
   template:
     metadata:
       labels: {app.kubernetes.io/name: traefik, $TRAEFIK_LABEL: $name}
-      annotations: {graceful.dev/image-digest: "${digest#sha256:}"}
     spec:
       serviceAccountName: traefik
       hostNetwork: true
@@ -179,8 +181,8 @@ spec:
         seccompProfile: {type: RuntimeDefault}
       containers:
         - name: traefik
-          image: $TRAEFIK_IMAGE
-          imagePullPolicy: Never
+          image: $TRAEFIK_IMAGE@$digest
+          imagePullPolicy: IfNotPresent
           command: [/traefik]
           args:
             - --global.checknewversion=false
@@ -273,11 +275,11 @@ traefik_crds() {
   log "   gateway-api $GATEWAY_API_VERSION CRDs: applied${have:+ (were $have)}"
 }
 
-# Image, CRDs, shared objects and the main instance. Idempotent: a warm run imports nothing and
+# Image, CRDs, shared objects and the main instance. Idempotent: a warm run pushes nothing and
 # changes nothing, so the pod keeps running.
 traefik_install() {
   [[ -x $BIN/traefik ]] || die "no $BIN/traefik: run e2e/scripts/build-traefik.sh"
-  image_import "$BIN/traefik" "$TRAEFIK_IMAGE"
+  image_push "$REPO/e2e/images/traefik.Containerfile" "$BIN/traefik" "$TRAEFIK_IMAGE" -- --timestamp 0
   traefik_crds
   { traefik_shared_manifests; echo "---"
     traefik_instance_manifests "$TRAEFIK_NAME" "$TRAEFIK_PORT" "$TRAEFIK_THROTTLE" "$TRAEFIK_CLASS"

@@ -6,9 +6,49 @@ use std::process::Command;
 use serde::Deserialize;
 
 use crate::cluster;
+use crate::demo::REGISTRY;
+use crate::graceful::OPERATOR_NAMESPACE;
 
 /// The Kubernetes version helm renders for (the e2e cluster's minor).
 pub const KUBE_VERSION: &str = "--kube-version=1.33.0";
+
+/// The release e2e/scripts/deploy.sh installs (in graceful::OPERATOR_NAMESPACE).
+pub const RELEASE: &str = "graceful";
+
+/// Where deploy.sh pushes the chart, as users pull a release: `helm install <this> --version V`.
+pub fn oci_chart() -> String {
+    format!("oci://{REGISTRY}/charts/graceful")
+}
+
+/// The `--set` that points the chart at the cluster's registry (image.registry is required).
+pub fn registry_value() -> String {
+    format!("image.registry={REGISTRY}")
+}
+
+/// The chart version (= appVersion = image tag) of the release deploy.sh installed: the
+/// workspace's version, marked as a build of these very binaries (images.sh's dev_version).
+pub fn deployed_version() -> String {
+    let text = helm_ok(&[
+        "get",
+        "metadata",
+        RELEASE,
+        "-n",
+        OPERATOR_NAMESPACE,
+        "-o",
+        "json",
+    ]);
+    let meta: serde_json::Value = serde_json::from_str(&text).expect("helm get metadata JSON");
+    meta["version"]
+        .as_str()
+        .expect("a chart version in helm get metadata")
+        .to_owned()
+}
+
+/// The same binaries under a later version, pushed beside it by images.sh and deploy.sh
+/// (common.sh's upgrade_version): what the upgrade test moves the release to.
+pub fn upgrade_version(version: &str) -> String {
+    format!("{version}.upgrade")
+}
 
 pub fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/graceful")
@@ -45,8 +85,11 @@ pub fn render(extra: &[&str]) -> Vec<serde_yaml::Value> {
         chart.to_str().expect("a UTF-8 path"),
         KUBE_VERSION,
         "--namespace",
-        "graceful-system",
+        OPERATOR_NAMESPACE,
+        "--set",
     ];
+    let registry = registry_value();
+    args.push(&registry);
     args.extend(extra);
     let rendered = helm_ok(&args);
     serde_yaml::Deserializer::from_str(&rendered)
@@ -68,4 +111,52 @@ pub fn alert_rules() -> String {
         "templates/prometheusrule.yaml",
     ]);
     serde_yaml::to_string(&docs[0]["spec"]).expect("rules as YAML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One version: the workspace's is the chart's `version` and `appVersion` (make release
+    /// tags images and chart with it, and the chart's default image tag is its appVersion).
+    #[test]
+    fn chart_version_and_app_version_are_the_workspace_version() {
+        let text = std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap();
+        let chart: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let workspace = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            chart["version"].as_str(),
+            Some(workspace),
+            "Chart.yaml version"
+        );
+        assert_eq!(
+            chart["appVersion"].as_str(),
+            Some(workspace),
+            "Chart.yaml appVersion"
+        );
+    }
+
+    /// The registry the tests name is the one the scripts start and push to.
+    #[test]
+    fn registry_is_the_scripts_registry() {
+        let common = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/common.sh");
+        let text = std::fs::read_to_string(common).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l == format!("E2E_REGISTRY={REGISTRY}")),
+            "e2e/scripts/common.sh does not say E2E_REGISTRY={REGISTRY}"
+        );
+    }
+
+    /// images.sh and deploy.sh push the upgrade's version as common.sh's upgrade_version does.
+    #[test]
+    fn upgrade_version_is_the_scripts_upgrade_version() {
+        let common = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/common.sh");
+        let text = std::fs::read_to_string(common).unwrap();
+        assert_eq!(upgrade_version("V"), "V.upgrade");
+        assert!(
+            text.contains(r#"upgrade_version() { echo "$1.upgrade"; }"#),
+            "common.sh's upgrade_version changed: change chart::upgrade_version with it"
+        );
+    }
 }

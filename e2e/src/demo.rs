@@ -9,10 +9,14 @@ use serde_json::json;
 /// The port graceful-demo listens on by default.
 pub const DEMO_PORT: u16 = 8080;
 
-/// A local image name as `make images` imports it (GRACEFUL_IMAGE_TAG overrides the tag).
+/// The cluster's registry (`E2E_REGISTRY` in e2e/scripts/common.sh; a unit test keeps the two
+/// equal): `make images` pushes there, the node pulls from there.
+pub const REGISTRY: &str = "127.0.0.1:5000";
+
+/// An image as `make images` pushes it: `<registry>/<name>:dev`. Every pod pulls it from the
+/// registry if the node does not have it yet (`make images` has the node pull each :dev anew).
 pub fn image(name: &str) -> String {
-    let tag = std::env::var("GRACEFUL_IMAGE_TAG").unwrap_or_else(|_| "dev".into());
-    format!("localhost/{name}:{tag}")
+    format!("{REGISTRY}/{name}:dev")
 }
 
 /// The demo container: probe on /healthz, version text from DEMO_VERSION.
@@ -20,7 +24,7 @@ pub fn container(version: &str) -> serde_json::Value {
     json!({
         "name": "demo",
         "image": image("graceful-demo"),
-        "imagePullPolicy": "Never",
+        "imagePullPolicy": "IfNotPresent",
         "env": [{"name": "DEMO_VERSION", "value": version}],
         "ports": [{"name": "http", "containerPort": DEMO_PORT}],
         "readinessProbe": {
@@ -76,7 +80,7 @@ pub fn pod(name: &str, image: &str, args: &[&str]) -> Pod {
             "containers": [{
                 "name": "main",
                 "image": image,
-                "imagePullPolicy": "Never",
+                "imagePullPolicy": "IfNotPresent",
                 "args": args,
             }],
         },

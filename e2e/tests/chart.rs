@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use graceful_e2e::chart::{KUBE_VERSION, chart_dir, helm, helm_ok, of_kind, render};
+use graceful_e2e::chart::{
+    KUBE_VERSION, chart_dir, deployed_version, helm, helm_ok, oci_chart, of_kind, registry_value,
+    render,
+};
 use graceful_e2e::cluster::{self, kubectl};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{demo, wait};
@@ -23,10 +26,10 @@ use serde_json::json;
 fn chart_lints_clean_with_every_values_variant() {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
-    let dev = format!("{chart}/ci/dev-values.yaml");
+    let registry = registry_value();
     for extra in [
         vec![],
-        vec!["-f", dev.as_str()],
+        vec!["--set", "image.tag=1.2.3,image.pullPolicy=Always"],
         vec!["--set", "webhook.certManager.enabled=true"],
         vec![
             "--set",
@@ -34,7 +37,7 @@ fn chart_lints_clean_with_every_values_variant() {
         ],
         vec!["--set", MONITORING],
     ] {
-        let mut args = vec!["lint", chart, "--strict"];
+        let mut args = vec!["lint", chart, "--strict", "--set", &registry];
         args.extend(extra.iter().copied());
         let text = helm_ok(&args);
         assert!(
@@ -53,10 +56,9 @@ fn schema_refuses_bad_values_by_name() {
         ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
         ("operator.replicas=0", "/operator/replicas"),
         ("controller.concurrency=0", "/controller/concurrency"),
-        (
-            "sidecar.image.pullPolicy=Maybe",
-            "/sidecar/image/pullPolicy",
-        ),
+        ("image.pullPolicy=Maybe", "/image/pullPolicy"),
+        ("image.registry=has space", "/image/registry"),
+        ("sidecar.image.tag=1.0", "/sidecar/image"),
         (
             "webhook.excludedNamespaces[0]=Not_A_Namespace",
             "/webhook/excludedNamespaces/0",
@@ -71,9 +73,63 @@ fn schema_refuses_bad_values_by_name() {
             "/metrics/prometheusRule/labels/a",
         ),
     ] {
-        let (ok, text) = helm(&["template", "x", chart, KUBE_VERSION, "--set", set]);
+        let registry = registry_value();
+        let (ok, text) = helm(&[
+            "template",
+            "x",
+            chart,
+            KUBE_VERSION,
+            "--set",
+            &registry,
+            "--set",
+            set,
+        ]);
         assert!(!ok, "{set} was accepted");
         assert!(text.contains(path), "{set}: {text}");
+    }
+}
+
+/// Images come from image.registry, tagged with the chart's appVersion unless image.tag says
+/// otherwise; with no registry the chart says what to set instead of starting pods that can
+/// never pull.
+#[test]
+#[ignore = "needs helm (make cluster-up)"]
+fn images_are_the_registrys_at_the_app_version_and_a_missing_registry_is_named() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    let (ok, text) = helm(&["template", "x", chart, KUBE_VERSION]);
+    assert!(!ok, "rendered without image.registry");
+    assert!(text.contains("image.registry is empty"), "{text}");
+
+    let meta: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    let app_version = meta["appVersion"].as_str().unwrap();
+    for (set, tag) in [
+        ("image.registry=registry.example:5000/team/", app_version),
+        (
+            "image.registry=registry.example:5000/team,image.tag=9.9.9",
+            "9.9.9",
+        ),
+    ] {
+        let docs = render(&["--set", set]);
+        let deployment = of_kind(&docs, "Deployment")[0];
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["image"].as_str(),
+            Some(format!("registry.example:5000/team/graceful-operator:{tag}").as_str()),
+            "{set}"
+        );
+        let env = container["env"].as_sequence().unwrap();
+        let sidecar = env
+            .iter()
+            .find(|e| e["name"] == "GRACEFUL_SIDECAR_IMAGE")
+            .unwrap();
+        assert_eq!(
+            sidecar["value"].as_str(),
+            Some(format!("registry.example:5000/team/graceful-sidecar:{tag}").as_str()),
+            "{set}"
+        );
     }
 }
 
@@ -199,6 +255,8 @@ fn cert_manager_variant_renders_a_certificate_and_ca_injection() {
         "-n",
         "graceful-system",
         "--set",
+        &registry_value(),
+        "--set",
         "webhook.certManager.enabled=true",
     ]);
     assert!(rendered.contains("kind: Certificate"), "{rendered}");
@@ -213,7 +271,6 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
     let client = cluster::client().await.unwrap();
     let ns = TestNamespace::create(&client, "chart-dry").await.unwrap();
     let chart = chart_dir();
-    let dev = chart.join("ci/dev-values.yaml");
     let rendered = helm_ok(&[
         "template",
         "graceful-dryrun",
@@ -221,8 +278,8 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
         KUBE_VERSION,
         "-n",
         &ns.name,
-        "-f",
-        dev.to_str().unwrap(),
+        "--set",
+        &registry_value(),
     ]);
     let out = cluster::kubectl_with_input(
         &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
@@ -291,8 +348,10 @@ async fn install_then_uninstall_leaves_only_the_crd() {
     ])
     .unwrap();
     let release = "a-graceful";
-    let chart = chart_dir();
-    let dev = chart.join("ci/dev-values.yaml");
+    // The chart as a user installs a release: from the registry, at the version deploy.sh
+    // pushed, naming the images beside it (no values about images at all).
+    let chart = oci_chart();
+    let version = deployed_version();
     let selector =
         json!({"matchLabels": {"graceful.dev/e2e-release": home.name}, "matchExpressions": []});
     let _release = ReleaseGuard {
@@ -302,11 +361,12 @@ async fn install_then_uninstall_leaves_only_the_crd() {
     helm_ok(&[
         "install",
         release,
-        chart.to_str().unwrap(),
+        &chart,
+        "--version",
+        &version,
+        "--plain-http",
         "-n",
         &home.name,
-        "-f",
-        dev.to_str().unwrap(),
         "--set",
         "operator.replicas=1,controller.enabled=false",
         "--set-json",
@@ -523,6 +583,7 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
     ])
     .unwrap();
     let chart = chart_dir();
+    let registry = registry_value();
     let release = "z-graceful-down";
     let _guard = ConfigGuard(format!("{release}-sidecar-injector"));
     let selector = format!(
@@ -541,6 +602,8 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
             "templates/mutatingwebhookconfiguration.yaml",
             "--show-only",
             "templates/service.yaml",
+            "--set",
+            &registry,
             "--set",
             &format!("webhook.failurePolicy={policy}"),
             "--set",
@@ -602,3 +665,4 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
         "the webhook was not called (fail-open count {before} -> {after})"
     );
 }
+

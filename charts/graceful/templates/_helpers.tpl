@@ -30,6 +30,9 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{/* Names the operator is told through its environment: one definition each. */}}
+{{- define "graceful.operatorDeployment" -}}
+{{- printf "%s-operator" (include "graceful.fullname" .) -}}
+{{- end -}}
 {{- define "graceful.webhookService" -}}
 {{- printf "%s-webhook" (include "graceful.fullname" .) -}}
 {{- end -}}
@@ -41,4 +44,12 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- define "graceful.webhookCertificate" -}}
 {{- printf "%s-webhook" (include "graceful.fullname" .) -}}
+{{- end -}}
+
+{{/* An image of the release: (list $ .Values.X.image) -> <image.registry>/<repository>:<tag>,
+the tag defaulting to the chart's appVersion. */}}
+{{- define "graceful.image" -}}
+{{- $root := index . 0 -}}
+{{- $registry := required "image.registry is empty: set it to the registry graceful's images are in (a chart pulled from a registry names that registry; make release REGISTRY=... pushes both)" $root.Values.image.registry -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" $registry) (index . 1).repository (default $root.Chart.AppVersion $root.Values.image.tag) -}}
 {{- end -}}
