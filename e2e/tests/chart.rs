@@ -666,3 +666,153 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
     );
 }
 
+/// Puts the main release back as deploy.sh installs it, whatever happened to it (a test that
+/// removes graceful must leave it installed for the tests after it).
+struct Reinstall;
+
+impl Drop for Reinstall {
+    fn drop(&mut self) {
+        let out = cluster::script("deploy.sh").output();
+        match out {
+            Ok(o) if o.status.success() => eprintln!("graceful reinstalled (deploy.sh)"),
+            Ok(o) => eprintln!(
+                "deploy.sh failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("deploy.sh did not run: {e}"),
+        }
+    }
+}
+
+/// Whether namespace `name` is gone within `timeout`.
+async fn namespace_gone(client: &kube::Client, name: &str, timeout: Duration) -> bool {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        if namespaces.get_opt(name).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+/// `helm uninstall` leaves nothing that blocks anything: its pre-delete hook stops the operator,
+/// hands every GracefulRollout's Deployment back (one in the middle of a rollout here) and lifts
+/// the finalizers, so a namespace that holds a GracefulRollout is deleted at once afterwards.
+/// The control, in the same run: with the operator merely stopped (no hook), such a namespace
+/// stays Terminating until an operator runs again.
+#[tokio::test]
+#[ignore = "needs helm, the e2e cluster and the images (make e2e)"]
+async fn uninstall_hands_every_rollout_back_and_leaves_no_namespace_stuck() {
+    use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE};
+    let client = cluster::client().await.unwrap();
+    let stuck = TestNamespace::create(&client, "uninstall-control")
+        .await
+        .unwrap();
+    let held = TestNamespace::create(&client, "uninstall").await.unwrap();
+    for ns in [&stuck, &held] {
+        graceful::deploy_managed_demo(ns, "web", 2, json!({"minServingSeconds": 30}))
+            .await
+            .unwrap_or_else(|e| {
+                ns.print_diagnostics();
+                panic!("managed demo: {e}")
+            });
+    }
+    let _reinstall = Reinstall;
+    let operator = format!("deployment/{}-operator", graceful_e2e::chart::RELEASE);
+    let scale = |n: &str| {
+        cluster::kubectl_output(&[
+            "-n",
+            OPERATOR_NAMESPACE,
+            "scale",
+            &operator,
+            "--replicas",
+            n,
+        ])
+        .unwrap()
+    };
+
+    // Control: no operator running, no hook: the finalizer holds the namespace.
+    scale("0");
+    wait::until("operator pods gone", Duration::from_secs(90), || async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+        let lp = kube::api::ListParams::default().labels(graceful::OPERATOR_SELECTOR);
+        Ok(pods.list(&lp).await?.items.is_empty().then_some(()))
+    })
+    .await
+    .unwrap();
+    cluster::kubectl_output(&["delete", "namespace", &stuck.name, "--wait=false"]).unwrap();
+    let control_gone = namespace_gone(&client, &stuck.name, Duration::from_secs(15)).await;
+    eprintln!("operator stopped, no hook: namespace gone within 15 s: {control_gone}");
+    assert!(
+        !control_gone,
+        "the control namespace went without an operator: nothing here could have been stuck"
+    );
+    scale("2");
+    assert!(
+        namespace_gone(&client, &stuck.name, Duration::from_secs(120)).await,
+        "the control namespace stayed after the operator came back"
+    );
+
+    // A rollout in the middle, then helm uninstall.
+    graceful::trigger(&held, "web").await.unwrap();
+    graceful::wait_first_new_pod(&held, "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    helm_ok(&[
+        "uninstall",
+        graceful_e2e::chart::RELEASE,
+        "-n",
+        OPERATOR_NAMESPACE,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    eprintln!(
+        "helm uninstall (pre-delete hook included): {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let gr = held
+        .api::<graceful_operator::crd::GracefulRollout>()
+        .get("web")
+        .await
+        .unwrap();
+    assert!(
+        gr.metadata.finalizers.unwrap_or_default().is_empty(),
+        "the GracefulRollout kept a finalizer"
+    );
+    let deploy: k8s_openapi::api::apps::v1::Deployment = held.api().get("web").await.unwrap();
+    assert!(
+        deploy
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .keys()
+            .all(|k| !k.starts_with("graceful.dev/")),
+        "the Deployment still carries graceful's labels"
+    );
+    // Handed back mid-rollout: the Deployment controller finishes it alone.
+    wait::rollout(&held.api(), "web", Duration::from_secs(180))
+        .await
+        .unwrap();
+    cluster::kubectl_output(&["delete", "namespace", &held.name, "--wait=false"]).unwrap();
+    assert!(
+        namespace_gone(&client, &held.name, Duration::from_secs(60)).await,
+        "the namespace that held a GracefulRollout stayed after helm uninstall"
+    );
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    assert!(
+        configs
+            .get_opt(&format!(
+                "{}-sidecar-injector",
+                graceful_e2e::chart::RELEASE
+            ))
+            .await
+            .unwrap()
+            .is_none(),
+        "the webhook configuration stayed"
+    );
+}

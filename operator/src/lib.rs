@@ -15,6 +15,7 @@ pub mod pacing;
 pub mod plan;
 pub mod revision;
 pub mod rollout;
+pub mod uninstall;
 pub mod webhook;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use graceful_operator::crd::GracefulRollout;
 use graceful_operator::outage::{ApiOutages, OutageLayer};
-use graceful_operator::{leader, metrics, rollout, webhook};
+use graceful_operator::{leader, metrics, rollout, uninstall, webhook};
 use kube::Client;
 use kube::api::{Api, ListParams};
 use kube::client::ClientBuilder;
@@ -18,9 +18,12 @@ use prometheus_client::registry::Registry;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "GracefulRollout controller and sidecar-injection webhook"
+    about = "GracefulRollout controller and sidecar-injection webhook",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Health (/healthz, /readyz) and /metrics, plain HTTP; never the webhook's port.
     #[arg(long, env = "GRACEFUL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -45,6 +48,13 @@ struct Args {
     log_json: bool,
     #[command(flatten)]
     webhook_args: webhook::WebhookArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Before graceful is removed (helm uninstall's pre-delete hook): stop the operator, hand
+    /// every GracefulRollout's Deployment back and lift the finalizers only it could lift.
+    Uninstall(uninstall::Args),
 }
 
 /// How long a clean shutdown waits for the other tasks (the lease hand-back is bounded at 2 s).
@@ -75,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
         .context("building the Kubernetes client")?
         .with_layer(&OutageLayer(outages.clone()))
         .build();
+    if let Some(Command::Uninstall(args)) = &args.command {
+        return uninstall::run(client, args).await;
+    }
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
