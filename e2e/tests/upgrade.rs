@@ -1,0 +1,314 @@
+//! graceful itself upgraded while it guards live traffic: `helm upgrade` of the release from the
+//! version deploy.sh installed to a later one pushed beside it (images.sh and deploy.sh push
+//! the same binaries under both versions, so the operator's pods and every new sidecar change
+//! image), as a user upgrades from the registry, while
+//! - a GracefulRollout is half way (its first new pod up): it must finish under the new operator;
+//! - injected pods serve vegeta's load and are rolled out during the upgrade, so pods are
+//!   created while the operator's own pods roll: the webhook must inject every one, and pods
+//!   the old webhook injected must drain under the new operator;
+//! - a plain Deployment (no sidecar) is rolled out the same way under the same load: the
+//!   control, which must drop requests, or the zeros prove nothing.
+//!
+//! Needs the cluster, the images and the chart (`make e2e` does all three).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use graceful_e2e::chart::{self, helm, oci_chart, registry_value};
+use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
+use graceful_e2e::load::{Load, LoadReport};
+use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::{cluster, demo, rollout, wait};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+
+const MANAGED: &str = "managed";
+const INJECTED: &str = "injected";
+const PLAIN: &str = "plain";
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Moves the release to `version` from the registry, as a user would, and waits for it.
+fn helm_upgrade(version: &str) -> (bool, String) {
+    helm(&[
+        "upgrade",
+        chart::RELEASE,
+        &oci_chart(),
+        "--version",
+        version,
+        "--plain-http",
+        "-n",
+        OPERATOR_NAMESPACE,
+        "--set",
+        &registry_value(),
+        "--wait",
+        "--timeout",
+        "180s",
+    ])
+}
+
+/// The images the operator's pods run, one per pod.
+async fn operator_images(client: &kube::Client) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels(OPERATOR_SELECTOR))
+        .await
+        .expect("operator pods");
+    list.items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec.as_ref()?.containers.first()?.image.clone())
+        .collect()
+}
+
+/// The sidecar image of every pod of `app`.
+async fn sidecar_images(ns: &TestNamespace, app: &str) -> Vec<String> {
+    let lp = ListParams::default().labels(&format!("app={app}"));
+    let pods = ns.api::<Pod>().list(&lp).await.expect("pods").items;
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let inits = p.spec.as_ref()?.init_containers.as_ref()?;
+            let sidecar = inits.iter().find(|c| c.name == "graceful-sidecar")?;
+            sidecar.image.clone()
+        })
+        .collect()
+}
+
+/// Asks the API server every 200 ms to create an annotated pod (a dry run: admission runs, and
+/// the injection webhook is called, but nothing is stored) and counts the answers that came
+/// back without the sidecar: with failurePolicy Ignore, that is a pod started without graceful.
+struct AdmissionProbe {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, u64, Vec<String>)>,
+}
+
+impl AdmissionProbe {
+    fn start(ns: &TestNamespace) -> Self {
+        let pods: Api<Pod> = ns.api();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "probe", "labels": {"app": "probe"},
+                         "annotations": {"graceful.dev/inject": "true"}},
+            "spec": {"terminationGracePeriodSeconds": 40, "containers": [demo::container("probe")]},
+        }))
+        .expect("probe pod");
+        let task = tokio::spawn(async move {
+            let dry_run = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let (mut answered, mut not_injected) = (0, 0);
+            let mut missed = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match pods.create(&dry_run, &pod).await {
+                    Ok(p) => {
+                        answered += 1;
+                        let inits = p.spec.and_then(|s| s.init_containers).unwrap_or_default();
+                        if !inits.iter().any(|c| c.name == "graceful-sidecar") {
+                            not_injected += 1;
+                            missed.push(format!("{:?}", k8s_openapi::jiff::Timestamp::now()));
+                        }
+                    }
+                    Err(e) => missed.push(format!("error: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(200).saturating_sub(started.elapsed()))
+                    .await;
+            }
+            (answered, not_injected, missed)
+        });
+        Self { stop, task }
+    }
+
+    /// (pod creations answered, of which without the sidecar, what went wrong and when)
+    async fn stop(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("admission probe")
+    }
+}
+
+/// vegeta's requests sent must be at least 80% of rate x duration: a stalled load generator
+/// proves nothing.
+fn check_load(what: &str, load: &Load, report: &LoadReport) {
+    let expected = f64::from(load.rate) * report.duration.as_secs_f64();
+    eprintln!("{what}: {report} (expected about {expected:.0} requests)");
+    assert!(
+        report.sent as f64 >= 0.8 * expected,
+        "{what}: only {} requests sent of about {expected:.0}: the load stalled",
+        report.sent
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn helm_upgrade_under_load_drops_nothing_and_a_half_way_rollout_finishes() {
+    let client = cluster::client().await.expect("e2e cluster");
+    let from = chart::deployed_version();
+    // deploy.sh installs the first version; a second run of this test on the same cluster finds
+    // the later one and moves back (the same binaries: both directions change every image).
+    let to = match from.strip_suffix(&chart::upgrade_version("")) {
+        Some(first) => first.to_owned(),
+        None => chart::upgrade_version(&from),
+    };
+    eprintln!("upgrade {from} -> {to}");
+    let ns = TestNamespace::create(&client, "upgrade").await.unwrap();
+
+    // A GracefulRollout that steps slowly enough to be half way when the upgrade starts.
+    let managed_url =
+        graceful::deploy_managed_demo(&ns, MANAGED, 3, json!({"minServingSeconds": 8}))
+            .await
+            .unwrap_or_else(|e| {
+                ns.print_diagnostics();
+                panic!("managed demo: {e}")
+            });
+    ns.apply(&graceful::named_port_service(INJECTED))
+        .await
+        .unwrap();
+    ns.apply(&graceful::injected_deployment(INJECTED, 3, "v1"))
+        .await
+        .unwrap();
+    ns.apply(&demo::service(PLAIN)).await.unwrap();
+    ns.apply(&demo::deployment(PLAIN, 3, "v1")).await.unwrap();
+    let deployments: Api<Deployment> = ns.api();
+    let mut urls = Vec::new();
+    for (name, port) in [(INJECTED, 80), (PLAIN, 80)] {
+        wait::rollout(&deployments, name, Duration::from_secs(120))
+            .await
+            .unwrap();
+        let ip = wait::cluster_ip(&ns.api(), name).await.unwrap();
+        wait::service_serving(&ns.api(), name, &ip, port, 3, Duration::from_secs(60))
+            .await
+            .unwrap();
+        urls.push(format!("http://{ip}/"));
+    }
+    let before = sidecar_images(&ns, INJECTED).await;
+    assert!(
+        before.iter().all(|i| i.ends_with(&format!(":{from}"))),
+        "injected before the upgrade with {before:?}, not :{from}"
+    );
+
+    let injected_load = Load {
+        rate: 300,
+        ..Load::default()
+    };
+    let side_load = Load {
+        rate: 150,
+        ..Load::default()
+    };
+    let upgraded = Arc::new(tokio::sync::Notify::new());
+    let probe = AdmissionProbe::start(&ns);
+    let started = Instant::now();
+
+    // The GracefulRollout half way, then the upgrade; the rollout must end under the new operator.
+    let managed = side_load.during(&managed_url, async {
+        let since = graceful::trigger(&ns, MANAGED).await?;
+        graceful::wait_first_new_pod(&ns, MANAGED, Duration::from_secs(60)).await?;
+        eprintln!(
+            "[{:5.1}s] GracefulRollout half way: helm upgrade to {to}",
+            started.elapsed().as_secs_f64()
+        );
+        let to = to.clone();
+        let (ok, out) = tokio::task::spawn_blocking(move || helm_upgrade(&to))
+            .await
+            .expect("helm upgrade");
+        eprintln!(
+            "[{:5.1}s] helm upgrade ended (ok: {ok})",
+            started.elapsed().as_secs_f64()
+        );
+        upgraded.notify_one();
+        if !ok {
+            return Err(graceful_e2e::Error::Cluster(format!(
+                "helm upgrade failed: {out}"
+            )));
+        }
+        graceful::wait_rollout_finished(&ns, MANAGED, since, TIMEOUT).await
+    });
+    // Injected pods rolled out while the operator's pods roll (pods created across the webhook's
+    // hand-over), then once more under the new operator alone (pods the old webhook injected,
+    // drained by the new one's world).
+    let injected = injected_load.during(&urls[0], async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rollout::restart(&ns, INJECTED).await?;
+        wait::rollout(&deployments, INJECTED, TIMEOUT).await?;
+        upgraded.notified().await;
+        rollout::restart(&ns, INJECTED).await?;
+        wait::rollout(&deployments, INJECTED, TIMEOUT).await?;
+        Ok::<_, graceful_e2e::Error>(())
+    });
+    // The control: the same kind of rollouts of the plain demo, under the same kind of load.
+    let plain = side_load.during(&urls[1], async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..3 {
+            rollout::restart(&ns, PLAIN).await?;
+            wait::rollout(&deployments, PLAIN, TIMEOUT).await?;
+        }
+        Ok::<_, graceful_e2e::Error>(())
+    });
+    let (managed, injected, plain) = tokio::join!(managed, injected, plain);
+    let (answered, not_injected, missed) = probe.stop().await;
+    let (managed, managed_report) = managed.expect("load on the managed demo");
+    let (injected, injected_report) = injected.expect("load on the injected demo");
+    let (plain, plain_report) = plain.expect("load on the plain demo");
+    for (what, result) in [
+        ("GracefulRollout across the upgrade", managed.map(|_| ())),
+        ("injected rollouts", injected),
+        ("plain rollouts", plain),
+    ] {
+        if let Err(e) = result {
+            ns.print_diagnostics();
+            panic!("{what}: {e}");
+        }
+    }
+    eprintln!(
+        "admission during the upgrade: {answered} pod creations answered, {not_injected} without the sidecar; {missed:?}"
+    );
+    check_load(
+        "managed (GracefulRollout across the upgrade)",
+        &side_load,
+        &managed_report,
+    );
+    check_load(
+        "injected (rolled out during and after the upgrade)",
+        &injected_load,
+        &injected_report,
+    );
+    check_load("plain (control, no sidecar)", &side_load, &plain_report);
+
+    let operators = operator_images(&client).await;
+    assert!(
+        !operators.is_empty() && operators.iter().all(|i| i.ends_with(&format!(":{to}"))),
+        "operator pods after the upgrade: {operators:?}"
+    );
+    let after = sidecar_images(&ns, INJECTED).await;
+    assert!(
+        !after.is_empty() && after.iter().all(|i| i.ends_with(&format!(":{to}"))),
+        "injected after the upgrade with {after:?}, not :{to}"
+    );
+    assert!(answered > 50, "too few pod creations probed: {answered}");
+    assert_eq!(
+        not_injected, 0,
+        "pods admitted without the sidecar: {missed:?}"
+    );
+    assert!(
+        missed.is_empty(),
+        "pod creations that failed during the upgrade: {missed:?}"
+    );
+    assert!(
+        plain_report.failed > 0,
+        "the control dropped nothing ({plain_report}): this run could not have shown a drop"
+    );
+    assert_eq!(
+        managed_report.failed, 0,
+        "GracefulRollout across the upgrade: {managed_report}"
+    );
+    assert_eq!(
+        injected_report.failed, 0,
+        "injected pods across the upgrade: {injected_report}"
+    );
+}
