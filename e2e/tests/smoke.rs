@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const ROLLOUT: Duration = Duration::from_secs(120);
+/// The image of KWOK's fake pods (e2e/scripts/kwok.sh), never pulled.
+const KWOK_FAKE_IMAGE: &str = "localhost/kwok-fake:none";
 
 async fn demo_behind_service(ns: &TestNamespace, version: &str) -> String {
     ns.apply(&demo::deployment("demo", 3, version))
@@ -263,4 +265,80 @@ async fn prestop_hook_runs_and_grace_period_is_honoured() {
         hold_gone < hold_hook + grace + Duration::from_secs(6),
         "hold pod took {hold_gone:?}"
     );
+}
+
+/// Every pod of the cluster runs an image from the cluster's registry, pulled by the node as a
+/// user's cluster pulls it (no pod says imagePullPolicy Never); the pods that run graceful's
+/// own images (operator and sidecars) are among them, and the node holds their registry names.
+#[tokio::test]
+#[ignore = "needs the e2e cluster with graceful deployed (make e2e)"]
+async fn every_pod_runs_an_image_pulled_from_the_registry() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "smoke-images")
+        .await
+        .unwrap();
+    // An injected pod, so the sidecar's image is among those checked.
+    let mut injected = graceful_e2e::graceful::injected_deployment("injected", 1, "images");
+    injected
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .termination_grace_period_seconds = Some(40);
+    ns.apply(&injected).await.unwrap();
+    wait::rollout(&ns.api(), "injected", ROLLOUT).await.unwrap();
+    let pods: kube::Api<Pod> = kube::Api::all(client.clone());
+    let mut seen = std::collections::BTreeSet::new();
+    for pod in pods.list(&ListParams::default()).await.unwrap().items {
+        let spec = pod.spec.unwrap_or_default();
+        // KWOK's fake pods (make scale) run nothing: their image is a name no node pulls.
+        if spec
+            .containers
+            .iter()
+            .any(|c| c.image.as_deref() == Some(KWOK_FAKE_IMAGE))
+        {
+            continue;
+        }
+        for c in spec
+            .init_containers
+            .unwrap_or_default()
+            .into_iter()
+            .chain(spec.containers)
+        {
+            let image = c.image.unwrap_or_default();
+            assert!(
+                image.starts_with(&format!("{}/", demo::REGISTRY)),
+                "pod {:?} runs {image}, not from {}",
+                pod.metadata.name,
+                demo::REGISTRY
+            );
+            assert_ne!(
+                c.image_pull_policy.as_deref(),
+                Some("Never"),
+                "pod {:?}: {image} with imagePullPolicy Never",
+                pod.metadata.name
+            );
+            seen.insert(image);
+        }
+    }
+    eprintln!("images the cluster's pods run: {seen:?}");
+    for name in ["graceful-operator", "graceful-sidecar", "graceful-demo"] {
+        assert!(
+            seen.iter()
+                .any(|i| i.contains(&format!("/{name}:")) || i.contains(&format!("/{name}@"))),
+            "no pod runs {name}: {seen:?}"
+        );
+    }
+    let node_images = cluster::script("cluster-status.sh").output().unwrap();
+    let text = String::from_utf8_lossy(&node_images.stdout);
+    eprintln!("{text}");
+    for name in ["graceful-operator", "graceful-sidecar", "graceful-pause"] {
+        assert!(
+            text.contains(&format!("{}/{name}:", demo::REGISTRY)),
+            "the node does not hold {name} under the registry's name"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! graceful itself upgraded while it guards live traffic: `helm upgrade` of the release from the
 //! version deploy.sh installed to a later one pushed beside it (images.sh and deploy.sh push
 //! the same binaries under both versions, so the operator's pods and every new sidecar change
-//! image), as a user upgrades from the registry, while
+//! image), or, under `make upgrade-test FROM=<ref>`, from an older build of graceful to this
+//! tree's, as a user upgrades from the registry, while
 //! - a GracefulRollout is half way (its first new pod up): it must finish under the new operator;
 //! - injected pods serve vegeta's load and are rolled out during the upgrade, so pods are
 //!   created while the operator's own pods roll: the webhook must inject every one, and pods
@@ -150,11 +151,17 @@ fn check_load(what: &str, load: &Load, report: &LoadReport) {
 async fn helm_upgrade_under_load_drops_nothing_and_a_half_way_rollout_finishes() {
     let client = cluster::client().await.expect("e2e cluster");
     let from = chart::deployed_version();
-    // deploy.sh installs the first version; a second run of this test on the same cluster finds
-    // the later one and moves back (the same binaries: both directions change every image).
-    let to = match from.strip_suffix(&chart::upgrade_version("")) {
-        Some(first) => first.to_owned(),
-        None => chart::upgrade_version(&from),
+    // make upgrade-test names the version to go to (this tree's, from an older one it
+    // installed). Otherwise deploy.sh installed the first of two versions of the same binaries;
+    // a second run on the same cluster finds the later one and moves back (both directions
+    // change every image reference).
+    let to = match (
+        std::env::var("GRACEFUL_UPGRADE_TO"),
+        from.strip_suffix(&chart::upgrade_version("")),
+    ) {
+        (Ok(to), _) => to,
+        (Err(_), Some(first)) => first.to_owned(),
+        (Err(_), None) => chart::upgrade_version(&from),
     };
     eprintln!("upgrade {from} -> {to}");
     let ns = TestNamespace::create(&client, "upgrade").await.unwrap();
