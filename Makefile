@@ -12,12 +12,14 @@ TARGET := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
 .PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
-	deploy demo test e2e baseline bench-sidecar screenshot scale release
+	deploy demo test e2e baseline bench-sidecar screenshot scale release upgrade-test compat
 
 help:
 	@echo "make demo           real cluster, chart, rollouts under load, dropped-request report"
 	@echo "make test           lint, unit and process tests, then the e2e suite on the real cluster"
 	@echo "make release REGISTRY=host[:port]  images and chart of this commit's version, pushed there"
+	@echo "make upgrade-test FROM=<git ref>   that version upgraded to this tree under load, on the e2e cluster"
+	@echo "make compat K8S=1.MM               the e2e cluster on another Kubernetes minor, its core scenarios"
 	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot | scale"
 
 deps:
@@ -64,6 +66,19 @@ deploy: images
 # A versioned release of a clean tree: images and chart pushed to REGISTRY (scripts/release.sh).
 release:
 	REGISTRY="$(REGISTRY)" scripts/release.sh
+
+# The e2e cluster on another Kubernetes minor (its newest patch, built by
+# e2e/scripts/build-kube-compat.sh), graceful installed, and the core scenarios; the next plain
+# make cluster-up starts the usual minor's cluster anew.
+compat:
+	@[[ -n "$(K8S)" ]] || { echo "usage: make compat K8S=1.MM" >&2; exit 2; }
+	GRACEFUL_K8S=$(K8S) $(MAKE) --no-print-directory cluster-up deploy
+	GRACEFUL_K8S=$(K8S) GRACEFUL_KUBE_BIN=$(CACHE)/compat/kube-$(K8S)/bin \
+		e2e/run.sh --test injection --test rollout --test zero_drop
+
+# graceful as it was at FROM (a git ref), upgraded under load to this tree on the e2e cluster.
+upgrade-test: cluster-up deploy
+	FROM="$(FROM)" scripts/upgrade-test.sh
 
 demo: deps
 	e2e/demo.sh $(ARGS)

@@ -13,15 +13,7 @@ if [[ -x $kube_bin && $(cat "$BIN/kube.stamp" 2>/dev/null) == "$stamp" ]]; then
 else
   step "build kubernetes $KUBE_VERSION from the Go module (cold: about 8 min on 2 cores)"
   mkdir -p "$BIN"
-  version_pkg=k8s.io/component-base/version
-  client_pkg=k8s.io/client-go/pkg/version
-  minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
-  ldflags="-s -w"
-  for p in $version_pkg $client_pkg; do
-    ldflags+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-  done
-  (cd "$kube_src" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$kube_bin.tmp" .)
+  (cd "$kube_src" && CGO_ENABLED=0 go build -trimpath -ldflags "$(kube_ldflags "$KUBE_VERSION")" -o "$kube_bin.tmp" .)
   mv "$kube_bin.tmp" "$kube_bin"
   echo "$stamp" > "$BIN/kube.stamp"
   done_step

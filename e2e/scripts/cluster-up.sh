@@ -28,7 +28,9 @@ ingress_up() {
   done_step
 }
 
-if cluster_healthy; then
+# A healthy cluster of other binaries (another minor: make compat) is not this one: it goes
+# with what an earlier cluster left, below.
+if cluster_healthy && [[ $(cat "$PIDS/kube-apiserver.cmd" 2>/dev/null) == "$KUBE_BIN/kube-apiserver" ]]; then
   log "cluster already up ($(daemons_running | tr '\n' ' '))"
   host_network_up # idempotent: puts back a route or guard someone removed
   host_check_routes
@@ -38,8 +40,14 @@ if cluster_healthy; then
   exit 0
 fi
 
-step "binaries: kubernetes $KUBE_VERSION, helm, etcd $ETCD_VERSION (build-kube.sh, build-etcd.sh)"
+step "binaries: kubernetes $CLUSTER_KUBE_VERSION, helm, etcd $ETCD_VERSION (build-kube.sh, build-etcd.sh)"
 "$here/build-kube.sh"
+if [[ -n ${GRACEFUL_K8S:-} ]]; then
+  "$here/build-kube-compat.sh" "$GRACEFUL_K8S" >/dev/null
+  CLUSTER_KUBE_VERSION=$(cat "$CACHE/compat/kube-$GRACEFUL_K8S/version")
+  KUBE_MINOR=${CLUSTER_KUBE_VERSION#v1.}
+  KUBE_MINOR=${KUBE_MINOR%%.*}
+fi
 "$here/build-etcd.sh"
 host_tools_missing() {
   local tool missing=()
@@ -162,6 +170,8 @@ storage:
 http:
   addr: $E2E_REGISTRY
 YAML
+# Per minor (make compat): from 1.35 the kubelet refuses cgroup v1 (this host) unless told;
+# the field exists from 1.31 and is false by default until 1.35.
 cat > "$STATE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -187,6 +197,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%}
 serializeImagePulls: false
 shutdownGracePeriod: 0s
+$( ((KUBE_MINOR < 31)) || echo "failCgroupV1: false")
 YAML
 cat > "$STATE/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -238,7 +249,7 @@ step "containerd ($CONTAINERD_SOCK)"
 daemon_start containerd "$(command -v containerd)" --config "$STATE/containerd.toml"
 wait_daemon containerd 30 "socket" ctr --address "$CONTAINERD_SOCK" version
 # A killed cluster's pods are still in containerd's store: remove them (CNI DEL included).
-"$BIN/kube" cri-reset "unix://$CONTAINERD_SOCK"
+"$KUBE_BIN/kube" cri-reset "unix://$CONTAINERD_SOCK"
 done_step
 
 step "pause image $PAUSE_IMAGE (e2e/pause/pause.c, gcc -static)"
@@ -255,7 +266,7 @@ image_push "$REPO/e2e/images/pause.Containerfile" "$pause_dir/pause" "$PAUSE_IMA
 done_step
 
 step "kube-apiserver ($APISERVER_URL, advertised as $NODE_IP)"
-daemon_start kube-apiserver "$BIN/kube-apiserver" \
+daemon_start kube-apiserver "$KUBE_BIN/kube-apiserver" \
   --advertise-address="$NODE_IP" --bind-address="$NODE_IP" --secure-port="$APISERVER_PORT" \
   --etcd-servers="$ETCD_CLIENT" --service-cluster-ip-range="$SERVICE_CIDR" \
   --client-ca-file="$PKI/ca.crt" \
@@ -278,7 +289,7 @@ step "kube-controller-manager, kube-scheduler"
 # ReplicaSet controller alone, creating pods and writing statuses, held a 10,000-pod KWOK fleet
 # (make scale) to about 12 new pods a second. It is a cap: the suite's small clusters never
 # reach it.
-daemon_start kube-controller-manager "$BIN/kube-controller-manager" \
+daemon_start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
   --kubeconfig="$STATE/controller-manager.kubeconfig" \
   --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
   --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
@@ -287,7 +298,7 @@ daemon_start kube-controller-manager "$BIN/kube-controller-manager" \
   --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
   --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
   --kube-api-qps=100 --kube-api-burst=100 --profiling=false
-daemon_start kube-scheduler "$BIN/kube-scheduler" \
+daemon_start kube-scheduler "$KUBE_BIN/kube-scheduler" \
   --kubeconfig="$STATE/scheduler.kubeconfig" \
   --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
   --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
@@ -295,10 +306,10 @@ daemon_start kube-scheduler "$BIN/kube-scheduler" \
 done_step
 
 step "kubelet ($NODE_NAME at $NODE_IP) and kube-proxy (iptables)"
-daemon_start kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
+daemon_start kubelet "$KUBE_BIN/kubelet" --config="$STATE/kubelet.yaml" \
   --kubeconfig="$STATE/kubelet.kubeconfig" --hostname-override="$NODE_NAME" \
   --node-ip="$NODE_IP" --root-dir="$STATE/kubelet"
-daemon_start kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
+daemon_start kube-proxy "$KUBE_BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
 wait_daemon kubelet 120 "node $NODE_NAME Ready" node_ready
 done_step
 

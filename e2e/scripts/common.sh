@@ -22,6 +22,18 @@ STATE=${GRACEFUL_STATE:-/var/lib/graceful-e2e}
 
 export PATH="$BIN:$PATH"
 
+# go build -ldflags for Kubernetes VERSION: without the version stamped it says v0.0.0, and
+# Helm's kubeVersion checks fail.
+kube_ldflags() { # version
+  local p minor=${1#v1.} flags="-s -w"
+  minor=${minor%%.*}
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $p.gitVersion=$1 -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    flags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$flags"
+}
+
 # The stamp of a Go wrapper module (e2e/kube, e2e/etcd): a change to its sources rebuilds it.
 wrapper_module_stamp() { cat "$1/go.mod" "$1/go.sum" "$1"/*.go | sha256sum | cut -c1-16; }
 
@@ -251,3 +263,19 @@ node_pull() { # ref [alias]
   ctr_k8s images pull --hosts-dir "$REGISTRY_HOSTS" "$1" >/dev/null
   [[ -z ${2:-} ]] || ctr_k8s images tag --force "$1" "$2" >/dev/null
 }
+
+# --- another Kubernetes minor: make compat K8S=1.MM (GRACEFUL_K8S=1.MM) ---
+# That minor's binaries, built by build-kube-compat.sh into $CACHE/compat/kube-1.MM/bin, run the
+# cluster instead of $KUBE_VERSION's (which build-kube.sh still builds: helm and the tests'
+# tools come with it); first on the PATH, so kubectl matches the cluster. CLUSTER_KUBE_VERSION
+# is what the cluster runs, KUBE_MINOR its minor, for cluster-up.sh's per-minor settings.
+KUBE_BIN=$BIN
+CLUSTER_KUBE_VERSION=$KUBE_VERSION
+if [[ -n ${GRACEFUL_K8S:-} ]]; then
+  [[ $GRACEFUL_K8S =~ ^1\.[0-9]+$ ]] || die "GRACEFUL_K8S=$GRACEFUL_K8S: want a minor such as 1.35"
+  KUBE_BIN=$CACHE/compat/kube-$GRACEFUL_K8S/bin
+  CLUSTER_KUBE_VERSION=$(cat "$CACHE/compat/kube-$GRACEFUL_K8S/version" 2>/dev/null || echo "v$GRACEFUL_K8S.0")
+  export PATH="$KUBE_BIN:$PATH"
+fi
+KUBE_MINOR=${CLUSTER_KUBE_VERSION#v1.}
+KUBE_MINOR=${KUBE_MINOR%%.*}

@@ -100,6 +100,13 @@ pub async fn client() -> Result<Client> {
 /// A tool installed by scripts/deps.sh or build-kube.sh into $GRACEFUL_CACHE/bin. Missing is an
 /// error, never a reason to skip.
 pub fn tool(name: &str) -> Result<PathBuf> {
+    // make compat runs another Kubernetes minor: its own kubectl, within kubectl's skew.
+    if let Some(dir) = std::env::var_os("GRACEFUL_KUBE_BIN") {
+        let path = PathBuf::from(dir).join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
     let cache = std::env::var_os("GRACEFUL_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/graceful")))
