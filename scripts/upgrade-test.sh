@@ -15,8 +15,7 @@ from=${FROM:-}
 sha=$(git -C "$REPO" rev-parse --verify --quiet "$from^{commit}") || die "FROM=$from names no commit here"
 to=$(cat "$CACHE/images/dev-version" 2>/dev/null) || die "this tree is not deployed: make deploy"
 work=$CACHE/upgrade-from/${sha:0:12}
-old="$(awk -F'"' '/^\[workspace.package\]/ {p = 1} p && /^version *=/ {print $2; exit}' \
-  <(git -C "$REPO" show "$sha:Cargo.toml"))-rev-${sha:0:12}"
+old="$(git -C "$REPO" show "$sha:Cargo.toml" | workspace_version -)-rev-${sha:0:12}"
 
 step "graceful at $from ($old): worktree and static build"
 if [[ ! -e $work/.git ]]; then

@@ -45,8 +45,7 @@ step "binaries: kubernetes $CLUSTER_KUBE_VERSION, helm, etcd $ETCD_VERSION (buil
 if [[ -n ${GRACEFUL_K8S:-} ]]; then
   "$here/build-kube-compat.sh" "$GRACEFUL_K8S" >/dev/null
   CLUSTER_KUBE_VERSION=$(cat "$CACHE/compat/kube-$GRACEFUL_K8S/version")
-  KUBE_MINOR=${CLUSTER_KUBE_VERSION#v1.}
-  KUBE_MINOR=${KUBE_MINOR%%.*}
+  KUBE_MINOR=$(kube_minor "$CLUSTER_KUBE_VERSION")
 fi
 "$here/build-etcd.sh"
 host_tools_missing() {

@@ -22,11 +22,14 @@ STATE=${GRACEFUL_STATE:-/var/lib/graceful-e2e}
 
 export PATH="$BIN:$PATH"
 
+# The minor of a Kubernetes version: v1.33.13 -> 33.
+kube_minor() { local m=${1#v1.}; echo "${m%%.*}"; }
+
 # go build -ldflags for Kubernetes VERSION: without the version stamped it says v0.0.0, and
 # Helm's kubeVersion checks fail.
 kube_ldflags() { # version
-  local p minor=${1#v1.} flags="-s -w"
-  minor=${minor%%.*}
+  local p minor flags="-s -w"
+  minor=$(kube_minor "$1")
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     flags+=" -X $p.gitVersion=$1 -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     flags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
@@ -154,16 +157,17 @@ wait_for() { # timeout description cmd...
   done
 }
 
-# The version of the workspace (Cargo.toml), which the chart's version and appVersion repeat.
-workspace_version() {
-  awk -F'"' '/^\[workspace.package\]/ {p = 1} p && /^version *=/ {print $2; exit}' "$REPO/Cargo.toml"
+# The version of a workspace's Cargo.toml (- : on standard input), which the chart's version and
+# appVersion repeat.
+workspace_version() { # cargo-toml | -
+  awk -F'"' '/^\[workspace.package\]/ {p = 1} p && /^version *=/ {print $2; exit}' "$1"
 }
 
 # What `make images` calls a build of the tree: the workspace's version, marked as a development
 # build of exactly these operator and sidecar binaries. A rebuilt binary is a new version, so
 # no node runs a stale image under an old tag (the pull policy stays IfNotPresent).
 dev_version() { # release-dir
-  echo "$(workspace_version)-dev-$(cat "$1/graceful-operator" "$1/graceful-sidecar" | sha256sum | cut -c1-12)"
+  echo "$(workspace_version "$REPO/Cargo.toml")-dev-$(cat "$1/graceful-operator" "$1/graceful-sidecar" | sha256sum | cut -c1-12)"
 }
 # The same binaries under a second, later version: what the e2e upgrade test upgrades to.
 upgrade_version() { echo "$1.upgrade"; }
@@ -277,5 +281,4 @@ if [[ -n ${GRACEFUL_K8S:-} ]]; then
   CLUSTER_KUBE_VERSION=$(cat "$CACHE/compat/kube-$GRACEFUL_K8S/version" 2>/dev/null || echo "v$GRACEFUL_K8S.0")
   export PATH="$KUBE_BIN:$PATH"
 fi
-KUBE_MINOR=${CLUSTER_KUBE_VERSION#v1.}
-KUBE_MINOR=${KUBE_MINOR%%.*}
+KUBE_MINOR=$(kube_minor "$CLUSTER_KUBE_VERSION")
