@@ -315,6 +315,9 @@ done_step
 step "ready for traffic: service account, kube-proxy rules, ClusterIP reachable from the host"
 wait_for 60 "default service account" kubectl_admin get serviceaccount default -n default
 wait_daemon kube-proxy 60 "healthz" curl -fsS --max-time 1 "http://$KUBE_PROXY_HEALTHZ/healthz"
+# Its healthz can answer before its first sync has put its jumps into FORWARD; each one it adds
+# later is inserted first, above the egress guard.
+wait_for 60 "kube-proxy's FORWARD rules" kube_proxy_forward_rules
 host_network_up # kube-proxy has inserted its FORWARD rules: the egress guard goes back on top
 host_check_routes
 # The apiserver through its ClusterIP: proves the DNAT path the tests' traffic takes.

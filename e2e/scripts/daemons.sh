@@ -64,5 +64,15 @@ node_ready() {
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]
 }
 
+# kube-proxy (iptables mode) has put all four of its jumps into FORWARD.
+kube_proxy_forward_rules() {
+  local rules
+  rules=$(iptables -w -S FORWARD)
+  local chain
+  for chain in KUBE-PROXY-FIREWALL KUBE-FORWARD KUBE-SERVICES KUBE-EXTERNAL-SERVICES; do
+    [[ $rules == *"-j $chain"* ]] || return 1
+  done
+}
+
 # Every daemon alive, the apiserver ready and the node Ready.
 cluster_healthy() { daemons_running >/dev/null && apiserver_ready && node_ready; }
