@@ -1,12 +1,13 @@
-//! The admin address (never the traffic one): /healthz, /readyz, /prestop, /metrics.
+//! The admin address (never the traffic one): /healthz, /readyz, /prestop, /metrics, and
+//! /connections for draining siblings.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -22,6 +23,10 @@ use crate::deregister::{EndpointWatch, Listing, PodRef};
 use crate::drain::{Drain, Phase, Trigger};
 use crate::exposition;
 use crate::restarts::Restarts;
+use crate::siblings;
+
+/// A /connections question names at most `siblings::MAX_ASKED` addresses.
+const CONNECTIONS_BODY_LIMIT: usize = 64 * 1024;
 
 pub struct Admin {
     drain: Arc<Drain>,
@@ -68,10 +73,14 @@ impl Admin {
             defaults::PRESTOP_PATH if get || req.method() == Method::POST => {
                 self.prestop(&req, peer).await
             }
+            defaults::CONNECTIONS_PATH if req.method() == Method::POST => {
+                self.connections(req).await
+            }
             defaults::HEALTHZ_PATH
             | defaults::READYZ_PATH
             | defaults::METRICS_PATH
-            | defaults::PRESTOP_PATH => {
+            | defaults::PRESTOP_PATH
+            | defaults::CONNECTIONS_PATH => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -124,6 +133,30 @@ impl Admin {
         }
         let summary = self.drain.done().await;
         json(serde_json::to_string(&summary).expect("summary serializes") + "\n")
+    }
+
+    /// A draining sibling asks how many new connections came here from the sources it names
+    /// (a JSON array of IPs; the answer: their counts, in order). It learns nothing about a
+    /// source it does not already know.
+    async fn connections(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let body = match Limited::new(req.into_body(), CONNECTIONS_BODY_LIMIT)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+        };
+        match serde_json::from_slice::<Vec<IpAddr>>(&body) {
+            Ok(ips) if ips.len() <= siblings::MAX_ASKED => {
+                let counts = self.drain.sources.counts(&ips);
+                json(serde_json::to_string(&counts).expect("counts serialize"))
+            }
+            Ok(_) => text(StatusCode::PAYLOAD_TOO_LARGE, "too many sources\n"),
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!("expected a JSON array of IP addresses: {e}\n"),
+            ),
+        }
     }
 
     /// With a token: `Authorization: Bearer <token>`, compared in constant time. Without one:

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::arrivals::QuietRule;
+use crate::data_planes::{self, DataPlane};
 use crate::defaults;
 use crate::deregister::PodRef;
 use crate::drain::{Following, WindowChoice};
@@ -58,6 +59,23 @@ pub struct Config {
     /// traffic lags (a silence shorter than its gaps proves nothing).
     #[arg(long, env = "GRACEFUL_MIN_QUIET_WINDOW", value_name = "DUR", value_parser = parse_duration, default_value = "250ms")]
     pub min_quiet_window: Duration,
+
+    /// The data planes in front of the pod, each with its lag: the longest it may keep sending
+    /// new connections after the pod leaves the EndpointSlices (the injector finds them; see
+    /// docs/data-planes.md). Silence does not end a drain before the longest lag but
+    /// kube-proxy's has passed, unless the siblings show every source gone elsewhere.
+    #[arg(long, env = defaults::ENV_DATA_PLANES, value_name = "NAME=DUR,...", value_delimiter = ',', value_parser = data_planes::parse)]
+    pub data_planes: Vec<DataPlane>,
+
+    /// Admin addresses of the sibling sidecars to compare notes with during a drain; default:
+    /// the other ready endpoints of the pod's Services, on this sidecar's admin port.
+    #[arg(
+        long,
+        env = "GRACEFUL_SIBLINGS",
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub siblings: Vec<SocketAddr>,
 
     /// How long a request may wait for the app while it restarts (its port refusing
     /// connections), before a 503 with Retry-After; 0s turns waiting off (502 at once).
@@ -130,6 +148,7 @@ impl Config {
         Following {
             window,
             margin: self.propagation_margin,
+            data_planes: self.data_planes.clone(),
         }
     }
 
@@ -162,6 +181,18 @@ fn parse_quiet_window(s: &str) -> Result<QuietWindowArg, String> {
 pub enum ConfigError {
     #[error("--drain-timeout ({timeout}) must not be shorter than --deregister-delay ({delay})")]
     DrainShorterThanDeregister { timeout: String, delay: String },
+    #[error(
+        "--drain-timeout ({timeout}) must be at least {need}: the longest data-plane lag ({lag}, {plane}) plus {after} for the drain's end"
+    )]
+    DrainShorterThanLag {
+        timeout: String,
+        need: String,
+        lag: String,
+        plane: String,
+        after: String,
+    },
+    #[error("--data-planes names {given} data planes; at most {max}")]
+    TooManyDataPlanes { given: usize, max: usize },
     #[error("--upstream {0} has port 0: name the port the app listens on")]
     UpstreamPortZero(SocketAddr),
     #[error("--{a} and --{b} are both {addr}: each needs its own address")]
@@ -179,6 +210,28 @@ impl Config {
             return Err(ConfigError::DrainShorterThanDeregister {
                 timeout: humantime::format_duration(self.drain_timeout).to_string(),
                 delay: humantime::format_duration(self.deregister_delay).to_string(),
+            });
+        }
+        if self.data_planes.len() > data_planes::MAX_DATA_PLANES {
+            return Err(ConfigError::TooManyDataPlanes {
+                given: self.data_planes.len(),
+                max: data_planes::MAX_DATA_PLANES,
+            });
+        }
+        let hold = data_planes::hold(&self.data_planes);
+        if !hold.is_zero() && self.drain_timeout < hold + defaults::DRAIN_AFTER_LAG {
+            let fmt = |d: Duration| humantime::format_duration(d).to_string();
+            let plane = self
+                .data_planes
+                .iter()
+                .find(|p| p.lag == hold && p.name != data_planes::KUBE_PROXY)
+                .map_or_else(String::new, |p| p.name.clone());
+            return Err(ConfigError::DrainShorterThanLag {
+                timeout: fmt(self.drain_timeout),
+                need: fmt(hold + defaults::DRAIN_AFTER_LAG),
+                lag: fmt(hold),
+                plane,
+                after: fmt(defaults::DRAIN_AFTER_LAG),
             });
         }
         // Port 0 lets the kernel pick for a socket the sidecar binds; the app's is not ours to pick.
@@ -293,6 +346,32 @@ mod tests {
         assert_eq!(services("a,b"), ["a", "b"]);
         assert!(services("").is_empty());
         assert!(parse(&["--pod-ip", "10.0.0.1"]).unwrap().pod().is_none());
+    }
+
+    #[test]
+    fn data_planes_need_a_drain_timeout_that_outlasts_their_lag() {
+        let cfg = parse(&[
+            "--data-planes",
+            "kube-proxy=5s,load-balancer/web=60s",
+            "--drain-timeout",
+            "75s",
+        ])
+        .unwrap();
+        assert_eq!(cfg.following().hold(), Duration::from_secs(60));
+        let e = parse(&["--data-planes", "load-balancer/web=60s"]).unwrap_err();
+        assert!(
+            e.contains("--drain-timeout (30s) must be at least 1m 15s")
+                && e.contains("load-balancer/web"),
+            "{e}"
+        );
+        let e = parse(&["--data-planes", "web"]).unwrap_err();
+        assert!(
+            e.contains("--data-planes") && e.contains("NAME=DURATION"),
+            "{e}"
+        );
+        // kube-proxy's lag is the margin: no hold, no longer timeout needed.
+        let cfg = parse(&["--data-planes", "kube-proxy=5s"]).unwrap();
+        assert_eq!(cfg.following().hold(), Duration::ZERO);
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub const HEALTHZ_PATH: &str = "/healthz";
 pub const READYZ_PATH: &str = "/readyz";
 pub const PRESTOP_PATH: &str = "/prestop";
 pub const METRICS_PATH: &str = "/metrics";
+/// Siblings ask here how many new connections came from the sources they name (`siblings`).
+pub const CONNECTIONS_PATH: &str = "/connections";
 
 /// Used when the pod may not read EndpointSlices: how long to wait for the pod to leave the
 /// load-balancing path after readiness turns off.
@@ -56,6 +58,11 @@ pub const ENV_POD_NAMESPACE: &str = "GRACEFUL_POD_NAMESPACE";
 pub const ENV_POD_NAME: &str = "GRACEFUL_POD_NAME";
 /// The Services that select the pod (comma-separated), whose EndpointSlices the drain watches.
 pub const ENV_SERVICES: &str = "GRACEFUL_SERVICES";
+/// The data planes in front of the pod and their lags (`NAME=DUR,...`, docs/data-planes.md).
+pub const ENV_DATA_PLANES: &str = "GRACEFUL_DATA_PLANES";
+/// Extra time the drain timeout must leave after the data planes' longest lag: the quiet window
+/// (at most 10 s) and the last connections' closing.
+pub const DRAIN_AFTER_LAG: Duration = Duration::from_secs(15);
 /// The label the EndpointSlice controller puts on each slice: the name of its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Shared secret the kubelet's preStop httpGet presents (`Authorization: Bearer <token>`).

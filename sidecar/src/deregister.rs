@@ -29,6 +29,8 @@ pub enum EndpointWatchError {
     Config(#[from] kube::config::InClusterError),
     #[error("cannot build API client: {0}")]
     Client(#[source] kube::Error),
+    #[error("cannot list EndpointSlices: {0}")]
+    List(#[source] kube::Error),
     #[error("cannot watch EndpointSlices: {0}")]
     Watch(#[from] watcher::Error),
     #[error("the EndpointSlice watch ended")]
@@ -95,23 +97,39 @@ pub enum Listing {
 pub struct EndpointWatch;
 
 impl EndpointWatch {
+    fn api(pod: &PodRef) -> Result<Api<EndpointSlice>, EndpointWatchError> {
+        // Only ring is compiled in; make that explicit for rustls.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::incluster()?;
+        let client = kube::Client::try_from(config).map_err(EndpointWatchError::Client)?;
+        Ok(Api::namespaced(client, &pod.namespace))
+    }
+
     fn watch(
         pod: &PodRef,
     ) -> Result<
         impl futures::Stream<Item = watcher::Result<Event<EndpointSlice>>>,
         EndpointWatchError,
     > {
-        // Only ring is compiled in; make that explicit for rustls.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = kube::Config::incluster()?;
-        let client = kube::Client::try_from(config).map_err(EndpointWatchError::Client)?;
-        let api: Api<EndpointSlice> = Api::namespaced(client, &pod.namespace);
         let mut config = watcher::Config::default();
         if let Some(selector) = service_selector(&pod.services) {
             config = config.labels(&selector);
         }
         // No backoff: an error (forbidden, say) falls back at once.
-        Ok(watcher::watcher(api, config))
+        Ok(watcher::watcher(Self::api(pod)?, config))
+    }
+
+    /// The other pods the pod's Services list as ready: its siblings. One LIST.
+    pub async fn ready_peers(pod: &PodRef) -> Result<Vec<IpAddr>, EndpointWatchError> {
+        let mut params = kube::api::ListParams::default();
+        if let Some(selector) = service_selector(&pod.services) {
+            params = params.labels(&selector);
+        }
+        let slices = Self::api(pod)?
+            .list(&params)
+            .await
+            .map_err(EndpointWatchError::List)?;
+        Ok(ready_others(&slices.items, pod.ip))
     }
 
     pub async fn until_not_ready(pod: &PodRef) -> Result<(), EndpointWatchError> {
@@ -221,6 +239,21 @@ pub fn listed_ready(slices: &[EndpointSlice], ip: IpAddr) -> bool {
     listed_where(slices, ip, |e| {
         e.conditions.as_ref().and_then(|c| c.ready) != Some(false)
     })
+}
+
+/// The addresses `slices` list as ready, other than `me`, each once and in order.
+pub fn ready_others(slices: &[EndpointSlice], me: IpAddr) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .filter(|a| *a != me)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 fn listed_where(slices: &[EndpointSlice], ip: IpAddr, test: impl Fn(&Endpoint) -> bool) -> bool {

@@ -17,9 +17,12 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{info, warn};
 
 use crate::arrivals::{Arrivals, Basis, QuietRule, QuietWindow};
+use crate::data_planes::{self, DataPlane};
 use crate::defaults;
 use crate::deregister::Deregister;
 use crate::metrics::Metrics;
+use crate::siblings::{LetGo, Siblings};
+use crate::sources::Sources;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,13 +79,15 @@ pub enum Calm {
 }
 
 /// How Quiescing decides that the data planes have let go.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Following {
     pub window: WindowChoice,
     /// The least time after deregistration for a pod that had traffic: a bound on the lag of
     /// connection-level balancers (kube-proxy), which re-route only new connections, and so
     /// may send one here from a client this pod never saw (docs/drain.md).
     pub margin: Duration,
+    /// The data planes in front of the pod (kube-proxy's lag is the margin).
+    pub data_planes: Vec<DataPlane>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +99,12 @@ pub enum WindowChoice {
 }
 
 impl Following {
+    /// Silence ends no drain before this long after deregistration, unless the siblings show
+    /// every source let go.
+    pub fn hold(&self) -> Duration {
+        data_planes::hold(&self.data_planes)
+    }
+
     fn window(&self, arrivals: &Arrivals, trigger: Instant) -> QuietWindow {
         match self.window {
             WindowChoice::Traffic(rule) => rule.window(&arrivals.record(trigger)),
@@ -103,6 +114,18 @@ impl Following {
                 longest_gap_seconds: None,
             },
         }
+    }
+}
+
+/// What lets a quiet drain end: the hold over, or the siblings showing every source let go.
+struct Release {
+    until: Instant,
+    let_go: watch::Receiver<LetGo>,
+}
+
+impl Release {
+    fn released(&self, now: Instant) -> bool {
+        now >= self.until || self.let_go.borrow().all()
     }
 }
 
@@ -124,6 +147,15 @@ pub struct Summary {
     /// How long traffic kept arriving after the pod left the API's endpoints: the lag of the
     /// slowest data plane this drain saw.
     pub traffic_after_deregistration_seconds: f64,
+    /// The data planes assumed in front of the pod, and the hold their lags gave.
+    pub data_planes: Vec<DataPlane>,
+    pub data_plane_lag_seconds: f64,
+    /// What ended the drain: "traffic" (no hold: the quiet window), "lag" (the hold passed),
+    /// "siblings" (they showed every source let go before it) or "timeout".
+    pub released_by: &'static str,
+    /// Sources of new connections known at the end, and how many the siblings showed let go.
+    pub sources: u64,
+    pub sources_let_go: u64,
     pub requests_cut: u64,
     pub connections_cut: u64,
     pub forced: bool,
@@ -145,6 +177,8 @@ pub struct Drain {
     connections: watch::Sender<()>,
     /// New connections and requests: the evidence Quiescing follows.
     pub arrivals: Arrivals,
+    /// Where new connections come from: what the siblings' comparison needs.
+    pub sources: Sources,
     calm: watch::Sender<Calm>,
     summary: OnceLock<Summary>,
     pub metrics: Metrics,
@@ -165,6 +199,7 @@ impl Drain {
             entered: Mutex::new([Some(Instant::now()), None, None, None]),
             connections: watch::Sender::new(()),
             arrivals: Arrivals::new(),
+            sources: Sources::new(),
             calm: watch::Sender::new(Calm::Busy),
             summary: OnceLock::new(),
             metrics,
@@ -193,7 +228,13 @@ impl Drain {
     /// `since`, and no connection is left open. Meanwhile it tells the connections what the
     /// traffic has shown, so each closes as soon as that is safe; a straggler is served and
     /// starts the window over.
-    async fn follow_traffic(&self, window: Duration, since: Instant, not_before: Instant) {
+    async fn follow_traffic(
+        &self,
+        window: Duration,
+        since: Instant,
+        not_before: Instant,
+        release: Release,
+    ) {
         loop {
             let last = self.arrivals.last();
             let now = Instant::now();
@@ -216,6 +257,7 @@ impl Drain {
             // as open from its accept on.
             if calm == Calm::Quiet
                 && now >= not_before
+                && release.released(now)
                 && self.connections.receiver_count() == 0
                 && self.arrivals.last() == last
             {
@@ -230,15 +272,27 @@ impl Drain {
                 Calm::Quiet if not_before > now => (now + crate::arrivals::BUCKET).min(not_before),
                 Calm::Quiet => now + crate::arrivals::BUCKET,
             };
+            // closed() is ready at once when no connection is open: waiting on it then (quiet,
+            // but held for the data planes' lag) would spin.
+            let open = self.connections.receiver_count() > 0;
             tokio::select! {
                 _ = sleep_until(next) => {}
-                _ = self.connections.closed(), if calm == Calm::Quiet => {}
+                _ = self.connections.closed(), if calm == Calm::Quiet && open => {}
             }
         }
     }
 
     pub fn connection(&self) -> ConnectionGuard {
         ConnectionGuard(self.connections.subscribe())
+    }
+
+    /// Keeps the sources' gauges on what the siblings show, until the comparison ends.
+    async fn show_let_go(&self, mut let_go: watch::Receiver<LetGo>) {
+        while let_go.changed().await.is_ok() {
+            let shown = *let_go.borrow_and_update();
+            self.metrics.sources.set(shown.sources as i64);
+            self.metrics.sources_let_go.set(shown.let_go as i64);
+        }
     }
 
     /// Starts the drain; returns false when one is already under way (the caller joins it).
@@ -318,6 +372,7 @@ impl Drain {
         self: Arc<Self>,
         deregister: Deregister,
         following: Following,
+        siblings: Siblings,
         drain_timeout: Duration,
     ) {
         let mut phase = self.subscribe();
@@ -346,11 +401,30 @@ impl Drain {
         } else {
             following.margin
         };
+        // Silence ends nothing before the slowest data plane's lag, unless the siblings show
+        // every source of this pod's connections going elsewhere (`siblings`).
+        let hold = following.hold();
+        let (let_go_tx, let_go) = watch::channel(LetGo::default());
+        let release = Release {
+            until: t1 + hold,
+            let_go: let_go.clone(),
+        };
+        self.metrics.data_plane_lag_seconds.set(hold.as_secs_f64());
+        let compare = async {
+            if !hold.is_zero() {
+                let compare = siblings.compare(&self.sources, let_go_tx);
+                let shown = self.show_let_go(let_go.clone());
+                let _ = tokio::time::timeout_at(t1 + hold, async { tokio::join!(compare, shown) })
+                    .await;
+            }
+            std::future::pending::<()>().await
+        };
         info!(
             deregistration,
             quiet_window = ?window.duration(),
             basis = ?window.basis,
             ?margin,
+            ?hold,
             "out of the API's endpoints: quiescing until the traffic stops"
         );
         self.enter(Phase::Quiescing);
@@ -361,8 +435,9 @@ impl Drain {
             // A forced close wins over connections that are closing because of it.
             biased;
             _ = forced(&mut force) => false,
-            _ = self.follow_traffic(window.duration(), t1, t1 + margin) => true,
+            _ = self.follow_traffic(window.duration(), t1, t1 + margin, release) => true,
             _ = sleep_until(deadline) => false,
+            () = compare => unreachable!("the comparison never ends"),
         };
         let (requests_cut, connections_cut) = if quiet {
             (0, 0)
@@ -382,6 +457,13 @@ impl Drain {
             (requests, connections)
         };
         let t2 = Instant::now();
+        let released_by = match () {
+            _ if !quiet => "timeout",
+            _ if hold.is_zero() => "traffic",
+            _ if t2 < t1 + hold => "siblings",
+            _ => "lag",
+        };
+        let sources = self.sources.recent(t2).map_or(0, |s| s.len() as u64);
         let last = self.arrivals.last().filter(|l| *l >= t0);
         let summary = Summary {
             trigger,
@@ -394,6 +476,11 @@ impl Drain {
             last_arrival_seconds: last.map(|l| l.duration_since(t0).as_secs_f64()),
             traffic_after_deregistration_seconds: last
                 .map_or(0.0, |l| l.saturating_duration_since(t1).as_secs_f64()),
+            data_planes: following.data_planes.clone(),
+            data_plane_lag_seconds: hold.as_secs_f64(),
+            released_by,
+            sources,
+            sources_let_go: let_go.borrow().let_go,
             requests_cut,
             connections_cut,
             forced: !quiet,

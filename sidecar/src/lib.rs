@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod arrivals;
 pub mod config;
+pub mod data_planes;
 pub mod defaults;
 pub mod deregister;
 pub mod drain;
@@ -14,7 +15,9 @@ pub mod latency;
 pub mod metrics;
 pub mod proxy;
 pub mod restarts;
+pub mod siblings;
 pub mod signal;
+pub mod sources;
 pub mod traffic;
 
 use std::net::SocketAddr;
@@ -31,6 +34,7 @@ use crate::drain::{Drain, Phase, Summary, Trigger};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::restarts::Restarts;
+use crate::siblings::Siblings;
 use crate::signal::Signals;
 
 #[derive(Debug, thiserror::Error)]
@@ -139,10 +143,11 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         )),
     ));
     tokio::spawn(app.drain_hook(drain.clone()));
+    let siblings = Siblings::new(cfg.siblings.clone(), cfg.pod(), admin.port());
     tokio::spawn(
         drain
             .clone()
-            .run(deregister, cfg.following(), cfg.drain_timeout),
+            .run(deregister, cfg.following(), siblings, cfg.drain_timeout),
     );
     info!(%listen, %admin, upstream = %cfg.upstream, "serving");
 

@@ -141,6 +141,9 @@ pub struct Metrics {
     pub requests_after_trigger: Counter,
     pub quiet_window_seconds: Gauge<f64, AtomicU64>,
     pub last_arrival_seconds: Gauge<f64, AtomicU64>,
+    pub data_plane_lag_seconds: Gauge<f64, AtomicU64>,
+    pub sources: Gauge,
+    pub sources_let_go: Gauge,
     pub requests_force_closed: Counter,
     pub connections_force_closed: Counter,
     pub upstream_errors: Counter,
@@ -227,6 +230,24 @@ impl Metrics {
             "Seconds after the trigger of the last new connection or request",
             last_arrival_seconds.clone(),
         );
+        let data_plane_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "drain_data_plane_lag_seconds",
+            "The lag of the slowest data plane in front of the pod other than kube-proxy: silence ends no drain before it has passed since deregistration",
+            data_plane_lag_seconds.clone(),
+        );
+        let sources = Gauge::default();
+        registry.register(
+            "drain_sources",
+            "Sources (peer addresses) of this pod's recent new connections, while a drain holds for the data planes' lag",
+            sources.clone(),
+        );
+        let sources_let_go = Gauge::default();
+        registry.register(
+            "drain_sources_let_go",
+            "Of those, the sources the pod's siblings show routing elsewhere; all of them end the hold",
+            sources_let_go.clone(),
+        );
         let requests_force_closed = Counter::default();
         registry.register(
             "requests_force_closed",
@@ -257,6 +278,9 @@ impl Metrics {
             requests_after_trigger,
             quiet_window_seconds,
             last_arrival_seconds,
+            data_plane_lag_seconds,
+            sources,
+            sources_let_go,
             requests_force_closed,
             connections_force_closed,
             upstream_errors,

@@ -2,7 +2,7 @@
 //! until the drain is done, and closes each one gracefully once quiesce starts.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,6 +69,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) 
 
 /// What one client connection has shown so far.
 struct ConnState {
+    peer: IpAddr,
     seen_request: AtomicBool,
     http2: AtomicBool,
     accepted: Instant,
@@ -89,6 +90,7 @@ impl ConnState {
             return;
         }
         drain.arrivals.request(true);
+        drain.sources.connection(self.peer);
         let protocol = if version == Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
             Protocol::http2
@@ -114,6 +116,7 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
     let state = Arc::new(ConnState {
+        peer: peer.ip(),
         seen_request: AtomicBool::new(false),
         http2: AtomicBool::new(false),
         accepted: Instant::now(),

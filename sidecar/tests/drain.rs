@@ -225,10 +225,18 @@ async fn a_busy_pod_whose_traffic_stops_at_once_finishes_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_pod_finishes_one_second_after_deregistration() {
     let (_demo, app) = start_demo().await;
-    let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
+    // Fronted by kube-proxy alone, as the injector writes it: nothing to hold for.
+    let args = [
+        "--deregister-delay",
+        "300ms",
+        "--data-planes",
+        "kube-proxy=5s",
+    ];
+    let sc = start_sidecar(app, &args).await;
     let started = Instant::now();
     let summary = summary_of(&sc.prestop(None).await.unwrap());
     assert_eq!(summary["quiet_window"]["basis"], "idle", "{summary}");
+    assert_eq!(summary["released_by"], "traffic", "{summary}");
     let took = started.elapsed();
     assert!(took >= secs(1.3) && took < secs(1.8), "{took:?}: {summary}");
 }
@@ -493,4 +501,138 @@ async fn prestop_needs_the_token_when_one_is_set() {
     assert_eq!(get(sc.admin, "/readyz").await.status, 503);
     // Joining a finished drain answers the same summary at once.
     assert_eq!(sc.prestop(Some(TOKEN)).await.unwrap().body, ok.body);
+}
+
+/// A raw HTTP/1.1 exchange on a new connection; the whole answer, or an error (refused, reset).
+async fn exchange(addr: std::net::SocketAddr, request: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+/// One request on a new connection, as a load balancer that resends nothing sends it: answered
+/// 200, or not.
+async fn served(addr: std::net::SocketAddr) -> bool {
+    let request = "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    matches!(
+        tokio::time::timeout(secs(2.0), exchange(addr, request)).await,
+        Ok(Ok(a)) if a.starts_with("HTTP/1.1 200")
+    )
+}
+
+/// A burst of `n` new connections, one every 100 ms; how many were served.
+async fn burst(addr: std::net::SocketAddr, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        ok += usize::from(served(addr).await);
+        tokio::time::sleep(secs(0.1)).await;
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_clients_behind_a_late_data_plane_are_served_to_the_end() {
+    let (_demo, app) = start_demo().await;
+    let base = ["--deregister-delay", "300ms", "--drain-timeout", "20s"];
+    // The same pod twice: knowing its balancer lags 4 s, and following the traffic alone.
+    let late = [
+        &base[..],
+        &["--data-planes", "kube-proxy=0s,load-balancer/web=4s"],
+    ]
+    .concat();
+    let held = start_sidecar(app, &late).await;
+    let quiet_only = start_sidecar(app, &base).await;
+    let (a, b) = tokio::join!(burst(held.listen, 10), burst(quiet_only.listen, 10));
+    assert_eq!((a, b), (10, 10));
+    let trigger = Instant::now();
+    let (held_done, quiet_done) = (held.prestop(None), quiet_only.prestop(None));
+    // The clients pause longer than any quiet window the traffic could give (1 s bursts, 10
+    // per second: a window under 1 s), then come back while the balancer still sends here.
+    tokio::time::sleep(secs(2.8)).await;
+    let (held_ok, quiet_ok) = tokio::join!(burst(held.listen, 5), burst(quiet_only.listen, 5));
+    assert_eq!(held_ok, 5, "every straggler within the lag is served");
+    assert!(
+        quiet_ok < 5,
+        "control: following the traffic alone, the pause ended the drain and the balancer's next connections failed ({quiet_ok} of 5 served)"
+    );
+    let summary = summary_of(&held_done.await.unwrap());
+    let took = trigger.elapsed();
+    assert_eq!(summary["released_by"], "lag", "{summary}");
+    assert_eq!(summary["data_plane_lag_seconds"], 4.0, "{summary}");
+    assert_eq!(summary["data_planes"][1]["name"], "load-balancer/web");
+    assert!(
+        took >= secs(4.3) && took < secs(6.5),
+        "held for the lag after deregistration, then the window: {took:?} {summary}"
+    );
+    assert_eq!(
+        summary_of(&quiet_done.await.unwrap())["released_by"],
+        "traffic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn siblings_getting_this_pods_sources_end_the_drain_before_the_lag() {
+    let (_demo, app) = start_demo().await;
+    let sibling = start_sidecar(app, &[]).await;
+    let siblings = sibling.admin.to_string();
+    let args = [
+        "--deregister-delay",
+        "300ms",
+        "--drain-timeout",
+        "45s",
+        "--data-planes",
+        "load-balancer/web=30s",
+        "--siblings",
+        &siblings,
+    ];
+    let drained = start_sidecar(app, &args).await;
+    // One balancer (127.0.0.1) spread over both pods.
+    for _ in 0..5 {
+        assert!(served(drained.listen).await && served(sibling.listen).await);
+    }
+    let trigger = Instant::now();
+    let done = drained.prestop(None);
+    // The balancer has let the pod go: its connections all go to the sibling now, in bursts
+    // with pauses (silence alone would prove nothing for 30 s).
+    for _ in 0..3 {
+        assert_eq!(burst(sibling.listen, 8).await, 8);
+        tokio::time::sleep(secs(1.5)).await;
+        if done.is_finished() {
+            break;
+        }
+    }
+    let summary = summary_of(&done.await.unwrap());
+    let took = trigger.elapsed();
+    assert_eq!(summary["released_by"], "siblings", "{summary}");
+    assert_eq!(summary["sources"], 1, "{summary}");
+    assert_eq!(summary["sources_let_go"], 1, "{summary}");
+    assert!(took < secs(8.0), "{took:?}: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sibling_answers_counts_only_for_the_sources_it_is_asked_about() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, &[]).await;
+    assert!(served(sc.listen).await && served(sc.listen).await);
+    let ask = |body: &str| {
+        format!(
+            "POST /connections HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let answer = exchange(sc.admin, &ask(r#"["127.0.0.1","10.9.9.9"]"#))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("[2,0]"),
+        "{answer}"
+    );
+    let answer = exchange(sc.admin, &ask("{}")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Not on the traffic port: that is the app's, which knows nothing of counts.
+    let answer = exchange(sc.listen, &ask(r#"["127.0.0.1"]"#)).await.unwrap();
+    assert!(!answer.trim_end().ends_with(']'), "{answer}");
 }
