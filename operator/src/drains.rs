@@ -6,6 +6,10 @@
 //! exit and the pod's deletion: well under a second, so a reconcile's list almost never sees
 //! it. A watch on injected pods (label `graceful.dev/injected`) keeps it as it passes.
 //! Both are in memory: an operator that restarts mid-rollout records the drains it saw.
+//!
+//! Newer sidecars also say which data planes they assumed in front of the pod, the lag they
+//! held for, and what released the drain (docs/data-planes.md); older ones omit these, which
+//! then read as unknown.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -16,6 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
 
 use crate::metrics::Metrics;
 use crate::webhook::annotations::INJECTED_LABEL;
@@ -23,8 +28,82 @@ use crate::webhook::annotations::INJECTED_LABEL;
 /// How long a sidecar's report waits to be claimed by a rollout before it is forgotten.
 const REPORT_TTL: SignedDuration = SignedDuration::from_secs(3600);
 
+/// One data plane the sidecar assumed in front of its pod, and its lag.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct DataPlaneLag {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub lag_seconds: f64,
+}
+
+/// The drain summary a sidecar writes into its termination message and answers /prestop with:
+/// the fields the operator and kubectl-graceful read. Everything but `connections_cut` may be
+/// missing (older sidecars), and fields it does not know are ignored.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct DrainSummary {
+    pub connections_cut: i64,
+    #[serde(default)]
+    pub requests_cut: i64,
+    #[serde(default)]
+    pub forced: bool,
+    #[serde(default)]
+    pub total_seconds: Option<f64>,
+    /// The data planes assumed (GRACEFUL_DATA_PLANES), kube-proxy included.
+    #[serde(default)]
+    pub data_planes: Vec<DataPlaneLag>,
+    /// The hold: the largest lag of the data planes other than kube-proxy.
+    #[serde(default)]
+    pub data_plane_lag_seconds: Option<f64>,
+    /// What ended the wait for the data planes: "traffic", "lag", "siblings" or "timeout".
+    #[serde(default)]
+    pub released_by: Option<String>,
+    #[serde(default)]
+    pub sources: u64,
+    #[serde(default)]
+    pub sources_let_go: u64,
+}
+
+impl DrainSummary {
+    /// Reads a summary; None for anything else (a crash's log tail, an older format).
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// "lag 120s, released by lag", or None from an older sidecar that said neither.
+    pub fn release(&self) -> Option<String> {
+        let lag = self
+            .data_plane_lag_seconds
+            .map(|l| format!("data-plane lag {}", seconds_text(l)));
+        let by = self
+            .released_by
+            .as_ref()
+            .map(|b| format!("released by {b}"));
+        let both: Vec<String> = lag.into_iter().chain(by).collect();
+        (!both.is_empty()).then(|| both.join(", "))
+    }
+
+    /// "kube-proxy 5s, load-balancer/web 120s".
+    pub fn data_planes_text(&self) -> String {
+        self.data_planes
+            .iter()
+            .map(|d| format!("{} {}", d.name, seconds_text(d.lag_seconds)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `5s`, `1.5s`.
+pub fn seconds_text(seconds: f64) -> String {
+    if seconds.fract() == 0.0 {
+        format!("{seconds:.0}s")
+    } else {
+        format!("{seconds:.1}s")
+    }
+}
+
 /// What one sidecar said when it exited.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SidecarReport {
     pub connections_cut: i64,
     pub requests_cut: i64,
@@ -33,6 +112,10 @@ pub struct SidecarReport {
     /// From the trigger to the end (absent from the reports of older sidecars).
     pub seconds: Option<f64>,
     pub finished: Timestamp,
+    /// The hold for the data planes in front, and what released the drain (absent from the
+    /// reports of older sidecars).
+    pub data_plane_lag_seconds: Option<f64>,
+    pub released_by: Option<String>,
 }
 
 /// One old pod's drain as seen by the reconciles of one rollout.
@@ -46,13 +129,16 @@ struct DrainSeen {
 }
 
 /// What a finished rollout's record says about its drains.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DrainTotals {
     pub pods: i32,
     /// Drains whose sidecar report arrived (the rest end when their pod was seen gone).
     pub reported: i32,
     pub longest_seconds: i64,
     pub connections_cut: i64,
+    /// The longest drain's data-plane lag and what released it, when its sidecar said.
+    pub longest_data_plane_lag_seconds: Option<f64>,
+    pub longest_released_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -107,6 +193,7 @@ impl Drains {
         let seen = self.seen.lock().expect("drains lock");
         let reports = self.reports.lock().expect("reports lock");
         let mut totals = DrainTotals::default();
+        let mut timed = false;
         for (uid, d) in seen.iter().filter(|(_, d)| d.rollout == rollout) {
             let report = reports.get(uid);
             totals.pods += 1;
@@ -115,7 +202,13 @@ impl Drains {
             let ended = report.map(|r| r.finished).or(d.gone);
             if let (Some(start), Some(end)) = (d.started, ended) {
                 let secs = end.duration_since(start).as_secs();
-                totals.longest_seconds = totals.longest_seconds.max(secs);
+                if !timed || secs > totals.longest_seconds {
+                    timed = true;
+                    totals.longest_seconds = secs;
+                    totals.longest_data_plane_lag_seconds =
+                        report.and_then(|r| r.data_plane_lag_seconds);
+                    totals.longest_released_by = report.and_then(|r| r.released_by.clone());
+                }
             }
         }
         totals
@@ -140,16 +233,18 @@ pub fn sidecar_report(pod: &Pod) -> Option<SidecarReport> {
     let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
     statuses.iter().find_map(|s| {
         let terminated = s.state.as_ref()?.terminated.as_ref()?;
-        let v: serde_json::Value = serde_json::from_str(terminated.message.as_ref()?).ok()?;
+        let summary = DrainSummary::parse(terminated.message.as_ref()?)?;
         Some(SidecarReport {
-            connections_cut: v.get("connections_cut")?.as_i64()?,
-            requests_cut: v.get("requests_cut").and_then(|n| n.as_i64()).unwrap_or(0),
-            forced: v.get("forced").and_then(|f| f.as_bool()).unwrap_or(false),
-            seconds: v.get("total_seconds").and_then(|t| t.as_f64()),
+            connections_cut: summary.connections_cut,
+            requests_cut: summary.requests_cut,
+            forced: summary.forced,
+            seconds: summary.total_seconds,
             finished: terminated
                 .finished_at
                 .as_ref()
                 .map_or_else(Timestamp::now, |t| t.0),
+            data_plane_lag_seconds: summary.data_plane_lag_seconds,
+            released_by: summary.released_by,
         })
     })
 }
@@ -263,6 +358,8 @@ mod tests {
             forced: false,
             seconds: None,
             finished: at(finished),
+            data_plane_lag_seconds: None,
+            released_by: None,
         }
     }
 
@@ -287,7 +384,9 @@ mod tests {
                 requests_cut: 1,
                 forced: true,
                 seconds: Some(30.5),
-                finished: at(7)
+                finished: at(7),
+                data_plane_lag_seconds: None,
+                released_by: None,
             })
         );
         // An older sidecar's summary: only what the record needs.
@@ -312,7 +411,9 @@ mod tests {
                 pods: 1,
                 reported: 1,
                 longest_seconds: 6,
-                connections_cut: 3
+                connections_cut: 3,
+                longest_data_plane_lag_seconds: None,
+                longest_released_by: None,
             }
         );
         assert_eq!(drains.totals("r1"), totals, "unchanged until forgotten");

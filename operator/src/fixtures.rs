@@ -33,6 +33,8 @@ struct State {
     /// Paths read (GET), in order.
     reads: Vec<String>,
     next_uid: u64,
+    /// Path fragments whose reads are refused (403), as RBAC refuses them.
+    forbidden: Vec<String>,
 }
 
 /// An in-memory API server for one namespace.
@@ -58,6 +60,10 @@ fn plural_of(kind: &str) -> &'static str {
         "EndpointSlice" => "endpointslices",
         "GracefulRollout" => "gracefulrollouts",
         "Lease" => "leases",
+        "Service" => "services",
+        "Ingress" => "ingresses",
+        "HTTPRoute" => "httproutes",
+        "TargetGroupBinding" => "targetgroupbindings",
         other => panic!("fixture does not know kind {other}"),
     }
 }
@@ -120,6 +126,15 @@ impl FakeApi {
             .cloned()
     }
 
+    /// Refuses reads of paths containing `fragment` from now on, as RBAC without the rule does.
+    pub fn forbid(&self, fragment: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
+            .push(fragment.to_owned());
+    }
+
     /// Paths read (gets and lists), in order.
     pub fn reads(&self) -> Vec<String> {
         self.state.lock().unwrap().reads.clone()
@@ -174,6 +189,12 @@ impl FakeApi {
         let mut st = self.state.lock().unwrap();
         if parts.method == Method::GET {
             st.reads.push(path.clone());
+            if st.forbidden.iter().any(|f| path.contains(f.as_str())) {
+                return respond(
+                    StatusCode::FORBIDDEN,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": format!("cannot list {path}")}),
+                );
+            }
         } else {
             st.writes.push(Write {
                 path: path.clone(),
@@ -199,7 +220,15 @@ impl FakeApi {
             None if path.contains("/events") => return respond(StatusCode::CREATED, body),
             None => {
                 // An empty collection we were never given: lists are empty, gets are 404.
-                let known = ["deployments", "replicasets", "pods", "endpointslices"];
+                // HTTPRoutes and TargetGroupBindings are CRDs: absent unless given, 404.
+                let known = [
+                    "deployments",
+                    "replicasets",
+                    "pods",
+                    "endpointslices",
+                    "services",
+                    "ingresses",
+                ];
                 return if parts.method == Method::GET && known.iter().any(|p| path.ends_with(p)) {
                     respond(
                         StatusCode::OK,

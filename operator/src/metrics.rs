@@ -369,6 +369,8 @@ mod tests {
                 forced: true,
                 seconds: Some(30.0),
                 finished: Timestamp::now(),
+                data_plane_lag_seconds: Some(120.0),
+                released_by: Some("siblings".into()),
             },
         );
         m.observe_review("inject", "patched");

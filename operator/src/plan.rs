@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{GracefulRolloutSpec, GracefulRolloutStatus, Phase, RolloutRecord};
-use crate::drains::DrainTotals;
+use crate::drains::{DrainTotals, seconds_text};
 use crate::pacing::Held;
 
 /// How often a rollout in progress is looked at while it waits on what no watch shows: an old
@@ -637,8 +637,18 @@ fn record(
 ) -> RolloutRecord {
     let finished = Time(Timestamp::now());
     let took = finished.0.duration_since(started.0).as_secs();
+    // The longest drain's hold for its data planes says why it took that long.
+    let why = match (
+        drains.longest_data_plane_lag_seconds,
+        &drains.longest_released_by,
+    ) {
+        (Some(lag), Some(by)) if lag > 0.0 => {
+            format!(" (data-plane lag {}, released by {by})", seconds_text(lag))
+        }
+        _ => String::new(),
+    };
     let summary = format!(
-        "{outcome} in {took}s, {replicas} pods, longest drain {}s, {} cut",
+        "{outcome} in {took}s, {replicas} pods, longest drain {}s{why}, {} cut",
         drains.longest_seconds, drains.connections_cut
     );
     RolloutRecord {

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use tracing::{info, warn};
 
+use super::data_planes::Around;
 use super::inject::{self, Context, Outcome, SidecarImage};
 
 /// Namespaces whose pods are never touched, whatever their annotations say.
@@ -17,6 +18,8 @@ pub const ALWAYS_EXCLUDED: &[&str] = &["kube-system", "kube-public", "kube-node-
 pub struct Lookup {
     pub owner_annotations: BTreeMap<String, String>,
     pub services: Vec<Service>,
+    /// What in the namespace may name those Services (data-plane detection).
+    pub around: Around,
 }
 
 /// Policy the server was started with.
@@ -57,6 +60,7 @@ pub fn review(
     let ctx = Context {
         owner_annotations: &lookup.owner_annotations,
         services: &lookup.services,
+        around: &lookup.around,
         sidecar: &policy.sidecar,
         prestop_token,
     };

@@ -29,6 +29,10 @@ pub const MIN_QUIET_WINDOW: &str = "graceful.dev/min-quiet-window";
 /// How long a request waits in the sidecar for the app while it restarts (a crash, a failed
 /// liveness probe), before a 503 with Retry-After (e.g. `20s`; `0s`: 502 at once).
 pub const UPSTREAM_RESTART_WAIT: &str = "graceful.dev/upstream-restart-wait";
+/// The longest any data plane in front of the pod may keep sending new requests after the pod
+/// leaves the EndpointSlices (e.g. `120s`; `0s`: none beyond kube-proxy). Replaces what the
+/// injector detects (docs/data-planes.md).
+pub const DATA_PLANE_LAG: &str = "graceful.dev/data-plane-lag";
 /// The app's port the sidecar takes over: a port name of the app container, or a number.
 pub const APP_PORT: &str = "graceful.dev/app-port";
 /// The container the sidecar fronts, when the pod has more than one.
@@ -88,6 +92,8 @@ pub struct Settings {
     pub quiet_window: Option<Duration>,
     pub min_quiet_window: Duration,
     pub upstream_restart_wait: Duration,
+    /// None: detect the data planes.
+    pub data_plane_lag: Option<Duration>,
     pub app_port: Option<PortRef>,
     pub app_container: Option<String>,
     pub grace_policy: GracePolicy,
@@ -166,6 +172,9 @@ impl Settings {
             Some(v) => duration(UPSTREAM_RESTART_WAIT, v)?,
             None => defaults::UPSTREAM_RESTART_WAIT,
         };
+        let data_plane_lag = get(DATA_PLANE_LAG)
+            .map(|v| duration(DATA_PLANE_LAG, v))
+            .transpose()?;
         let app_port = get(APP_PORT).map(port_ref).transpose()?;
         let app_container = match get(APP_CONTAINER) {
             Some("") => {
@@ -196,6 +205,7 @@ impl Settings {
             quiet_window,
             min_quiet_window,
             upstream_restart_wait,
+            data_plane_lag,
             app_port,
             app_container,
             grace_policy,
@@ -266,6 +276,11 @@ mod tests {
         assert_eq!(s.grace_policy, GracePolicy::Raise);
         assert_eq!(s.app_port, None);
         assert_eq!(s.upstream_restart_wait, defaults::UPSTREAM_RESTART_WAIT);
+        assert_eq!(s.data_plane_lag, None);
+        let s = Settings::from_annotations(&ann(&[(DATA_PLANE_LAG, " 120s ")])).unwrap();
+        assert_eq!(s.data_plane_lag, Some(Duration::from_secs(120)));
+        let s = Settings::from_annotations(&ann(&[(DATA_PLANE_LAG, "0s")])).unwrap();
+        assert_eq!(s.data_plane_lag, Some(Duration::ZERO));
         let s = Settings::from_annotations(&ann(&[(UPSTREAM_RESTART_WAIT, "0s")])).unwrap();
         assert_eq!(s.upstream_restart_wait, Duration::ZERO);
     }
@@ -306,6 +321,10 @@ mod tests {
             (GRACE_PERIOD, "maybe"),
             (UPSTREAM_RESTART_WAIT, "a while"),
             (APP_CONTAINER, ""),
+            (DATA_PLANE_LAG, "abc"),
+            (DATA_PLANE_LAG, "-1s"),
+            (DATA_PLANE_LAG, "2h"),
+            (DATA_PLANE_LAG, ""),
         ] {
             let err = Settings::from_annotations(&ann(&[(key, value)])).unwrap_err();
             assert_eq!(err.key, key, "{value}");

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::annotations::{self, GracePolicy, PortRef, Settings};
+use super::data_planes::{self, Around, DataPlane};
 use crate::names::ADMIN_PORT_NAME;
 
 /// Name of the injected init container; its presence means "already injected".
@@ -43,6 +44,8 @@ pub struct Context<'a> {
     pub owner_annotations: &'a BTreeMap<String, String>,
     /// Services of the pod's namespace (the injector picks those that select the pod).
     pub services: &'a [Service],
+    /// What may name those Services: Ingresses, HTTPRoutes, TargetGroupBindings.
+    pub around: &'a Around,
     pub sidecar: &'a SidecarImage,
     /// Random per pod: the kubelet presents it on preStop, the sidecar checks it.
     pub prestop_token: &'a str,
@@ -135,7 +138,9 @@ fn build(
     let app_name = app.name.clone();
 
     let labels = original.metadata.labels.clone().unwrap_or_default();
-    let mut sidecar = sidecar_container(settings, &port, &labels, ctx);
+    let (planes, settings) = size_for_data_planes(settings, &labels, ctx, &mut warnings);
+    let settings = &settings;
+    let mut sidecar = sidecar_container(settings, &port, &labels, &planes, ctx);
     // The ServiceAccount admission plugin ran before this webhook and mounted the API token
     // only into the containers that existed then: the sidecar needs it to watch EndpointSlices.
     let token_mounts: Vec<VolumeMount> = app
@@ -171,9 +176,19 @@ fn build(
                 ));
             }
             GracePolicy::Reject => {
+                let lag = data_planes::hold(&planes);
+                let lag = if lag.is_zero() {
+                    String::new()
+                } else {
+                    format!(
+                        " (the drain covers a data-plane lag of {}: {})",
+                        human(lag),
+                        annotations::DATA_PLANE_LAG
+                    )
+                };
                 return Err(format!(
                     "terminationGracePeriodSeconds {current} is shorter than the drain needs: {required} \
-                     ({budget}); raise it, shorten {} / {}, or drop {}=reject to have it raised",
+                     ({budget}); raise it, shorten {} / {}{lag}, or drop {}=reject to have it raised",
                     annotations::DRAIN_TIMEOUT,
                     annotations::DEREGISTER_DELAY,
                     annotations::GRACE_PERIOD
@@ -200,6 +215,51 @@ fn build(
         .get_or_insert_with(BTreeMap::new)
         .insert(annotations::INJECTED_LABEL.to_owned(), "true".to_owned());
     Ok((pod, warnings))
+}
+
+/// The data planes in front of the pod (declared, else detected) and the settings with the drain
+/// timeout raised to cover their lag, which the sidecar requires; a raise is said in a warning.
+fn size_for_data_planes(
+    settings: &Settings,
+    labels: &BTreeMap<String, String>,
+    ctx: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> (Vec<DataPlane>, Settings) {
+    let selecting: Vec<&Service> = ctx
+        .services
+        .iter()
+        .filter(|svc| selects(svc, labels))
+        .collect();
+    let detected = match settings.data_plane_lag {
+        Some(_) => Vec::new(),
+        None => data_planes::detect(&selecting, ctx.around),
+    };
+    let planes = data_planes::plan(
+        settings.propagation_margin,
+        settings.data_plane_lag,
+        detected,
+    );
+    let hold = data_planes::hold(&planes);
+    let mut sized = settings.clone();
+    sized.drain_timeout = data_planes::drain_timeout(settings.drain_timeout, hold);
+    if sized.drain_timeout > settings.drain_timeout {
+        let slowest: Vec<&str> = planes
+            .iter()
+            .filter(|d| !d.is_kube_proxy() && d.lag == hold)
+            .map(|d| d.name.as_str())
+            .collect();
+        warnings.push(format!(
+            "graceful: drain timeout raised from {} to {} to cover a data-plane lag of {} ({}) plus {}; \
+             state the lag with {} if it is shorter (docs/data-planes.md)",
+            human(settings.drain_timeout),
+            human(sized.drain_timeout),
+            human(hold),
+            slowest.join(", "),
+            human(data_planes::HOLD_SLACK),
+            annotations::DATA_PLANE_LAG
+        ));
+    }
+    (planes, sized)
 }
 
 /// Whole seconds covering deregistration, drain and the margin.
@@ -388,6 +448,7 @@ fn sidecar_container(
     settings: &Settings,
     port: &AppPort,
     original_labels: &BTreeMap<String, String>,
+    planes: &[DataPlane],
     ctx: &Context<'_>,
 ) -> Container {
     let field = |path: &str| EnvVarSource {
@@ -451,6 +512,13 @@ fn sidecar_container(
                 value: Some(selecting_services(original_labels, ctx.services).join(",")),
                 ..Default::default()
             },
+            // What may send the pod traffic and for how long after it leaves the
+            // EndpointSlices: the drain holds for the largest lag (docs/data-planes.md).
+            EnvVar {
+                name: data_planes::ENV_DATA_PLANES.to_owned(),
+                value: Some(data_planes::env_value(planes)),
+                ..Default::default()
+            },
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -509,7 +577,7 @@ fn sidecar_container(
 
 /// Whether the Service's selector picks a pod with these labels (a Service without one picks
 /// none: its endpoints are managed by hand).
-fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
     svc.spec
         .as_ref()
         .and_then(|s| s.selector.as_ref())
@@ -557,9 +625,5 @@ fn bypassing_services(pod: &Pod, services: &[Service], port: &AppPort) -> Vec<St
 }
 
 fn human(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
+    data_planes::duration_text(d)
 }

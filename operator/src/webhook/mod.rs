@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod annotations;
+pub mod data_planes;
 pub mod endpoint_reader;
 pub mod inject;
 pub mod pace;

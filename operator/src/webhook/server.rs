@@ -3,10 +3,10 @@
 //! TLS only, on its own port. The certificate is reloaded from its Secret every minute, which
 //! also puts the caBundle back if someone reset it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,9 +19,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::{Selector, SelectorExt};
 use tokio::net::TcpListener;
@@ -31,8 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use super::admission::{self, Lookup, Policy};
 use super::annotations;
+use super::data_planes::{self, Around};
 use super::endpoint_reader::EndpointReader;
-use super::inject::SidecarImage;
+use super::inject::{self, SidecarImage};
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
 use crate::certs::{self, TlsMaterial};
@@ -51,6 +53,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_REFRESH: Duration = Duration::from_secs(60);
 const CERT_RETRY: Duration = Duration::from_secs(2);
+/// Of the lookup budget, what the data-plane lookups leave to the rest (the grant): they are a
+/// refinement, and a slow one must not cost the pod its owner's annotations.
+const AROUND_RESERVE: Duration = Duration::from_secs(1);
+/// After a 404 (the CRD is not installed), how long a kind is not asked for again.
+const ABSENT_RECHECK: Duration = Duration::from_secs(300);
 
 struct State {
     client: Client,
@@ -59,6 +66,101 @@ struct State {
     /// The operator's ServiceAccount user name, whose Deployment writes pass unpaced.
     operator_user: String,
     metrics: Arc<Metrics>,
+    around: AroundLookups,
+}
+
+/// What the data-plane lookups remember across reviews: the kinds whose failure was already
+/// logged as a warning (once per kind and process; later ones at debug), and the CRD kinds
+/// found absent, not listed again for [`ABSENT_RECHECK`].
+#[derive(Default)]
+struct AroundLookups {
+    warned: Mutex<HashSet<&'static str>>,
+    absent_until: Mutex<HashMap<&'static str, tokio::time::Instant>>,
+}
+
+impl AroundLookups {
+    /// Every object of one kind in the namespace; nothing when the lookup fails, is forbidden,
+    /// or does not answer by `until`. `crd`: a 404 means the kind is not installed.
+    async fn list<K>(
+        &self,
+        what: &'static str,
+        api: Api<K>,
+        crd: bool,
+        until: tokio::time::Instant,
+    ) -> Vec<K>
+    where
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let now = tokio::time::Instant::now();
+        if crd
+            && self
+                .absent_until
+                .lock()
+                .expect("not poisoned")
+                .get(what)
+                .is_some_and(|t| *t > now)
+        {
+            return Vec::new();
+        }
+        let failed = match tokio::time::timeout_at(until, api.list(&ListParams::default())).await {
+            Ok(Ok(list)) => return list.items,
+            Ok(Err(kube::Error::Api(e))) if crd && e.code == 404 => {
+                debug!(
+                    kind = what,
+                    "not installed; not asked again for {ABSENT_RECHECK:?}"
+                );
+                self.absent_until
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(what, now + ABSENT_RECHECK);
+                return Vec::new();
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within the lookup budget".to_owned(),
+        };
+        if self.warned.lock().expect("not poisoned").insert(what) {
+            warn!(
+                kind = what,
+                error = %failed,
+                "listing failed; the data planes it would show are left out of injected pods \
+                 (this warning is logged once; later failures at debug)"
+            );
+        } else {
+            debug!(kind = what, error = %failed, "listing failed");
+        }
+        Vec::new()
+    }
+
+    /// The Ingresses, HTTPRoutes and TargetGroupBindings of the namespace, at once.
+    async fn look(&self, client: &Client, namespace: &str, until: tokio::time::Instant) -> Around {
+        let dynamic =
+            |resource| Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+        let (ingresses, http_routes, target_group_bindings) = tokio::join!(
+            self.list(
+                "ingresses",
+                Api::<Ingress>::namespaced(client.clone(), namespace),
+                false,
+                until
+            ),
+            self.list(
+                "httproutes",
+                dynamic(data_planes::http_route_resource()),
+                true,
+                until
+            ),
+            self.list(
+                "targetgroupbindings",
+                dynamic(data_planes::target_group_binding_resource()),
+                true,
+                until
+            ),
+        );
+        Around {
+            ingresses,
+            http_routes,
+            target_group_bindings,
+        }
+    }
 }
 
 /// Serves the webhook until `shutdown` resolves, then finishes the reviews in flight.
@@ -103,6 +205,7 @@ pub async fn serve(
             args.operator_namespace, args.service_account
         ),
         metrics,
+        around: AroundLookups::default(),
     });
 
     let listener = TcpListener::bind(args.webhook_addr)
@@ -303,17 +406,21 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
     let namespace = req.namespace.clone().unwrap_or_default();
     // One budget for every API call this review makes: the lookups and the grant.
     let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
-    let lookup =
-        match tokio::time::timeout_at(deadline, look_up(&state.client, &namespace, &req)).await {
-            Ok(l) => l,
-            Err(_) => {
-                warn!(
-                    namespace,
-                    "lookups timed out; deciding on the pod's own annotations"
-                );
-                Lookup::default()
-            }
-        };
+    let lookup = match tokio::time::timeout_at(
+        deadline,
+        look_up(&state.client, &namespace, &req, &state.around, deadline),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(_) => {
+            warn!(
+                namespace,
+                "lookups timed out; deciding on the pod's own annotations"
+            );
+            Lookup::default()
+        }
+    };
     let mut response = admission::review(&req, &lookup, &state.policy, &prestop_token());
     if response.allowed
         && response.patch.is_some()
@@ -343,8 +450,16 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
 }
 
 /// The owning Deployment's annotations (pod -> ReplicaSet -> Deployment), and the namespace's
-/// Services when the pod is to be injected. A failed lookup decides on what is known.
-async fn look_up(client: &Client, namespace: &str, req: &AdmissionRequest<Pod>) -> Lookup {
+/// Services when the pod is to be injected, and when some select it what may name them (the
+/// data planes in front: Ingresses, HTTPRoutes, TargetGroupBindings). A failed lookup decides
+/// on what is known.
+async fn look_up(
+    client: &Client,
+    namespace: &str,
+    req: &AdmissionRequest<Pod>,
+    around: &AroundLookups,
+    deadline: tokio::time::Instant,
+) -> Lookup {
     let mut lookup = Lookup::default();
     let Some(pod) = req.object.as_ref() else {
         return lookup;
@@ -367,6 +482,15 @@ async fn look_up(client: &Client, namespace: &str, req: &AdmissionRequest<Pod>) 
             Err(e) => {
                 warn!(namespace, error = %e, "listing Services failed; no targetPort warnings")
             }
+        }
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+        if lookup
+            .services
+            .iter()
+            .any(|svc| inject::selects(svc, labels))
+        {
+            let until = deadline.checked_sub(AROUND_RESERVE).unwrap_or(deadline);
+            lookup.around = around.look(client, namespace, until).await;
         }
     }
     lookup
@@ -582,6 +706,123 @@ mod tests {
         assert!(found.is_empty(), "{found:?}");
     }
 
+    fn state_of(api: &fixtures::FakeApi) -> State {
+        let client = api.client();
+        State {
+            client: client.clone(),
+            policy: super::super::tests::policy(),
+            reader: None,
+            operator_user: "system:serviceaccount:graceful:graceful-operator".into(),
+            metrics: Arc::new(Metrics::new(
+                &mut prometheus_client::registry::Registry::default(),
+            )),
+            around: AroundLookups::default(),
+        }
+    }
+
+    /// The pod's sidecar's GRACEFUL_DATA_PLANES after a review through the fake API.
+    async fn reviewed(state: &State) -> (AdmissionResponse, String) {
+        let review_json = super::super::tests::fixture();
+        let body = serde_json::to_vec(&review_json).unwrap();
+        let response = mutate(&body, state).await;
+        let mut pod = review_json["request"]["object"].clone();
+        let ops: json_patch::Patch =
+            serde_json::from_slice(response.patch.as_ref().expect("a patch")).unwrap();
+        json_patch::patch(&mut pod, &ops).unwrap();
+        let env = pod["spec"]["initContainers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == data_planes::ENV_DATA_PLANES)
+            .and_then(|e| e["value"].as_str())
+            .unwrap()
+            .to_owned();
+        (response, env)
+    }
+
+    fn service(name: &str, selector: &str, kind: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": fixtures::NS},
+            "spec": {"type": kind, "selector": {"app": selector},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+        })
+    }
+
+    fn route(backend: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": fixtures::NS},
+            "spec": {"parentRefs": [{"name": "public"}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": 80}]}]}
+        })
+    }
+
+    #[tokio::test]
+    async fn the_data_planes_are_looked_up_around_the_services_that_select_the_pod() {
+        let api = fixtures::FakeApi::default();
+        api.put(service("web", "web", "LoadBalancer"));
+        api.put(route("web"));
+        let state = state_of(&api);
+        let (response, env) = reviewed(&state).await;
+        assert!(response.allowed);
+        assert_eq!(
+            env,
+            "kube-proxy=5s,load-balancer/web=120s,gateway/public=10s"
+        );
+        let reads = api.reads().join("\n");
+        for kind in ["services", "ingresses", "httproutes", "targetgroupbindings"] {
+            assert!(reads.contains(&format!("/{kind}")), "{reads}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_service_selects_the_pod_no_data_plane_lookups() {
+        let api = fixtures::FakeApi::default();
+        api.put(service("other", "other", "LoadBalancer"));
+        let state = state_of(&api);
+        let (_, env) = reviewed(&state).await;
+        assert_eq!(env, "kube-proxy=5s");
+        let reads = api.reads().join("\n");
+        assert!(!reads.contains("/ingresses"), "{reads}");
+    }
+
+    #[tokio::test]
+    async fn a_crd_that_is_not_installed_is_not_asked_for_again() {
+        let api = fixtures::FakeApi::default();
+        api.put(service("web", "web", "ClusterIP"));
+        let state = state_of(&api);
+        let asked = |kind: &str| api.reads().iter().filter(|r| r.ends_with(kind)).count();
+        reviewed(&state).await;
+        reviewed(&state).await;
+        // Both 404 (no Gateway API, no AWS controller): asked once; Ingresses every time.
+        assert_eq!(asked("/httproutes"), 1);
+        assert_eq!(asked("/targetgroupbindings"), 1);
+        assert_eq!(asked("/ingresses"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_lookup_leaves_its_kind_out_and_admits_the_pod() {
+        let api = fixtures::FakeApi::default();
+        api.put(service("web", "web", "LoadBalancer"));
+        api.put(route("web"));
+        api.forbid("/httproutes");
+        api.forbid("/ingresses");
+        let state = state_of(&api);
+        let (response, env) = reviewed(&state).await;
+        assert!(response.allowed);
+        assert_eq!(env, "kube-proxy=5s,load-balancer/web=120s");
+        // Warned once per kind; a forbidden kind is asked again (RBAC may be fixed).
+        assert!(state.around.warned.lock().unwrap().contains("httproutes"));
+        reviewed(&state).await;
+        let asked = api
+            .reads()
+            .iter()
+            .filter(|r| r.ends_with("/httproutes"))
+            .count();
+        assert_eq!(asked, 2);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_hung_apiserver_costs_a_review_at_most_its_lookup_budget() {
         let (client, hung) = crate::fixtures::FakeApi::default().hangable_client();
@@ -594,6 +835,7 @@ mod tests {
             metrics: Arc::new(Metrics::new(
                 &mut prometheus_client::registry::Registry::default(),
             )),
+            around: AroundLookups::default(),
         };
         let body = serde_json::to_vec(&super::super::tests::fixture()).unwrap();
         let started = tokio::time::Instant::now();

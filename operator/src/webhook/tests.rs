@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::admission::{Lookup, Policy, review};
 use super::annotations as ann;
+use super::data_planes::{Around, ENV_DATA_PLANES};
 use super::inject::{SIDECAR_NAME, SidecarImage};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -261,6 +262,7 @@ fn deployment_annotation_is_enough_and_the_pod_may_opt_out() {
     let lookup = Lookup {
         owner_annotations: owner.clone(),
         services: services(),
+        ..Default::default()
     };
     let r = run_with(&review_json, &lookup);
     sidecar(&patched(&review_json, &r));
@@ -499,4 +501,235 @@ fn an_unnamed_app_port_is_fronted_but_said_to_be_unreachable_by_name() {
         "{:?}",
         warnings(&r)
     );
+}
+
+fn data_plane_fixture() -> Value {
+    serde_json::from_str(include_str!("fixtures/data-planes.json")).unwrap()
+}
+
+/// Of fixtures/data-planes.json's `key`, the objects named.
+fn picked<T: serde::de::DeserializeOwned>(key: &str, names: &[&str]) -> Vec<T> {
+    data_plane_fixture()[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| names.contains(&o["metadata"]["name"].as_str().unwrap()))
+        .map(|o| serde_json::from_value(o.clone()).unwrap())
+        .collect()
+}
+
+/// The Services of services.json, and of fixtures/data-planes.json the objects named.
+fn around(names: &[&str]) -> Lookup {
+    let mut services = services();
+    services.extend(picked::<Service>("services", names));
+    Lookup {
+        services,
+        around: Around {
+            ingresses: picked("ingresses", names),
+            http_routes: picked("httpRoutes", names),
+            target_group_bindings: picked("targetGroupBindings", names),
+        },
+        ..Default::default()
+    }
+}
+
+/// What the sidecar is told: its data planes, its drain timeout; and the pod's grace period.
+fn sized(review_json: &Value, lookup: &Lookup) -> (String, String, i64, Vec<String>) {
+    let r = run_with(review_json, lookup);
+    let pod = patched(review_json, &r);
+    let side = sidecar(&pod);
+    let env = side
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == ENV_DATA_PLANES)
+        .and_then(|e| e.value)
+        .expect("GRACEFUL_DATA_PLANES");
+    let args = side.args.clone().unwrap();
+    let at = args.iter().position(|a| a == "--drain-timeout").unwrap();
+    let grace = pod.spec.unwrap().termination_grace_period_seconds.unwrap();
+    (env, args[at + 1].clone(), grace, warnings(&r))
+}
+
+#[test]
+fn each_kind_of_data_plane_is_detected_from_what_names_the_pods_services() {
+    for (names, want, drain) in [
+        (&[][..], "kube-proxy=5s", "30000ms"),
+        (
+            &["web-lb"],
+            "kube-proxy=5s,load-balancer/web-lb=120s",
+            "135000ms",
+        ),
+        (
+            &["web-nlb"],
+            "kube-proxy=5s,aws-nlb/web-nlb=120s",
+            "135000ms",
+        ),
+        (
+            &["web-nlb-class"],
+            "kube-proxy=5s,aws-nlb/web-nlb-class=120s",
+            "135000ms",
+        ),
+        (&["web-neg"], "kube-proxy=5s,gke-neg/web-neg=60s", "75000ms"),
+        // A node port reaches the pod through the node's kube-proxy: nothing to add.
+        (&["web-nodeport"], "kube-proxy=5s", "30000ms"),
+        // Selects other pods.
+        (&["other-lb"], "kube-proxy=5s", "30000ms"),
+        // 10s + 15s is within the 30s drain timeout.
+        (
+            &["web-traefik"],
+            "kube-proxy=5s,ingress/traefik=10s",
+            "30000ms",
+        ),
+        (
+            &["web-old-style"],
+            "kube-proxy=5s,ingress/nginx=10s",
+            "30000ms",
+        ),
+        // Its Service does not select the pod unless it is there.
+        (&["web-no-class"], "kube-proxy=5s", "30000ms"),
+        (
+            &["web-no-class", "web-nodeport"],
+            "kube-proxy=5s,ingress/default=10s",
+            "30000ms",
+        ),
+        (&["web-alb"], "kube-proxy=5s,aws-alb/web-alb=30s", "45000ms"),
+        (
+            &["web-alb-annotated"],
+            "kube-proxy=5s,aws-alb/web-alb-annotated=30s",
+            "45000ms",
+        ),
+        (&["other"], "kube-proxy=5s", "30000ms"),
+        // The Gateway parent counts, the mesh Service parent does not.
+        (&["web"], "kube-proxy=5s,gateway/public=10s", "30000ms"),
+        // Sends to other Services, or to a `web` of another namespace.
+        (&["elsewhere"], "kube-proxy=5s", "30000ms"),
+        (
+            &["web-tg"],
+            "kube-proxy=5s,aws-target-group/web-tg=120s",
+            "135000ms",
+        ),
+        (&["other-tg"], "kube-proxy=5s", "30000ms"),
+    ] {
+        let (env, drain_timeout, _, _) = sized(&fixture(), &around(names));
+        assert_eq!(env, want, "{names:?}");
+        assert_eq!(drain_timeout, drain, "{names:?}");
+    }
+}
+
+#[test]
+fn every_data_plane_at_once_largest_lag_first() {
+    let all = [
+        "web-lb",
+        "web-nlb",
+        "web-neg",
+        "web-nodeport",
+        "web-traefik",
+        "web-old-style",
+        "web-no-class",
+        "web-alb",
+        "web",
+        "web-tg",
+    ];
+    let (env, drain, grace, w) = sized(&fixture(), &around(&all));
+    assert_eq!(
+        env,
+        "kube-proxy=5s,aws-nlb/web-nlb=120s,aws-target-group/web-tg=120s,\
+         load-balancer/web-lb=120s,gke-neg/web-neg=60s,aws-alb/web-alb=30s,gateway/public=10s,\
+         ingress/default=10s,ingress/nginx=10s,ingress/traefik=10s"
+    );
+    assert_eq!(drain, "135000ms");
+    // deregister 5 + drain 135 + margin 5.
+    assert_eq!(grace, 145);
+    assert!(
+        w.iter().any(|w| w.contains(
+            "drain timeout raised from 30s to 135s to cover a data-plane lag of 120s \
+             (aws-nlb/web-nlb, aws-target-group/web-tg, load-balancer/web-lb) plus 15s"
+        )),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|w| w.contains("raised from 30 to 145")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn a_declared_lag_replaces_what_is_detected() {
+    let everything = around(&["web-lb", "web-traefik", "web-tg"]);
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"][ann::DATA_PLANE_LAG] = json!("45s");
+    let (env, drain, grace, _) = sized(&review_json, &everything);
+    assert_eq!(env, "kube-proxy=5s,declared=45s");
+    assert_eq!((drain.as_str(), grace), ("60000ms", 70));
+
+    // 0s: no hold, today's rule; nothing raised beyond today's budget.
+    object(&mut review_json)["metadata"]["annotations"][ann::DATA_PLANE_LAG] = json!("0s");
+    let (env, drain, grace, w) = sized(&review_json, &everything);
+    assert_eq!(env, "kube-proxy=5s,declared=0s");
+    assert_eq!((drain.as_str(), grace), ("30000ms", 40));
+    assert!(
+        !w.iter().any(|w| w.contains("drain timeout raised")),
+        "{w:?}"
+    );
+
+    // On the Deployment, as the other annotations.
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"] = json!({});
+    let owner = BTreeMap::from([
+        (ann::INJECT.to_string(), "true".to_string()),
+        (ann::DATA_PLANE_LAG.to_string(), "2m".to_string()),
+    ]);
+    let lookup = Lookup {
+        owner_annotations: owner,
+        ..everything
+    };
+    let (env, drain, grace, _) = sized(&review_json, &lookup);
+    assert_eq!(env, "kube-proxy=5s,declared=120s");
+    assert_eq!((drain.as_str(), grace), ("135000ms", 145));
+}
+
+#[test]
+fn kube_proxys_lag_is_the_propagation_margin_and_a_long_drain_timeout_stays() {
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"][ann::PROPAGATION_MARGIN] = json!("1500ms");
+    object(&mut review_json)["metadata"]["annotations"][ann::DRAIN_TIMEOUT] = json!("200s");
+    let (env, drain, grace, w) = sized(&review_json, &around(&["web-lb"]));
+    assert_eq!(env, "kube-proxy=1500ms,load-balancer/web-lb=120s");
+    assert_eq!((drain.as_str(), grace), ("200000ms", 210));
+    assert!(
+        !w.iter().any(|w| w.contains("drain timeout raised")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn a_grace_period_too_short_for_the_data_planes_is_refused_when_asked() {
+    let mut review_json = fixture();
+    object(&mut review_json)["metadata"]["annotations"][ann::GRACE_PERIOD] = json!("reject");
+    object(&mut review_json)["spec"]["terminationGracePeriodSeconds"] = json!(60);
+    let message = denial(&run_with(&review_json, &around(&["web-nlb"])));
+    assert!(message.contains("145"), "{message}");
+    assert!(
+        message.contains("data-plane lag of 120s") && message.contains(ann::DATA_PLANE_LAG),
+        "{message}"
+    );
+    // Long enough: untouched.
+    object(&mut review_json)["spec"]["terminationGracePeriodSeconds"] = json!(145);
+    let (_, _, grace, _) = sized(&review_json, &around(&["web-nlb"]));
+    assert_eq!(grace, 145);
+}
+
+#[test]
+fn bad_data_plane_lags_are_refused_at_admission() {
+    for value in ["abc", "-1s", "2h", "120"] {
+        let mut review_json = fixture();
+        object(&mut review_json)["metadata"]["annotations"][ann::DATA_PLANE_LAG] = json!(value);
+        let message = denial(&run(&review_json));
+        assert!(
+            message.starts_with(&format!("graceful: annotation {}:", ann::DATA_PLANE_LAG)),
+            "{value}: {message}"
+        );
+    }
 }
