@@ -2,6 +2,7 @@
 //! server's pod proxy (`pods/proxy`), so it works from wherever kubectl does.
 
 use graceful_operator::names::ADMIN_PORT_NAME;
+use graceful_operator::webhook::data_planes::ENV_DATA_PLANES;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 
@@ -22,6 +23,11 @@ pub struct DrainFigures {
     pub open_connections: u64,
     /// Requests cut at the drain deadline.
     pub requests_cut: u64,
+    /// The slowest data plane's lag the drain holds for (0: kube-proxy alone).
+    pub data_plane_lag_seconds: f64,
+    /// Sources of the pod's recent connections, and those its siblings show let go.
+    pub sources: u64,
+    pub sources_let_go: u64,
 }
 
 impl DrainFigures {
@@ -49,6 +55,9 @@ impl DrainFigures {
                 "graceful_in_flight_requests" => f.in_flight = value as u64,
                 "graceful_open_connections" => f.open_connections += value as u64,
                 "graceful_requests_force_closed_total" => f.requests_cut = value as u64,
+                "graceful_drain_data_plane_lag_seconds" => f.data_plane_lag_seconds = value,
+                "graceful_drain_sources" => f.sources = value as u64,
+                "graceful_drain_sources_let_go" => f.sources_let_go = value as u64,
                 _ => {}
             }
         }
@@ -76,6 +85,12 @@ impl DrainFigures {
             ", {} open, {} in flight",
             self.open_connections, self.in_flight
         ));
+        if self.data_plane_lag_seconds > 0.0 && self.phase == "quiescing" {
+            s.push_str(&format!(
+                ", holding for a data-plane lag of {:.0}s ({} of {} sources let go)",
+                self.data_plane_lag_seconds, self.sources_let_go, self.sources
+            ));
+        }
         if self.requests_cut > 0 {
             s.push_str(&format!(", {} cut", self.requests_cut));
         }
@@ -87,6 +102,22 @@ fn label(labels: &str, key: &str) -> Option<String> {
     let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
     let end = labels[start..].find('"')? + start;
     Some(labels[start..end].to_owned())
+}
+
+/// The data planes the injector found in front of the pod and their lags, as its sidecar was
+/// told (`kube-proxy 5s, load-balancer/web 120s`); None without an injected sidecar.
+pub fn data_planes(pod: &Pod) -> Option<String> {
+    let value = pod
+        .spec
+        .as_ref()?
+        .init_containers
+        .iter()
+        .flatten()
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == ENV_DATA_PLANES)?
+        .value
+        .clone()?;
+    Some(value.replace('=', " ").replace(',', ", "))
 }
 
 /// The port number of the pod's sidecar admin port, if it has an injected sidecar.
@@ -142,6 +173,9 @@ graceful_in_flight_requests 1
 graceful_open_connections{protocol="http1"} 2
 graceful_open_connections{protocol="http2"} 1
 graceful_requests_force_closed_total 0
+graceful_drain_data_plane_lag_seconds 120.0
+graceful_drain_sources 4
+graceful_drain_sources_let_go 3
 "#;
 
     #[test]
@@ -155,7 +189,7 @@ graceful_requests_force_closed_total 0
         assert_eq!(
             f.describe(),
             "quiescing 3.2s, 1032 requests since the trigger (last at +3.1s), window 0.30s, \
-             3 open, 1 in flight"
+             3 open, 1 in flight, holding for a data-plane lag of 120s (3 of 4 sources let go)"
         );
     }
 

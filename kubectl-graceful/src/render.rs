@@ -102,6 +102,9 @@ pub fn frame(s: &Snapshot, style: Style) -> String {
         revisions.push_str(&format!(", {} {failed}", style.paint(RED, "failed")));
     }
     out.push_str(&format!("Revisions: {revisions}\n"));
+    if let Some(planes) = &s.data_planes {
+        out.push_str(&format!("Fronted:   {planes}\n"));
+    }
     if let Some(last) = &st.last_rollout {
         out.push_str(&format!("Last:      {}\n", last.summary));
     }
@@ -245,6 +248,7 @@ mod tests {
                     }),
                 },
             ],
+            data_planes: Some("kube-proxy 5s, load-balancer/web 120s".into()),
         }
     }
 
@@ -263,6 +267,10 @@ mod tests {
         );
         assert!(
             text.contains("stable 5f7b9c96cd, rolling out 6d94bfd987"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Fronted:   kube-proxy 5s, load-balancer/web 120s\n"),
             "{text}"
         );
         let rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("POD")).collect();

@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub deployment: Option<Deployment>,
     /// The updated revision's pods first, then by name.
     pub pods: Vec<PodRow>,
+    /// The data planes in front of the first pod listed, and their lags (docs/data-planes.md).
+    pub data_planes: Option<String>,
 }
 
 /// The GracefulRollout `name`, or the one managing the Deployment `name`.
@@ -94,6 +96,7 @@ pub async fn take(client: &Client, ns: &str, name: &str) -> Result<Snapshot> {
         .await
         .with_context(|| format!("reading Deployment {ns}/{target}"))?;
     let mut pods = Vec::new();
+    let mut data_planes = None;
     if let Some(selector) = deployment
         .as_ref()
         .and_then(|d| d.spec.as_ref())
@@ -109,6 +112,7 @@ pub async fn take(client: &Client, ns: &str, name: &str) -> Result<Snapshot> {
         // The draining pods' sidecars are asked at once: one slow answer delays the read by
         // at most one timeout, not one per pod.
         pods = futures::future::join_all(listed.items.iter().map(|pod| row(client, pod))).await;
+        data_planes = listed.items.iter().find_map(crate::drain::data_planes);
     }
     let updated = rollout
         .status
@@ -120,6 +124,7 @@ pub async fn take(client: &Client, ns: &str, name: &str) -> Result<Snapshot> {
         rollout,
         deployment,
         pods,
+        data_planes,
     })
 }
 
