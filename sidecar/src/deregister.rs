@@ -121,10 +121,12 @@ impl EndpointWatch {
 
     /// The other pods the pod's Services list as ready: its siblings. One LIST.
     pub async fn ready_peers(pod: &PodRef) -> Result<Vec<IpAddr>, EndpointWatchError> {
-        let mut params = kube::api::ListParams::default();
-        if let Some(selector) = service_selector(&pod.services) {
-            params = params.labels(&selector);
-        }
+        // Without its Services, a pod has no siblings: another Service's pods getting connections
+        // from a shared source (an ingress controller) say nothing about this one.
+        let Some(selector) = service_selector(&pod.services) else {
+            return Ok(Vec::new());
+        };
+        let params = kube::api::ListParams::default().labels(&selector);
         let slices = Self::api(pod)?
             .list(&params)
             .await

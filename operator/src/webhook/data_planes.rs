@@ -196,7 +196,12 @@ pub fn detect(selecting: &[&Service], around: &Around) -> Vec<DataPlane> {
         .collect();
     let mut found = Vec::new();
     for svc in selecting {
-        found.extend(service_plane(svc));
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let named_by_ingress = around
+            .ingresses
+            .iter()
+            .any(|ing| ingress_backends(ing).any(|b| b == name));
+        found.extend(service_plane(svc, named_by_ingress));
     }
     for ing in &around.ingresses {
         if ingress_backends(ing).any(|b| names.contains(&b)) {
@@ -225,7 +230,11 @@ pub fn detect(selecting: &[&Service], around: &Around) -> Vec<DataPlane> {
 
 /// What a Service adds beyond kube-proxy. A NodePort Service adds nothing: whatever sends to a
 /// node port reaches the pod through that node's kube-proxy, whose lag is already counted.
-fn service_plane(svc: &Service) -> Option<DataPlane> {
+///
+/// GKE writes `cloud.google.com/neg: '{"ingress": true}'` on every Service of a VPC-native
+/// cluster; such NEGs exist only for Services an Ingress names (`named_by_ingress`). Standalone
+/// NEGs (`exposed_ports`) exist whatever names them.
+fn service_plane(svc: &Service, named_by_ingress: bool) -> Option<DataPlane> {
     let empty = BTreeMap::new();
     let annotations = svc.metadata.annotations.as_ref().unwrap_or(&empty);
     let spec = svc.spec.as_ref()?;
@@ -240,12 +249,28 @@ fn service_plane(svc: &Service) -> Option<DataPlane> {
         || spec.load_balancer_class.as_deref() == Some(AWS_NLB_CLASS);
     if load_balancer && aws_nlb {
         Some(Kind::AwsNlb.item(&name))
-    } else if annotations.contains_key(GKE_NEG) {
+    } else if annotations
+        .get(GKE_NEG)
+        .is_some_and(|v| gke_negs_exist(v, named_by_ingress))
+    {
         Some(Kind::GkeNeg.item(&name))
     } else if load_balancer {
         Some(Kind::LoadBalancer.item(&name))
     } else {
         None
+    }
+}
+
+/// Whether a `cloud.google.com/neg` value makes NEGs: standalone ones (`exposed_ports`), or
+/// the Ingress's (`"ingress": true`) when an Ingress names the Service. A value that does not
+/// parse is taken to make them (the longer hold is the safe side).
+fn gke_negs_exist(value: &str, named_by_ingress: bool) -> bool {
+    match serde_json::from_str::<serde_json::Value>(value) {
+        Ok(v) => {
+            v.get("exposed_ports").is_some()
+                || (named_by_ingress && v.get("ingress").and_then(|i| i.as_bool()) == Some(true))
+        }
+        Err(_) => true,
     }
 }
 
@@ -404,13 +429,14 @@ pub fn hold(items: &[DataPlane]) -> Duration {
         .unwrap_or_default()
 }
 
-/// The drain timeout to write: the one asked for, raised to the hold plus [`HOLD_SLACK`] when
-/// there is a hold (the sidecar refuses less).
-pub fn drain_timeout(asked: Duration, hold: Duration) -> Duration {
+/// The drain timeout to write: the one asked for, raised when there is a hold to cover
+/// deregistration (the timeout counts from the trigger, the hold from deregistration), the hold,
+/// and [`HOLD_SLACK`] for what is still open after it (the sidecar refuses less than the last two).
+pub fn drain_timeout(asked: Duration, deregister_delay: Duration, hold: Duration) -> Duration {
     if hold.is_zero() {
         asked
     } else {
-        asked.max(hold + HOLD_SLACK)
+        asked.max(deregister_delay + hold + HOLD_SLACK)
     }
 }
 
@@ -524,11 +550,11 @@ mod tests {
     #[test]
     fn the_drain_timeout_covers_the_hold() {
         let s = Duration::from_secs;
-        assert_eq!(drain_timeout(s(30), Duration::ZERO), s(30));
-        assert_eq!(drain_timeout(s(2), Duration::ZERO), s(2));
-        assert_eq!(drain_timeout(s(30), s(10)), s(30));
-        assert_eq!(drain_timeout(s(30), s(120)), s(135));
-        assert_eq!(drain_timeout(s(300), s(120)), s(300));
+        assert_eq!(drain_timeout(s(30), s(5), Duration::ZERO), s(30));
+        assert_eq!(drain_timeout(s(2), s(5), Duration::ZERO), s(2));
+        assert_eq!(drain_timeout(s(30), s(5), s(10)), s(30));
+        assert_eq!(drain_timeout(s(30), s(5), s(120)), s(140));
+        assert_eq!(drain_timeout(s(300), s(5), s(120)), s(300));
     }
 
     #[test]

@@ -241,7 +241,8 @@ fn size_for_data_planes(
     );
     let hold = data_planes::hold(&planes);
     let mut sized = settings.clone();
-    sized.drain_timeout = data_planes::drain_timeout(settings.drain_timeout, hold);
+    sized.drain_timeout =
+        data_planes::drain_timeout(settings.drain_timeout, settings.deregister_delay, hold);
     if sized.drain_timeout > settings.drain_timeout {
         let slowest: Vec<&str> = planes
             .iter()

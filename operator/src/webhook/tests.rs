@@ -559,24 +559,31 @@ fn each_kind_of_data_plane_is_detected_from_what_names_the_pods_services() {
         (
             &["web-lb"],
             "kube-proxy=5s,load-balancer/web-lb=120s",
-            "135000ms",
+            "140000ms",
         ),
         (
             &["web-nlb"],
             "kube-proxy=5s,aws-nlb/web-nlb=120s",
-            "135000ms",
+            "140000ms",
         ),
         (
             &["web-nlb-class"],
             "kube-proxy=5s,aws-nlb/web-nlb-class=120s",
-            "135000ms",
+            "140000ms",
         ),
-        (&["web-neg"], "kube-proxy=5s,gke-neg/web-neg=60s", "75000ms"),
+        (&["web-neg"], "kube-proxy=5s,gke-neg/web-neg=60s", "80000ms"),
+        // What GKE writes on every Service: a NEG only once an Ingress names it.
+        (&["web-neg-auto"], "kube-proxy=5s", "30000ms"),
+        (
+            &["web-neg-auto", "web-gce"],
+            "kube-proxy=5s,gke-neg/web-neg-auto=60s,ingress/gce=10s",
+            "80000ms",
+        ),
         // A node port reaches the pod through the node's kube-proxy: nothing to add.
         (&["web-nodeport"], "kube-proxy=5s", "30000ms"),
         // Selects other pods.
         (&["other-lb"], "kube-proxy=5s", "30000ms"),
-        // 10s + 15s is within the 30s drain timeout.
+        // 5s + 10s + 15s is within the 30s drain timeout.
         (
             &["web-traefik"],
             "kube-proxy=5s,ingress/traefik=10s",
@@ -594,11 +601,11 @@ fn each_kind_of_data_plane_is_detected_from_what_names_the_pods_services() {
             "kube-proxy=5s,ingress/default=10s",
             "30000ms",
         ),
-        (&["web-alb"], "kube-proxy=5s,aws-alb/web-alb=30s", "45000ms"),
+        (&["web-alb"], "kube-proxy=5s,aws-alb/web-alb=30s", "50000ms"),
         (
             &["web-alb-annotated"],
             "kube-proxy=5s,aws-alb/web-alb-annotated=30s",
-            "45000ms",
+            "50000ms",
         ),
         (&["other"], "kube-proxy=5s", "30000ms"),
         // The Gateway parent counts, the mesh Service parent does not.
@@ -608,7 +615,7 @@ fn each_kind_of_data_plane_is_detected_from_what_names_the_pods_services() {
         (
             &["web-tg"],
             "kube-proxy=5s,aws-target-group/web-tg=120s",
-            "135000ms",
+            "140000ms",
         ),
         (&["other-tg"], "kube-proxy=5s", "30000ms"),
     ] {
@@ -639,18 +646,18 @@ fn every_data_plane_at_once_largest_lag_first() {
          load-balancer/web-lb=120s,gke-neg/web-neg=60s,aws-alb/web-alb=30s,gateway/public=10s,\
          ingress/default=10s,ingress/nginx=10s,ingress/traefik=10s"
     );
-    assert_eq!(drain, "135000ms");
-    // deregister 5 + drain 135 + margin 5.
-    assert_eq!(grace, 145);
+    assert_eq!(drain, "140000ms");
+    // deregister 5 + drain 140 + margin 5.
+    assert_eq!(grace, 150);
     assert!(
         w.iter().any(|w| w.contains(
-            "drain timeout raised from 30s to 135s to cover a data-plane lag of 120s \
+            "drain timeout raised from 30s to 140s to cover a data-plane lag of 120s \
              (aws-nlb/web-nlb, aws-target-group/web-tg, load-balancer/web-lb) plus 15s"
         )),
         "{w:?}"
     );
     assert!(
-        w.iter().any(|w| w.contains("raised from 30 to 145")),
+        w.iter().any(|w| w.contains("raised from 30 to 150")),
         "{w:?}"
     );
 }
@@ -662,7 +669,7 @@ fn a_declared_lag_replaces_what_is_detected() {
     object(&mut review_json)["metadata"]["annotations"][ann::DATA_PLANE_LAG] = json!("45s");
     let (env, drain, grace, _) = sized(&review_json, &everything);
     assert_eq!(env, "kube-proxy=5s,declared=45s");
-    assert_eq!((drain.as_str(), grace), ("60000ms", 70));
+    assert_eq!((drain.as_str(), grace), ("65000ms", 75));
 
     // 0s: no hold, today's rule; nothing raised beyond today's budget.
     object(&mut review_json)["metadata"]["annotations"][ann::DATA_PLANE_LAG] = json!("0s");
@@ -687,7 +694,7 @@ fn a_declared_lag_replaces_what_is_detected() {
     };
     let (env, drain, grace, _) = sized(&review_json, &lookup);
     assert_eq!(env, "kube-proxy=5s,declared=120s");
-    assert_eq!((drain.as_str(), grace), ("135000ms", 145));
+    assert_eq!((drain.as_str(), grace), ("140000ms", 150));
 }
 
 #[test]
@@ -710,15 +717,15 @@ fn a_grace_period_too_short_for_the_data_planes_is_refused_when_asked() {
     object(&mut review_json)["metadata"]["annotations"][ann::GRACE_PERIOD] = json!("reject");
     object(&mut review_json)["spec"]["terminationGracePeriodSeconds"] = json!(60);
     let message = denial(&run_with(&review_json, &around(&["web-nlb"])));
-    assert!(message.contains("145"), "{message}");
+    assert!(message.contains("150"), "{message}");
     assert!(
         message.contains("data-plane lag of 120s") && message.contains(ann::DATA_PLANE_LAG),
         "{message}"
     );
     // Long enough: untouched.
-    object(&mut review_json)["spec"]["terminationGracePeriodSeconds"] = json!(145);
+    object(&mut review_json)["spec"]["terminationGracePeriodSeconds"] = json!(150);
     let (_, _, grace, _) = sized(&review_json, &around(&["web-nlb"]));
-    assert_eq!(grace, 145);
+    assert_eq!(grace, 150);
 }
 
 #[test]
