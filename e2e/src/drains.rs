@@ -27,6 +27,16 @@ pub struct DrainSummary {
     pub quiet_window: QuietWindow,
     pub traffic_after_deregistration_seconds: f64,
     pub forced: bool,
+    /// The hold for the data planes other than kube-proxy (0: none).
+    #[serde(default)]
+    pub data_plane_lag_seconds: f64,
+    /// "traffic", "lag", "siblings" or "timeout".
+    #[serde(default)]
+    pub released_by: String,
+    #[serde(default)]
+    pub sources: u64,
+    #[serde(default)]
+    pub sources_let_go: u64,
     /// When the sidecar exited (its container's `finishedAt`): the drain began
     /// `total_seconds` before.
     #[serde(skip)]
@@ -47,7 +57,8 @@ impl std::fmt::Display for DrainSummary {
         write!(
             f,
             "{:.1}s = deregister {:.1}s ({}) + quiesce {:.1}s; traffic for {:.1}s after deregistration, \
-             window {:.2}s ({}), {} requests after the trigger{}",
+             window {:.2}s ({}), {} requests after the trigger, data-plane lag {:.0}s, released by {} \
+             ({} of {} sources let go){}",
             self.total_seconds,
             self.deregistering_seconds,
             self.deregistration,
@@ -56,6 +67,10 @@ impl std::fmt::Display for DrainSummary {
             self.quiet_window.seconds,
             self.quiet_window.basis,
             self.requests_after_trigger,
+            self.data_plane_lag_seconds,
+            self.released_by,
+            self.sources_let_go,
+            self.sources,
             if self.forced { ", FORCED" } else { "" }
         )
     }

@@ -37,6 +37,21 @@ pub fn injected_deployment(name: &str, replicas: i32, version: &str) -> Deployme
     d
 }
 
+/// [`injected_deployment`] with more pod template annotations.
+pub fn injected_with(name: &str, replicas: i32, annotations: &[(&str, &str)]) -> Deployment {
+    let mut d = injected_deployment(name, replicas, "v1");
+    let template = &mut d.spec.as_mut().expect("spec").template;
+    let all = template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default);
+    for (k, v) in annotations {
+        all.insert((*k).into(), (*v).into());
+    }
+    d
+}
+
 pub fn named_port_service(name: &str) -> Service {
     let mut s = demo::service(name);
     if let Some(port) = s

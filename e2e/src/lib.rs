@@ -21,6 +21,7 @@ pub mod node;
 pub mod prometheus;
 pub mod rollout;
 pub mod scale;
+pub mod slow_lb;
 pub mod wait;
 
 pub use error::{Error, Result};

@@ -51,6 +51,9 @@ pub struct Load {
     pub request: Request,
     /// The Host header, for name-based routing (an Ingress or an HTTPRoute).
     pub host: Option<String>,
+    /// Keep connections alive (the default). Off: every request on a new connection, as a
+    /// client that connects per request does; each is a new routing decision for an L4 balancer.
+    pub keepalive: bool,
 }
 
 impl Default for Load {
@@ -65,6 +68,7 @@ impl Default for Load {
             http2: false,
             request: Request::default(),
             host: None,
+            keepalive: true,
         }
     }
 }
@@ -343,6 +347,7 @@ impl Load {
             } else {
                 vec![format!("-max-connections={}", self.connections)]
             })
+            .args((!self.keepalive).then_some("-keepalive=false"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -375,6 +380,65 @@ impl Load {
             encode,
             results,
         })
+    }
+}
+
+/// A client that comes in bursts: `burst` of this load, then `pause` of nothing, again and
+/// again while `action` runs (the burst under way when it ends is finished, none starts after).
+/// Its pauses can be longer than any quiet window a drain derives from the traffic.
+#[derive(Clone, Debug)]
+pub struct Bursts {
+    pub load: Load,
+    pub burst: Duration,
+    pub pause: Duration,
+    /// Bursts at most, whatever the action does.
+    pub max_bursts: u32,
+}
+
+/// What a bursty client counted.
+#[derive(Clone, Debug, Default)]
+pub struct BurstsReport {
+    pub report: LoadReport,
+    pub bursts: u32,
+}
+
+impl BurstsReport {
+    /// What the bursts should have sent: the rate over each burst.
+    pub fn expected(&self, load: &Load, burst: Duration) -> f64 {
+        f64::from(self.bursts) * f64::from(load.rate) * burst.as_secs_f64()
+    }
+}
+
+impl Bursts {
+    pub async fn during<F: Future>(
+        &self,
+        url: &str,
+        action: F,
+    ) -> Result<(F::Output, BurstsReport)> {
+        let (done_tx, mut done) = tokio::sync::watch::channel(false);
+        let acting = async {
+            let output = action.await;
+            done_tx.send_replace(true);
+            output
+        };
+        let one = Load {
+            lead_in: self.burst,
+            tail: Duration::ZERO,
+            max_duration: self.burst + Duration::from_secs(5),
+            ..self.load.clone()
+        };
+        let bursting = async {
+            let mut all = BurstsReport::default();
+            while all.bursts < self.max_bursts && !*done.borrow() {
+                let ((), report) = one.during(url, std::future::ready(())).await?;
+                all.report.merge(&report);
+                all.bursts += 1;
+                let _ = tokio::time::timeout(self.pause, done.wait_for(|d| *d)).await;
+            }
+            Ok::<_, Error>(all)
+        };
+        let (output, all) = tokio::join!(acting, bursting);
+        Ok((output, all?))
     }
 }
 

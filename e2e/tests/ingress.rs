@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use graceful_e2e::cluster;
 use graceful_e2e::drains::DrainWatch;
-use graceful_e2e::graceful::{self, graceful_rollout, injected_deployment, named_port_service};
+use graceful_e2e::graceful::{
+    self, graceful_rollout, injected_deployment, injected_with, named_port_service,
+};
 use graceful_e2e::ingress::{self, Stream};
 use graceful_e2e::load::LoadReport;
 use graceful_e2e::namespace::TestNamespace;
@@ -220,17 +222,6 @@ fn run_script(args: &[&str]) {
     );
 }
 
-/// The demo with the sidecar injected and these annotations on its pod template.
-fn injected_with(name: &str, annotations: &[(&str, &str)]) -> Deployment {
-    let mut d = injected_deployment(name, 3, "v1");
-    let template = d.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
-    let all = template.annotations.get_or_insert_with(Default::default);
-    for (k, v) in annotations {
-        all.insert((*k).into(), (*v).into());
-    }
-    d
-}
-
 #[tokio::test]
 #[ignore = "needs the e2e cluster with Traefik, the images and the chart (make e2e)"]
 async fn a_data_plane_slower_than_any_margin_drops_nothing_when_the_drain_follows_the_traffic() {
@@ -241,20 +232,30 @@ async fn a_data_plane_slower_than_any_margin_drops_nothing_when_the_drain_follow
     let drains = DrainWatch::start(&ns);
 
     // Side by side: a fixed 2 s margin after the EndpointSlice change (what a preStop sleep
-    // gives), and the default drain that follows the traffic.
+    // gives: no hold for the ingress either), and the default drain that follows the traffic
+    // and holds for the ingress's assumed lag.
     let fixed = injected_with(
         "fixed",
+        3,
         &[
             ("graceful.dev/quiet-window", "0s"),
             ("graceful.dev/propagation-margin", "2s"),
+            ("graceful.dev/data-plane-lag", "0s"),
         ],
     );
+    // Services and Ingresses before the pods: the webhook works out what fronts a pod when it
+    // injects it.
+    for name in ["fixed", "follow"] {
+        ns.apply(&named_port_service(name)).await.unwrap();
+        let host = format!("{name}.local");
+        ns.apply(&ingress::ingress(name, &host, name, Some(class)))
+            .await
+            .unwrap();
+    }
     ns.apply(&fixed).await.unwrap();
-    ns.apply(&named_port_service("fixed")).await.unwrap();
     ns.apply(&injected_deployment("follow", 3, "v1"))
         .await
         .unwrap();
-    ns.apply(&named_port_service("follow")).await.unwrap();
     let fixed_hosts = expose(&ns, "fixed", Some(class), addr, false).await;
     let follow_hosts = expose(&ns, "follow", Some(class), addr, false).await;
 
@@ -294,13 +295,19 @@ async fn a_data_plane_slower_than_any_margin_drops_nothing_when_the_drain_follow
         "the fixed margin dropped nothing: the data plane did not lag"
     );
     // Each drain lasted about as long as the data plane lagged: it ended within a window (and a
-    // moment to close what was open) of the last request, or at the 5 s floor.
+    // moment to close what was open) of the last request, or at the 5 s floor, or at the hold
+    // for the Ingress class's assumed lag (docs/data-planes.md).
     assert!(lags.len() >= RESTARTS * 3, "drains seen: {}", lags.len());
     for (pod, d) in &lags {
         assert!(!d.forced, "{pod}: {d}");
-        let after_traffic = d.quiescing_seconds - d.traffic_after_deregistration_seconds;
         assert!(
-            after_traffic <= d.quiet_window.seconds + 1.5 || d.quiescing_seconds <= 5.0 + 1.5,
+            d.data_plane_lag_seconds > 0.0,
+            "{pod}: the Ingress was not detected: {d}"
+        );
+        let after_traffic = d.quiescing_seconds - d.traffic_after_deregistration_seconds;
+        let floor = (5.0_f64).max(d.data_plane_lag_seconds);
+        assert!(
+            after_traffic <= d.quiet_window.seconds + 1.5 || d.quiescing_seconds <= floor + 1.5,
             "{pod} lingered {after_traffic:.1}s after its traffic stopped: {d}"
         );
     }
