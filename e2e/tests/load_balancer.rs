@@ -305,8 +305,9 @@ async fn behind_a_slow_load_balancer_bursty_clients_lose_nothing_and_both_contro
     );
 
     // Each held drain ended after the balancer let its pod go (never on silence before), and
-    // soon after: within a pause and a burst (the next connections that show the siblings
-    // getting what this pod no longer does), not at the 120 s assumed lag.
+    // soon after, not at the 120 s assumed lag: the siblings must show k new connections from
+    // the balancer with none here (25 for 3 siblings, 31 for 4), which takes one or two bursts
+    // of 30, the first starting up to a pause after the balancer let go.
     assert!(
         held.len() >= RESTARTS * 2 * REPLICAS as usize,
         "drains laid beside the balancer: {}{drains_text}",
@@ -319,7 +320,7 @@ async fn behind_a_slow_load_balancer_bursty_clients_lose_nothing_and_both_contro
         assert_eq!(d.released_by, "siblings", "{pod}: {d}");
         assert!(
             // finishedAt has whole seconds.
-            *after >= -1.0 && *after <= (PAUSE + BURST).as_secs_f64() + 5.0,
+            *after >= -1.0 && *after <= ((PAUSE + BURST) * 2).as_secs_f64() + 2.0,
             "{pod} ended {after:.1}s after the balancer let it go: {d}"
         );
         longest = longest.max(*after);
