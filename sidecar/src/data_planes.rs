@@ -9,14 +9,23 @@ use serde::Serialize;
 
 /// The name of kube-proxy's entry, whose lag the propagation margin covers.
 pub const KUBE_PROXY: &str = "kube-proxy";
-const MAX_NAME: usize = 100;
+/// The longest name `--data-planes` takes.
+pub const MAX_NAME_LEN: usize = 100;
+/// The most items `--data-planes` takes.
 pub const MAX_DATA_PLANES: usize = 16;
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One item of `--data-planes` (`GRACEFUL_DATA_PLANES`), as the injector writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DataPlane {
     pub name: String,
     #[serde(rename = "lag_seconds", serialize_with = "seconds")]
     pub lag: Duration,
+}
+
+impl DataPlane {
+    pub fn is_kube_proxy(&self) -> bool {
+        self.name == KUBE_PROXY
+    }
 }
 
 fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -30,9 +39,9 @@ pub fn parse(item: &str) -> Result<DataPlane, String> {
         .ok_or_else(|| format!("{item:?}: expected NAME=DURATION (e.g. load-balancer/web=120s)"))?;
     let name = name.trim();
     let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "./-".contains(c);
-    if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid) {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(valid) {
         return Err(format!(
-            "{name:?}: a data plane's name is 1-{MAX_NAME} characters of a-z, 0-9, '.', '/', '-'"
+            "{name:?}: a data plane's name is 1-{MAX_NAME_LEN} characters of a-z, 0-9, '.', '/', '-'"
         ));
     }
     let lag = humantime::parse_duration(lag.trim())
@@ -47,7 +56,7 @@ pub fn parse(item: &str) -> Result<DataPlane, String> {
 pub fn hold(planes: &[DataPlane]) -> Duration {
     planes
         .iter()
-        .filter(|p| p.name != KUBE_PROXY)
+        .filter(|p| !p.is_kube_proxy())
         .map(|p| p.lag)
         .max()
         .unwrap_or_default()

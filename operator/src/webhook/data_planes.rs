@@ -15,15 +15,12 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressServiceBackend};
 use kube::api::DynamicObject;
 use kube::core::{ApiResource, GroupVersionKind};
 
-/// The sidecar's env var (flag `--data-planes`): comma-separated `NAME=DURATION` items.
-pub const ENV_DATA_PLANES: &str = "GRACEFUL_DATA_PLANES";
-/// The most items the sidecar takes.
-pub const MAX_ITEMS: usize = 16;
-/// The longest item name the sidecar takes.
-pub const MAX_NAME_LEN: usize = 100;
-/// The sidecar refuses a drain timeout shorter than its hold plus this: after the slowest data
-/// plane has let go, the drain still has to quiesce what is open.
-pub const HOLD_SLACK: Duration = Duration::from_secs(15);
+// The sidecar's side of the contract: its env var (flag `--data-planes`), the item type and
+// its name rules, the hold it derives, and the time it needs after the hold.
+pub use graceful_sidecar::data_planes::{
+    DataPlane, KUBE_PROXY, MAX_DATA_PLANES, MAX_NAME_LEN, hold,
+};
+pub use graceful_sidecar::defaults::{DRAIN_AFTER_LAG as HOLD_SLACK, ENV_DATA_PLANES};
 
 /// Annotations and values that mark a Service as an AWS Network Load Balancer's (the AWS Load
 /// Balancer Controller's and the legacy in-tree provider's).
@@ -74,7 +71,7 @@ const fn secs(s: u64) -> Option<Duration> {
 pub const TABLE: &[Facts] = &[
     Facts {
         kind: Kind::KubeProxy,
-        prefix: "kube-proxy",
+        prefix: KUBE_PROXY,
         lag: None,
         source: "the injected propagation margin (5s): kube-proxy's programming took 2-3s on the busy e2e node (docs/injection.md)",
     },
@@ -147,19 +144,6 @@ impl Kind {
             name: item_name(&format!("{}/{name}", self.facts().prefix)),
             lag: self.lag(),
         }
-    }
-}
-
-/// One item of `GRACEFUL_DATA_PLANES`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DataPlane {
-    pub name: String,
-    pub lag: Duration,
-}
-
-impl DataPlane {
-    pub fn is_kube_proxy(&self) -> bool {
-        self.name == Kind::KubeProxy.facts().prefix
     }
 }
 
@@ -392,14 +376,14 @@ fn dedup(items: Vec<DataPlane>) -> Vec<DataPlane> {
 
 /// The items to write: kube-proxy at the propagation margin, then either what the user
 /// declared (`graceful.dev/data-plane-lag`, which replaces detection) or what was detected. At
-/// most [`MAX_ITEMS`], keeping kube-proxy and the largest lags; the largest first.
+/// most [`MAX_DATA_PLANES`], keeping kube-proxy and the largest lags; the largest first.
 pub fn plan(
     margin: Duration,
     declared: Option<Duration>,
     detected: Vec<DataPlane>,
 ) -> Vec<DataPlane> {
     let kube_proxy = DataPlane {
-        name: Kind::KubeProxy.facts().prefix.to_owned(),
+        name: KUBE_PROXY.to_owned(),
         lag: margin,
     };
     let mut others = match declared {
@@ -413,20 +397,10 @@ pub fn plan(
             .collect(),
     };
     others.sort_by(|a, b| b.lag.cmp(&a.lag).then_with(|| a.name.cmp(&b.name)));
-    others.truncate(MAX_ITEMS - 1);
+    others.truncate(MAX_DATA_PLANES - 1);
     let mut items = vec![kube_proxy];
     items.extend(others);
     items
-}
-
-/// The sidecar's hold: the largest lag of the items other than kube-proxy.
-pub fn hold(items: &[DataPlane]) -> Duration {
-    items
-        .iter()
-        .filter(|d| !d.is_kube_proxy())
-        .map(|d| d.lag)
-        .max()
-        .unwrap_or_default()
 }
 
 /// The drain timeout to write: the one asked for, raised when there is a hold to cover
@@ -447,21 +421,6 @@ pub fn env_value(items: &[DataPlane]) -> String {
         .map(|d| format!("{}={}", d.name, duration_text(d.lag)))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Reads `GRACEFUL_DATA_PLANES` back (for `kubectl graceful status`); items that do not parse
-/// are left out.
-pub fn parse_env(value: &str) -> Vec<DataPlane> {
-    value
-        .split(',')
-        .filter_map(|item| {
-            let (name, lag) = item.trim().split_once('=')?;
-            Some(DataPlane {
-                name: name.trim().to_owned(),
-                lag: humantime::parse_duration(lag.trim()).ok()?,
-            })
-        })
-        .collect()
 }
 
 /// Whole seconds as `5s`, anything finer as `1500ms`: humantime syntax without spaces.
@@ -525,7 +484,7 @@ mod tests {
             .collect();
         detected.push(dp("load-balancer/web", 120));
         let items = plan(Duration::from_secs(5), None, detected);
-        assert_eq!(items.len(), MAX_ITEMS);
+        assert_eq!(items.len(), MAX_DATA_PLANES);
         assert_eq!(items[0], dp("kube-proxy", 5));
         assert_eq!(items[1], dp("load-balancer/web", 120));
         assert_eq!(items[2], dp("ingress/c29", 29));
@@ -558,15 +517,21 @@ mod tests {
     }
 
     #[test]
-    fn the_env_value_reads_back() {
-        let items = vec![dp("kube-proxy", 5), dp("aws-nlb/web", 120)];
+    fn the_sidecar_reads_back_the_env_value() {
+        let items = vec![
+            dp("kube-proxy", 5),
+            dp("aws-nlb/web", 120),
+            Kind::Ingress.item("Traefik Public"),
+        ];
         let text = env_value(&items);
-        assert_eq!(text, "kube-proxy=5s,aws-nlb/web=120s");
-        assert_eq!(parse_env(&text), items);
         assert_eq!(
-            parse_env("kube-proxy=5s,broken,x=soon"),
-            vec![dp("kube-proxy", 5)]
+            text,
+            "kube-proxy=5s,aws-nlb/web=120s,ingress/traefik-public=10s"
         );
-        assert!(parse_env("").is_empty());
+        let read: Vec<DataPlane> = text
+            .split(',')
+            .map(|item| graceful_sidecar::data_planes::parse(item).unwrap())
+            .collect();
+        assert_eq!(read, items);
     }
 }
