@@ -402,14 +402,12 @@ pub struct BurstsReport {
     pub bursts: u32,
 }
 
-impl BurstsReport {
-    /// What the bursts should have sent: the rate over each burst.
-    pub fn expected(&self, load: &Load, burst: Duration) -> f64 {
-        f64::from(self.bursts) * f64::from(load.rate) * burst.as_secs_f64()
-    }
-}
-
 impl Bursts {
+    /// What `bursts` of these should have sent: the rate over each burst.
+    pub fn expected(&self, bursts: u32) -> f64 {
+        f64::from(bursts) * f64::from(self.load.rate) * self.burst.as_secs_f64()
+    }
+
     pub async fn during<F: Future>(
         &self,
         url: &str,

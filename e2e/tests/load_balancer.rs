@@ -134,7 +134,7 @@ async fn settle(ns: &TestNamespace, name: &str, lb: &SlowLb) -> Result<(), Strin
 /// The bursts sent what their rate and length ask for (within 10 %): a zero counts only if the
 /// clients really sent.
 fn assert_sent_as_asked(ns: &TestNamespace, who: &str, r: &BurstsReport) {
-    let expected = r.expected(&bursty().load, BURST);
+    let expected = bursty().expected(r.bursts);
     let sent = r.report.sent as f64;
     if r.bursts < 3 || (sent - expected).abs() > expected * 0.1 {
         fail(
