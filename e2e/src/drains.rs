@@ -89,6 +89,9 @@ impl DrainWatch {
         let task = tokio::spawn({
             let seen = seen.clone();
             async move {
+                // A pod's last status may come after its sandbox, and so its IP, is gone: the
+                // IP it had before.
+                let mut ips: BTreeMap<String, String> = BTreeMap::new();
                 let events = watcher::watcher(pods, watcher::Config::default());
                 futures::pin_mut!(events);
                 while let Some(event) = events.next().await {
@@ -96,7 +99,12 @@ impl DrainWatch {
                     else {
                         continue;
                     };
-                    if let Some((name, summary)) = summary_of(&pod) {
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
+                        ips.insert(name.clone(), ip);
+                    }
+                    if let Some(mut summary) = summary_of(&pod) {
+                        summary.pod_ip = summary.pod_ip.or_else(|| ips.get(&name).cloned());
                         seen.lock().expect("not poisoned").insert(name, summary);
                     }
                 }
@@ -117,7 +125,7 @@ impl Drop for DrainWatch {
     }
 }
 
-fn summary_of(pod: &Pod) -> Option<(String, DrainSummary)> {
+fn summary_of(pod: &Pod) -> Option<DrainSummary> {
     let status = pod.status.as_ref()?;
     let sidecar = status
         .init_container_statuses
@@ -128,5 +136,5 @@ fn summary_of(pod: &Pod) -> Option<(String, DrainSummary)> {
     let mut summary: DrainSummary = serde_json::from_str(terminated.message.as_ref()?).ok()?;
     summary.exited_at = terminated.finished_at.as_ref().map(|t| t.0);
     summary.pod_ip = status.pod_ip.clone();
-    Some((pod.metadata.name.clone()?, summary))
+    Some(summary)
 }

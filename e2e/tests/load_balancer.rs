@@ -249,24 +249,33 @@ async fn behind_a_slow_load_balancer_bursty_clients_lose_nothing_and_both_contro
     .join("\n");
     eprintln!("behind the slow balancer, per client:\n{report}");
 
-    // Every drain of the detected pods against the moment the balancer let the pod go.
-    let events = [web.events().await, mixed.events().await];
+    // Every drain of the detected pods against the moment its own balancer let the pod go (by
+    // the pod's Deployment: pod IPs are reused, so another balancer may have seen the same IP).
+    let (web_events, mixed_events) = (web.events().await, mixed.events().await);
     let mut held: Vec<(String, DrainSummary, f64)> = Vec::new();
+    let mut unmatched = Vec::new();
     let mut drains_text = String::new();
     for (pod, d) in drains.summaries() {
         drains_text += &format!("\ndrain {pod}: {d}");
-        if !(pod.starts_with("web-") || pod.starts_with("mixed-")) {
+        let events = if pod.starts_with("web-") {
+            &web_events
+        } else if pod.starts_with("mixed-") {
+            &mixed_events
+        } else {
             continue;
-        }
+        };
         let at = d.pod_ip.as_ref().and_then(|ip| {
-            events
-                .iter()
-                .find_map(|e| e.get(ip))
-                .and_then(|ev| deregistered_before(ev, d.exited_at?))
-                .map(|dereg| d.exited_at.unwrap().duration_since(dereg).as_secs_f64())
+            let dereg = deregistered_before(events.get(ip)?, d.exited_at?)?;
+            Some(d.exited_at?.duration_since(dereg).as_secs_f64())
         });
-        if let Some(after) = at {
-            held.push((pod, d, after));
+        match at {
+            Some(after) => held.push((pod, d, after)),
+            None => unmatched.push(format!(
+                "{pod} (ip {:?}, exited {:?}, balancer events {:?})",
+                d.pod_ip,
+                d.exited_at,
+                d.pod_ip.as_ref().and_then(|ip| events.get(ip))
+            )),
         }
     }
     eprintln!("{drains_text}");
@@ -310,7 +319,8 @@ async fn behind_a_slow_load_balancer_bursty_clients_lose_nothing_and_both_contro
     // of 30, the first starting up to a pause after the balancer let go.
     assert!(
         held.len() >= RESTARTS * 2 * REPLICAS as usize,
-        "drains laid beside the balancer: {}{drains_text}",
+        "drains laid beside the balancer: {}; without a deregistration before their end: \
+         {unmatched:?}{drains_text}",
         held.len()
     );
     let mut longest: f64 = 0.0;
