@@ -89,6 +89,16 @@ impl Arrivals {
             .map(|b| self.slots[b as usize % SLOTS].load(Ordering::Relaxed) == b + 1)
             .collect()
     }
+
+    /// [`Arrivals::record`] from `since`'s bucket on (at most the lookback).
+    pub fn record_since(&self, since: Instant, until: Instant) -> Vec<bool> {
+        let bucket =
+            |t: Instant| t.saturating_duration_since(self.born).as_millis() / BUCKET.as_millis();
+        let record = self.record(until);
+        // The record ends with `until`'s bucket.
+        let keep = (bucket(until) - bucket(since).min(bucket(until)) + 1) as usize;
+        record[record.len().saturating_sub(keep)..].to_vec()
+    }
 }
 
 /// Only ever raises the value; skips the atomic read-modify-write when it would not.
@@ -123,6 +133,9 @@ pub enum Basis {
     Traffic,
     /// `--quiet-window DUR`.
     Fixed,
+    /// The gaps of the traffic that kept coming after deregistration: a data plane that lags
+    /// the others sends only its share of what all of them sent before, so more sparsely.
+    Lagging,
 }
 
 /// The window chosen for one drain, and why.
@@ -169,6 +182,46 @@ impl QuietRule {
         QuietWindow {
             seconds: window.as_secs_f64(),
             basis: Basis::Traffic,
+            longest_gap_seconds: Some(gap.as_secs_f64()),
+        }
+    }
+}
+
+impl QuietRule {
+    /// `window` once traffic kept coming after deregistration (`since`: the record from then
+    /// on): `GAP_FACTOR` times the longest gap between two of those arrivals, when that is
+    /// longer, up to `max`. Only closed gaps count (the silence since the last arrival is what
+    /// the window measures), and a fixed window stays as asked. It only ever grows: a silence
+    /// as long as the lagging traffic's own gaps is no sign that it stopped.
+    pub fn widened(&self, window: QuietWindow, since: &[bool]) -> QuietWindow {
+        if window.basis == Basis::Fixed {
+            return window;
+        }
+        let mut longest = None;
+        let mut run = 0;
+        let mut seen = false;
+        for &arrival in since {
+            if arrival {
+                if seen {
+                    longest = longest.max(Some(run));
+                }
+                seen = true;
+                run = 0;
+            } else {
+                run += 1;
+            }
+        }
+        let Some(longest) = longest else {
+            return window;
+        };
+        let gap = BUCKET * (longest + 1);
+        let wider = (gap * GAP_FACTOR).min(self.max.max(self.min));
+        if wider.as_secs_f64() <= window.seconds {
+            return window;
+        }
+        QuietWindow {
+            seconds: wider.as_secs_f64(),
+            basis: Basis::Lagging,
             longest_gap_seconds: Some(gap.as_secs_f64()),
         }
     }
@@ -269,5 +322,51 @@ mod tests {
         assert!(r.iter().all(|&b| !b), "stale slots read as empty");
         a.request(false);
         assert_eq!(a.record(Instant::now()).iter().filter(|&&b| b).count(), 1);
+    }
+
+    #[test]
+    fn traffic_after_deregistration_widens_the_window_to_its_own_gaps() {
+        let busy = RULE.window(&record(&"x".repeat(SLOTS)));
+        assert_eq!(busy.seconds, 0.25);
+        // A lagging data plane's share: an arrival every 400 ms (8 buckets).
+        let w = RULE.widened(busy, &record(&"x.......".repeat(5)));
+        assert_eq!(w.basis, Basis::Lagging);
+        assert!((w.seconds - 1.2).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.longest_gap_seconds, Some(0.4));
+        // Gaps shorter than the window's change nothing; nor does a single arrival, nor the
+        // silence since the last one.
+        assert_eq!(RULE.widened(w, &record("x.x.x")), w);
+        assert_eq!(
+            RULE.widened(busy, &record(&format!("x{}", ".".repeat(100)))),
+            busy
+        );
+        assert_eq!(RULE.widened(busy, &record(&".".repeat(100))), busy);
+        // Up to the cap; a fixed window stays as asked.
+        let sparse = RULE.widened(busy, &record(&format!("x{}x", ".".repeat(150))));
+        assert_eq!(sparse.seconds, 10.0);
+        let fixed = QuietWindow {
+            seconds: 0.0,
+            basis: Basis::Fixed,
+            longest_gap_seconds: None,
+        };
+        assert_eq!(RULE.widened(fixed, &record("x...x")), fixed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_record_since_a_moment_starts_at_its_bucket() {
+        let arrivals = Arrivals::new();
+        tokio::time::advance(Duration::from_millis(120)).await;
+        arrivals.request(true);
+        let since = Instant::now();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        arrivals.request(true);
+        let now = Instant::now();
+        let all = arrivals.record(now);
+        let after = arrivals.record_since(since, now);
+        assert_eq!(after.len(), 5, "{after:?}");
+        assert_eq!(after, ["x", ".", ".", ".", "x"].map(|c| c == "x"));
+        assert_eq!(&all[all.len() - 5..], &after[..]);
+        // Before the process started, or longer ago than the lookback: the whole record.
+        assert_eq!(arrivals.record_since(arrivals.born, now), all);
     }
 }

@@ -14,7 +14,7 @@ use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::arrivals::{Arrivals, Basis, QuietRule, QuietWindow};
 use crate::data_planes::{self, DataPlane};
@@ -92,7 +92,8 @@ pub struct Following {
 
 #[derive(Clone, Copy, Debug)]
 pub enum WindowChoice {
-    /// A window derived from the traffic before the trigger.
+    /// A window derived from the traffic before the trigger, widened by the traffic that keeps
+    /// coming after deregistration.
     Traffic(QuietRule),
     /// The same window every time (zero: stop following the traffic at all).
     Fixed(Duration),
@@ -103,6 +104,14 @@ impl Following {
     /// every source let go.
     pub fn hold(&self) -> Duration {
         data_planes::hold(&self.data_planes)
+    }
+
+    /// The rule that widens the window as traffic keeps coming (none for a fixed window).
+    fn widening(&self) -> Option<QuietRule> {
+        match self.window {
+            WindowChoice::Traffic(rule) => Some(rule),
+            WindowChoice::Fixed(_) => None,
+        }
     }
 
     fn window(&self, arrivals: &Arrivals, trigger: Instant) -> QuietWindow {
@@ -228,9 +237,12 @@ impl Drain {
     /// `since`, and no connection is left open. Meanwhile it tells the connections what the
     /// traffic has shown, so each closes as soon as that is safe; a straggler is served and
     /// starts the window over.
+    /// `window` widens (`widening`) once the traffic after `since` shows longer gaps: what
+    /// keeps coming then is a lagging data plane's share, sparser than the whole.
     async fn follow_traffic(
         &self,
-        window: Duration,
+        window: &mut QuietWindow,
+        widening: Option<QuietRule>,
         since: Instant,
         not_before: Instant,
         release: Release,
@@ -238,6 +250,15 @@ impl Drain {
         loop {
             let last = self.arrivals.last();
             let now = Instant::now();
+            if let Some(rule) = widening {
+                let wider = rule.widened(*window, &self.arrivals.record_since(since, now));
+                if wider != *window {
+                    debug!(quiet_window = ?wider.duration(), "traffic after deregistration: window widened");
+                    self.metrics.quiet_window_seconds.set(wider.seconds);
+                    *window = wider;
+                }
+            }
+            let window = window.duration();
             let quiet_at = last.map_or(since, |l| l.max(since)) + window;
             let connections_quiet_at = self
                 .arrivals
@@ -381,7 +402,7 @@ impl Drain {
         let deadline = t0 + drain_timeout;
         let mut force = self.force_requested.subscribe();
         // Read before anything of the drain itself could count as traffic.
-        let window = following.window(&self.arrivals, t0);
+        let mut window = following.window(&self.arrivals, t0);
         self.metrics.quiet_window_seconds.set(window.seconds);
 
         // Deregister: everything that still arrives is served meanwhile.
@@ -435,7 +456,7 @@ impl Drain {
             // A forced close wins over connections that are closing because of it.
             biased;
             _ = forced(&mut force) => false,
-            _ = self.follow_traffic(window.duration(), t1, t1 + margin, release) => true,
+            _ = self.follow_traffic(&mut window, following.widening(), t1, t1 + margin, release) => true,
             _ = sleep_until(deadline) => false,
             () = compare => unreachable!("the comparison never ends"),
         };

@@ -200,6 +200,57 @@ async fn a_data_plane_that_keeps_sending_for_seconds_after_deregistration_is_ser
     assert!(sc.metric("graceful_drain_last_arrival_seconds").await >= 2.7);
 }
 
+/// A new connection every `every` until `until` after `t0`; every one must be answered 200.
+async fn new_connection_every(
+    listen: std::net::SocketAddr,
+    every: Duration,
+    t0: Instant,
+    until: Duration,
+) {
+    while t0.elapsed() < until {
+        let resp = get(listen, "/").await;
+        assert_eq!(resp.status, 200, "a straggler is served, never refused");
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_data_planes_sparser_share_after_deregistration_is_served_to_the_end() {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(
+        app,
+        &["--deregister-delay", "300ms", "--propagation-margin", "2s"],
+    )
+    .await;
+    // Busy before the trigger (every data plane sending): the window read then is the minimum.
+    let report = hey(&format!("http://{}/", sc.listen), 4, secs(2.0))
+        .await
+        .unwrap();
+    assert_eq!(report.failed(), 0, "{}", report.raw);
+    let prestop = sc.prestop(None);
+    let trigger = Instant::now();
+    // One lagging data plane's share goes on after deregistration, a new connection every
+    // 400 ms: gaps longer than the window read before, for 4 s (past the margin).
+    let lag = secs(4.0);
+    new_connection_every(sc.listen, secs(0.4), trigger, lag).await;
+    assert!(
+        !prestop.is_finished(),
+        "drain ended while the lagging data plane still sent"
+    );
+    let summary = summary_of(&prestop.await.unwrap());
+    let window = summary["quiet_window"]["seconds"].as_f64().unwrap();
+    let last = summary["last_arrival_seconds"].as_f64().unwrap();
+    assert_eq!(summary["quiet_window"]["basis"], "lagging", "{summary}");
+    // 3 x gaps of 400-500 ms (the bucket's resolution and the request's own time).
+    assert!((1.2..=1.8).contains(&window), "{summary}");
+    assert!(last >= 3.6, "the last straggler came at {last}s: {summary}");
+    assert_eq!(summary["forced"], false);
+    assert_eq!(
+        sc.metric("graceful_drain_quiet_window_seconds").await,
+        window
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_busy_pod_whose_traffic_stops_at_once_finishes_at_once() {
     let (_demo, app) = start_demo().await;
