@@ -122,6 +122,9 @@ pub struct QuietRule {
 
 /// How many of the longest gaps seen before the trigger a silence must last.
 pub const GAP_FACTOR: u32 = 3;
+/// The same after deregistration, doubled: a lagging data plane's share of this pod can halve
+/// while it still sends (in a rollout it lists the new pods before it drops this one).
+pub const LAGGING_GAP_FACTOR: u32 = 2 * GAP_FACTOR;
 
 /// Where a drain's quiet window came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -189,7 +192,7 @@ impl QuietRule {
 
 impl QuietRule {
     /// `window` once traffic kept coming after deregistration (`since`: the record from then
-    /// on): `GAP_FACTOR` times the longest gap between two of those arrivals, when that is
+    /// on): `LAGGING_GAP_FACTOR` times the longest gap between two of those arrivals, when that is
     /// longer, up to `max`. Only closed gaps count (the silence since the last arrival is what
     /// the window measures), and a fixed window stays as asked. It only ever grows: a silence
     /// as long as the lagging traffic's own gaps is no sign that it stopped.
@@ -215,7 +218,7 @@ impl QuietRule {
             return window;
         };
         let gap = BUCKET * (longest + 1);
-        let wider = (gap * GAP_FACTOR).min(self.max.max(self.min));
+        let wider = (gap * LAGGING_GAP_FACTOR).min(self.max.max(self.min));
         if wider.as_secs_f64() <= window.seconds {
             return window;
         }
@@ -331,11 +334,11 @@ mod tests {
         // A lagging data plane's share: an arrival every 400 ms (8 buckets).
         let w = RULE.widened(busy, &record(&"x.......".repeat(5)));
         assert_eq!(w.basis, Basis::Lagging);
-        assert!((w.seconds - 1.2).abs() < 1e-9, "{w:?}");
+        assert!((w.seconds - 2.4).abs() < 1e-9, "{w:?}");
         assert_eq!(w.longest_gap_seconds, Some(0.4));
         // Gaps shorter than the window's change nothing; nor does a single arrival, nor the
         // silence since the last one.
-        assert_eq!(RULE.widened(w, &record("x.x.x")), w);
+        assert_eq!(RULE.widened(w, &record("x.......x...x")), w);
         assert_eq!(
             RULE.widened(busy, &record(&format!("x{}", ".".repeat(100)))),
             busy
