@@ -13,6 +13,10 @@ source "$here/host.sh"
 [[ $EUID == 0 ]] || die "cluster-down needs root"
 started=$SECONDS
 
+step "more nodes' data planes (node-proxies.sh: namespaces, their kube-proxies)"
+"$here/node-proxies.sh" down || log "node-proxies.sh down failed; continuing"
+done_step
+
 step "stop the control plane, kubelet and kwok (no pod may be recreated while pods go)"
 # kwok (kwok.sh, fake nodes) only runs when the scale measurement started it.
 for name in kwok kube-controller-manager kube-scheduler kubelet; do daemon_stop "$name"; done

@@ -124,6 +124,15 @@ KWOK_POD_CIDR=10.200.0.0/16
 # kwok's /healthz and /metrics (loopback only).
 KWOK_ADDR=127.0.0.1:10247
 
+# --- more nodes' data planes: e2e/scripts/node-proxies.sh (issue 25) ---
+# Network namespaces graceful-np1..N on this host, each a /30 of this range on a veth pair (gnpI
+# on the host, address .4I+1; eth0 inside, .4I+2) with its own kube-proxy: apart from $POD_CIDR,
+# $SERVICE_CIDR, $KWOK_POD_CIDR and eth0. The egress guard lets only pods' replies in.
+NODE_PROXY_CIDR=10.250.0.0/24
+# The last of them hears from the apiserver this many seconds late (a relay delays what the
+# apiserver sends it: e2e/src/bin/lag_relay.rs).
+NODE_PROXY_LAG_SECONDS=10
+
 # Host settings the cluster changes (kubelet and kube-proxy set some themselves); `up` records
 # the values it found and `down` puts them back.
 TOUCHED_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables

@@ -142,6 +142,24 @@ pub async fn trigger(ns: &TestNamespace, name: &str) -> Result<Timestamp> {
     Ok(since)
 }
 
+/// One rollout of `name` to its end: `kubectl rollout restart`'s patch and the Deployment's
+/// rollout, or (`managed`) a GracefulRollout's rollout.
+pub async fn restart(
+    ns: &TestNamespace,
+    name: &str,
+    managed: bool,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    if managed {
+        let since = trigger(ns, name).await?;
+        wait_rollout_finished(ns, name, since, timeout).await?;
+    } else {
+        crate::rollout::restart(ns, name).await?;
+        wait::rollout(&ns.api::<Deployment>(), name, timeout).await?;
+    }
+    Ok(())
+}
+
 /// Waits until a rollout that started after `since` finished successfully.
 pub async fn wait_rollout_finished(
     ns: &TestNamespace,

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
+use crate::{Error, Result};
+
 /// How often the rules are read: iptables-save of this node's nat table takes a few ms.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -44,8 +46,32 @@ fn comment(line: &str) -> Option<&str> {
 /// When kube-proxy's endpoints of a Service changed, and to what.
 pub type RouteChange = (Timestamp, BTreeSet<String>);
 
-/// Every change of a Service's endpoints in kube-proxy's rules, from when it started to when it
-/// is dropped.
+/// The NAT rules of a network namespace's kube-proxy (`None`: the host's).
+pub fn nat_rules(netns: Option<&str>) -> Result<String> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "iptables-save", "-t", "nat"]);
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new("iptables-save");
+            c.args(["-t", "nat"]);
+            c
+        }
+    };
+    let out = cmd.output().map_err(Error::io("running iptables-save"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("iptables-save -t nat in {netns:?}"),
+            message: String::from_utf8_lossy(&out.stderr).into(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every change of some Services' endpoints (together) in one kube-proxy's rules, from when it
+/// started to when it is dropped.
 pub struct RouteWatch {
     changes: Arc<Mutex<Vec<RouteChange>>>,
     stop: Arc<AtomicBool>,
@@ -53,31 +79,38 @@ pub struct RouteWatch {
 }
 
 impl RouteWatch {
+    /// The host's kube-proxy.
     pub fn start(service: &str) -> Self {
+        Self::start_in(None, &[service])
+    }
+
+    /// The kube-proxy of network namespace `netns` (`None`: the host's), the endpoints of all of
+    /// `services` as one set: one iptables-save per sample, however many Services.
+    pub fn start_in(netns: Option<&str>, services: &[&str]) -> Self {
         let changes = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
-            let (changes, stop, service) = (changes.clone(), stop.clone(), service.to_owned());
+            let (changes, stop) = (changes.clone(), stop.clone());
+            let netns = netns.map(str::to_owned);
+            let services: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
             move || {
                 let mut last: Option<BTreeSet<String>> = None;
                 while !stop.load(Ordering::Relaxed) {
-                    let out = std::process::Command::new("iptables-save")
-                        .args(["-t", "nat"])
-                        .output();
-                    match &out {
-                        Ok(out) if out.status.success() => {}
-                        _ => {
-                            eprintln!("kube-proxy's rules unreadable: iptables-save: {out:?}");
+                    let rules = match nat_rules(netns.as_deref()) {
+                        Ok(rules) => rules,
+                        Err(e) => {
+                            eprintln!("kube-proxy's rules unreadable: {e}");
                             return;
                         }
-                    }
-                    if let Ok(out) = out {
-                        let now = endpoints(&String::from_utf8_lossy(&out.stdout), &service);
-                        if last.as_ref() != Some(&now) {
-                            let mut seen = changes.lock().expect("not poisoned");
-                            seen.push((Timestamp::now(), now.clone()));
-                            last = Some(now);
-                        }
+                    };
+                    let now: BTreeSet<String> = services
+                        .iter()
+                        .flat_map(|service| endpoints(&rules, service))
+                        .collect();
+                    if last.as_ref() != Some(&now) {
+                        let mut seen = changes.lock().expect("not poisoned");
+                        seen.push((Timestamp::now(), now.clone()));
+                        last = Some(now);
                     }
                     std::thread::sleep(SAMPLE_EVERY);
                 }
@@ -94,6 +127,11 @@ impl RouteWatch {
     pub fn changes(&self) -> Vec<RouteChange> {
         self.changes.lock().expect("not poisoned").clone()
     }
+
+    /// The sampling interval: a removal is seen at most this much (and one iptables-save) late.
+    pub fn resolution() -> Duration {
+        SAMPLE_EVERY
+    }
 }
 
 impl Drop for RouteWatch {
@@ -103,6 +141,19 @@ impl Drop for RouteWatch {
             let _ = thread.join();
         }
     }
+}
+
+/// When the rules first stopped sending to `ip` (any port) at or after `since`, having sent to
+/// it just before: when that kube-proxy let the pod go.
+pub fn removed_at(changes: &[RouteChange], ip: &str, since: Timestamp) -> Option<Timestamp> {
+    let has = |set: &BTreeSet<String>| {
+        set.iter()
+            .any(|e| e.rsplit_once(':').is_some_and(|(a, _)| a == ip))
+    };
+    changes
+        .windows(2)
+        .find(|w| w[1].0 >= since && has(&w[0].1) && !has(&w[1].1))
+        .map(|w| w[1].0)
 }
 
 #[cfg(test)]
@@ -127,5 +178,43 @@ mod tests {
         let got: Vec<_> = endpoints(nat, "ns-3/web").into_iter().collect();
         assert_eq!(got, ["10.244.0.8:80"]);
         assert!(endpoints(nat, "ns-4/web").is_empty());
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn set(eps: &[&str]) -> BTreeSet<String> {
+        eps.iter().map(|e| (*e).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_pod_is_removed_when_the_rules_stop_naming_its_ip() {
+        let changes = vec![
+            (at("2026-12-07T10:00:00Z"), set(&["10.244.0.5:9080"])),
+            (
+                at("2026-12-07T10:00:01Z"),
+                set(&["10.244.0.5:9080", "10.244.0.6:9080"]),
+            ),
+            (at("2026-12-07T10:00:05Z"), set(&["10.244.0.6:9080"])),
+            (
+                at("2026-12-07T10:00:30Z"),
+                set(&["10.244.0.5:9080", "10.244.0.6:9080"]),
+            ),
+            (at("2026-12-07T10:00:40Z"), set(&["10.244.0.6:9080"])),
+        ];
+        let since = at("2026-12-07T10:00:03Z");
+        assert_eq!(
+            removed_at(&changes, "10.244.0.5", since),
+            Some(at("2026-12-07T10:00:05Z"))
+        );
+        // The same IP given to a later pod: its own removal.
+        assert_eq!(
+            removed_at(&changes, "10.244.0.5", at("2026-12-07T10:00:20Z")),
+            Some(at("2026-12-07T10:00:40Z"))
+        );
+        assert_eq!(removed_at(&changes, "10.244.0.6", since), None);
+        // A prefix of another address is not that address.
+        assert_eq!(removed_at(&changes, "10.244.0.", since), None);
     }
 }

@@ -18,6 +18,7 @@ pub mod kube_proxy;
 pub mod load;
 pub mod namespace;
 pub mod node;
+pub mod node_proxies;
 pub mod prometheus;
 pub mod rollout;
 pub mod scale;

@@ -54,6 +54,9 @@ pub struct Load {
     /// Keep connections alive (the default). Off: every request on a new connection, as a
     /// client that connects per request does; each is a new routing decision for an L4 balancer.
     pub keepalive: bool,
+    /// Send from this network namespace (`ip netns exec`): its ClusterIP connections go through
+    /// that namespace's kube-proxy (e2e/scripts/node-proxies.sh), as another node's clients do.
+    pub netns: Option<String>,
 }
 
 impl Default for Load {
@@ -69,6 +72,7 @@ impl Default for Load {
             request: Request::default(),
             host: None,
             keepalive: true,
+            netns: None,
         }
     }
 }
@@ -337,7 +341,15 @@ impl Load {
                 Request::EmptyPost | Request::Get => String::new(),
             },
         });
-        let mut attack = Command::new(&vegeta)
+        let mut attack = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&vegeta);
+                c
+            }
+            None => Command::new(&vegeta),
+        };
+        attack
             .arg("attack")
             .args(["-format=json", "-duration=0", "-max-body=0", "-redirects=0"])
             .arg(format!("-rate={}/1s", self.rate))
@@ -351,7 +363,8 @@ impl Load {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        let mut attack = attack
             .spawn()
             .map_err(Error::io(format!("starting {}", vegeta.display())))?;
         let mut stdin = attack.stdin.take().expect("piped");

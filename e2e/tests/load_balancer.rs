@@ -20,7 +20,7 @@ use graceful_e2e::graceful::{
 use graceful_e2e::load::{Bursts, BurstsReport, Load, LoadReport};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::slow_lb::{self, LbEventKind, SlowLb, SlowLbConfig};
-use graceful_e2e::{demo, rollout, wait};
+use graceful_e2e::{demo, wait};
 use graceful_operator::crd::Phase;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -103,20 +103,11 @@ async fn restarts(
     count: usize,
     managed: bool,
 ) -> Result<(), String> {
-    let api = ns.api::<Deployment>();
     for i in 1..=count {
         let what = |e: graceful_e2e::Error| format!("{name} restart {i}: {e}");
-        if managed {
-            let since = graceful::trigger(ns, name).await.map_err(what)?;
-            graceful::wait_rollout_finished(ns, name, since, ROLLOUT_TIMEOUT)
-                .await
-                .map_err(what)?;
-        } else {
-            rollout::restart(ns, name).await.map_err(what)?;
-            wait::rollout(&api, name, ROLLOUT_TIMEOUT)
-                .await
-                .map_err(what)?;
-        }
+        graceful::restart(ns, name, managed, ROLLOUT_TIMEOUT)
+            .await
+            .map_err(what)?;
         settle(ns, name, lb).await?;
     }
     Ok(())
