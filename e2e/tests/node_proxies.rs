@@ -5,10 +5,10 @@
 //! kube-proxy does. The clients of the late node open a new connection per request (each a new
 //! routing decision); the others keep theirs alive.
 //!
-//! Three Deployments side by side in one run, each under the same clients: injected (5
-//! `kubectl rollout restart`s), injected and managed by a GracefulRollout (5 rollouts), and the
-//! plain demo and one injected with a fixed quiet window of 300 ms (the controls: 2 restarts
-//! each; the fixed window does not widen to the late node's sparser share after deregistration).
+//! Four Deployments side by side in one run, each under the same clients: injected (5
+//! `kubectl rollout restart`s), injected and managed by a GracefulRollout (5 rollouts), and, as
+//! controls with 2 restarts each, the plain demo and the demo injected with a fixed quiet window
+//! of 300 ms (which does not widen to the late node's sparser share after deregistration).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -149,8 +149,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::test]
 #[ignore = "needs the e2e cluster, the images and the chart, and root for network namespaces (make e2e)"]
-async fn through_several_kube_proxies_one_10s_late_nothing_is_lost_and_the_plain_deployment_loses()
-{
+async fn through_several_kube_proxies_one_10s_late_nothing_is_lost_and_both_controls_lose() {
     let relay = PathBuf::from(env!("CARGO_BIN_EXE_lag_relay"));
     let proxies = tokio::task::spawn_blocking(move || NodeProxies::up(NODES, Some(&relay)))
         .await
