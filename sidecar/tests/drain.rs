@@ -139,13 +139,18 @@ async fn keepalive_request_sent_just_after_quiesce_begins_is_served_with_connect
     assert_eq!(prestop.await.unwrap().status, 200);
 }
 
-/// A new connection (one request each, as from a load balancer that reconnects) every 200 ms
+/// A new connection (one request each, as from a load balancer that reconnects) every `every`
 /// until `until` after `t0`; every one must be answered 200.
-async fn new_connection_every_200ms(listen: std::net::SocketAddr, t0: Instant, until: Duration) {
+async fn new_connection_every(
+    listen: std::net::SocketAddr,
+    every: Duration,
+    t0: Instant,
+    until: Duration,
+) {
     while t0.elapsed() < until {
         let resp = get(listen, "/").await;
         assert_eq!(resp.status, 200, "a straggler is served, never refused");
-        tokio::time::sleep(secs(0.2)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -160,12 +165,12 @@ async fn a_data_plane_that_keeps_sending_for_seconds_after_deregistration_is_ser
     let sc = start_sidecar(app, &["--deregister-delay", "300ms"]).await;
     // The balancer's cadence before the trigger sets the quiet window: gaps of ~200 ms.
     let t0 = Instant::now();
-    new_connection_every_200ms(sc.listen, t0, secs(2.0)).await;
+    new_connection_every(sc.listen, secs(0.2), t0, secs(2.0)).await;
     let prestop = sc.prestop(None);
     let trigger = Instant::now();
     // It lags: 3 s more of new connections after the trigger, 2.7 s after deregistration.
     let lag = secs(3.0);
-    new_connection_every_200ms(sc.listen, trigger, lag).await;
+    new_connection_every(sc.listen, secs(0.2), trigger, lag).await;
     assert!(
         !prestop.is_finished(),
         "drain ended while new connections still arrived"
@@ -200,20 +205,6 @@ async fn a_data_plane_that_keeps_sending_for_seconds_after_deregistration_is_ser
         window
     );
     assert!(sc.metric("graceful_drain_last_arrival_seconds").await >= 2.7);
-}
-
-/// A new connection every `every` until `until` after `t0`; every one must be answered 200.
-async fn new_connection_every(
-    listen: std::net::SocketAddr,
-    every: Duration,
-    t0: Instant,
-    until: Duration,
-) {
-    while t0.elapsed() < until {
-        let resp = get(listen, "/").await;
-        assert_eq!(resp.status, 200, "a straggler is served, never refused");
-        tokio::time::sleep(every).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -331,7 +322,7 @@ async fn a_fixed_quiet_window_of_zero_stops_as_soon_as_nothing_is_open() {
     )
     .await;
     let t0 = Instant::now();
-    new_connection_every_200ms(sc.listen, t0, secs(1.0)).await;
+    new_connection_every(sc.listen, secs(0.2), t0, secs(1.0)).await;
     let started = Instant::now();
     let summary = summary_of(&sc.prestop(None).await.unwrap());
     assert_eq!(summary["quiet_window"]["basis"], "fixed", "{summary}");
