@@ -48,19 +48,10 @@ pub type RouteChange = (Timestamp, BTreeSet<String>);
 
 /// The NAT rules of a network namespace's kube-proxy (`None`: the host's).
 pub fn nat_rules(netns: Option<&str>) -> Result<String> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = std::process::Command::new("ip");
-            c.args(["netns", "exec", ns, "iptables-save", "-t", "nat"]);
-            c
-        }
-        None => {
-            let mut c = std::process::Command::new("iptables-save");
-            c.args(["-t", "nat"]);
-            c
-        }
-    };
-    let out = cmd.output().map_err(Error::io("running iptables-save"))?;
+    let out = crate::node_proxies::command_in(netns, "iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .map_err(Error::io("running iptables-save"))?;
     if !out.status.success() {
         return Err(Error::Command {
             command: format!("iptables-save -t nat in {netns:?}"),

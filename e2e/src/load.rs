@@ -341,14 +341,10 @@ impl Load {
                 Request::EmptyPost | Request::Get => String::new(),
             },
         });
-        let mut attack = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&vegeta);
-                c
-            }
-            None => Command::new(&vegeta),
-        };
+        let mut attack = Command::from(crate::node_proxies::command_in(
+            self.netns.as_deref(),
+            &vegeta,
+        ));
         attack
             .arg("attack")
             .args(["-format=json", "-duration=0", "-max-body=0", "-redirects=0"])

@@ -3,8 +3,9 @@
 //! namespace ([`crate::load::Load::netns`]) reaches ClusterIPs through that namespace's
 //! kube-proxy only; [`crate::kube_proxy::RouteWatch::start_in`] says when each let a pod go.
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use crate::cluster::script;
 use crate::{Error, Result};
@@ -75,5 +76,18 @@ impl Drop for NodeProxies {
             Ok(out) if out.status.success() => {}
             other => eprintln!("node-proxies.sh down failed: {other:?}"),
         }
+    }
+}
+
+/// `program` run in network namespace `netns` (`ip netns exec` execs it, so the pid is the
+/// program's), or as is when `None`.
+pub fn command_in(netns: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
