@@ -51,8 +51,8 @@ fn helm_upgrade(version: &str) -> (bool, String) {
     ])
 }
 
-/// The images the operator's pods run, one per pod.
-async fn operator_images(client: &kube::Client) -> Vec<String> {
+/// The images the operator's pods run, one per pod; with `terminating`, pods on their way out too.
+async fn operator_images(client: &kube::Client, terminating: bool) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let list = pods
         .list(&ListParams::default().labels(OPERATOR_SELECTOR))
@@ -60,9 +60,26 @@ async fn operator_images(client: &kube::Client) -> Vec<String> {
         .expect("operator pods");
     list.items
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| terminating || p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| p.spec.as_ref()?.containers.first()?.image.clone())
         .collect()
+}
+
+/// Waits until no operator pod of an older version is left. `helm upgrade --wait` returns once
+/// the new pods are ready, but an old one keeps answering admission reviews through its preStop
+/// and drain (the API server's endpoints lag, and refusing would admit pods without the
+/// sidecar): pods created meanwhile are injected with the old sidecar, as the supported skew
+/// allows.
+async fn old_operator_gone(client: &kube::Client, to: &str) -> graceful_e2e::Result<()> {
+    let suffix = format!(":{to}");
+    wait::until_seen("old operator pods gone", TIMEOUT, || async {
+        let images = operator_images(client, true).await;
+        Ok(match images.iter().all(|i| i.ends_with(&suffix)) {
+            true => Ok(()),
+            false => Err(format!("{images:?}")),
+        })
+    })
+    .await
 }
 
 /// The sidecar image of every pod of `app`.
@@ -244,6 +261,7 @@ async fn helm_upgrade_under_load_drops_nothing_and_a_half_way_rollout_finishes()
         rollout::restart(&ns, INJECTED).await?;
         wait::rollout(&deployments, INJECTED, TIMEOUT).await?;
         upgraded.notified().await;
+        old_operator_gone(&client, &to).await?;
         rollout::restart(&ns, INJECTED).await?;
         wait::rollout(&deployments, INJECTED, TIMEOUT).await?;
         Ok::<_, graceful_e2e::Error>(())
@@ -287,7 +305,7 @@ async fn helm_upgrade_under_load_drops_nothing_and_a_half_way_rollout_finishes()
     );
     check_load("plain (control, no sidecar)", &side_load, &plain_report);
 
-    let operators = operator_images(&client).await;
+    let operators = operator_images(&client, false).await;
     assert!(
         !operators.is_empty() && operators.iter().all(|i| i.ends_with(&format!(":{to}"))),
         "operator pods after the upgrade: {operators:?}"
