@@ -432,8 +432,13 @@ async fn install_then_uninstall_leaves_only_the_crd() {
         inits.iter().any(|c| c.name == "graceful-sidecar"),
         "not injected"
     );
+    // The grant follows the admitted pod, moments after it.
     let roles: Api<Role> = apps.api();
-    let role = roles.get("graceful-endpointslice-reader").await.unwrap();
+    let role = wait::until("the grant Role", Duration::from_secs(30), || async {
+        Ok(roles.get_opt("graceful-endpointslice-reader").await?)
+    })
+    .await
+    .unwrap();
     let owners = role.metadata.owner_references.unwrap_or_default();
     assert!(
         owners.iter().any(|o| o.name == config),

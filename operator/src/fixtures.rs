@@ -64,6 +64,8 @@ fn plural_of(kind: &str) -> &'static str {
         "Ingress" => "ingresses",
         "HTTPRoute" => "httproutes",
         "TargetGroupBinding" => "targetgroupbindings",
+        "Role" => "roles",
+        "RoleBinding" => "rolebindings",
         other => panic!("fixture does not know kind {other}"),
     }
 }
@@ -186,6 +188,11 @@ impl FakeApi {
             .unwrap_or_default();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let path = parts.uri.path().to_string();
+        // Server-side apply creates what is not there yet.
+        let apply = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
         let mut st = self.state.lock().unwrap();
         if parts.method == Method::GET {
             st.reads.push(path.clone());
@@ -237,6 +244,10 @@ impl FakeApi {
                 } else if parts.method == Method::POST {
                     let obj = st.create(&path, body);
                     respond(StatusCode::CREATED, obj)
+                } else if parts.method == Method::PATCH && apply {
+                    let coll = path.rsplit_once('/').map_or(path.as_str(), |(c, _)| c);
+                    let obj = st.create(coll, body);
+                    respond(StatusCode::CREATED, obj)
                 } else {
                     not_found()
                 };
@@ -268,6 +279,10 @@ impl FakeApi {
                 respond(StatusCode::CREATED, obj)
             }
             (Method::PATCH, Some(n)) => {
+                if apply && !st.objects[&coll].contains_key(&n) {
+                    let obj = st.create(&coll, body);
+                    return respond(StatusCode::CREATED, obj);
+                }
                 let Some(obj) = st.objects.get_mut(&coll).and_then(|m| m.get_mut(&n)) else {
                     return not_found();
                 };

@@ -4,6 +4,7 @@ pub mod backoff;
 pub mod certs;
 pub mod crd;
 pub mod drains;
+pub mod endpoint_reader;
 pub mod error;
 #[cfg(test)]
 mod fixtures;

@@ -5,7 +5,6 @@
 pub mod admission;
 pub mod annotations;
 pub mod data_planes;
-pub mod endpoint_reader;
 pub mod inject;
 pub mod pace;
 mod server;

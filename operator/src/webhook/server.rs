@@ -33,11 +33,11 @@ use tracing::{debug, error, info, warn};
 use super::admission::{self, Lookup, Policy};
 use super::annotations;
 use super::data_planes::{self, Around};
-use super::endpoint_reader::EndpointReader;
 use super::inject::{self, SidecarImage};
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
 use crate::certs::{self, TlsMaterial};
+use crate::endpoint_reader::EndpointReader;
 use crate::metrics::Metrics;
 use crate::names::POD_TEMPLATE_HASH;
 use graceful_sidecar::accept::Acceptor;
@@ -53,8 +53,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_REFRESH: Duration = Duration::from_secs(60);
 const CERT_RETRY: Duration = Duration::from_secs(2);
-/// Of the lookup budget, what the data-plane lookups leave to the rest (the grant): they are a
-/// refinement, and a slow one must not cost the pod its owner's annotations.
+/// Of the lookup budget, what the data-plane lookups leave: they are a refinement, and a slow one
+/// must not run the whole lookup out of time and cost the pod its owner's annotations.
 const AROUND_RESERVE: Duration = Duration::from_secs(1);
 /// After a 404 (the CRD is not installed), how long a kind is not asked for again.
 const ABSENT_RECHECK: Duration = Duration::from_secs(300);
@@ -62,7 +62,6 @@ const ABSENT_RECHECK: Duration = Duration::from_secs(300);
 struct State {
     client: Client,
     policy: Policy,
-    reader: Option<EndpointReader>,
     /// The operator's ServiceAccount user name, whose Deployment writes pass unpaced.
     operator_user: String,
     metrics: Arc<Metrics>,
@@ -182,14 +181,14 @@ pub async fn serve(
     let (tls_tx, tls_rx) = watch::channel(certs::server_config(&material)?);
     tokio::spawn(refresh_tls(client.clone(), args.clone(), material, tls_tx));
 
-    let reader = if args.grant_endpointslice_read {
-        Some(EndpointReader::new(
+    // EndpointSlice read for the injected pods, from the pods themselves (endpoint_reader.rs).
+    if args.grant_endpointslice_read {
+        let reader = EndpointReader::new(
             client.clone(),
             config_owner(&client, &args.webhook_config).await,
-        ))
-    } else {
-        None
-    };
+        );
+        tokio::spawn(async move { reader.run().await });
+    }
     let state = Arc::new(State {
         client,
         policy: Policy {
@@ -199,7 +198,6 @@ pub async fn serve(
             },
             excluded_namespaces: vec![args.operator_namespace.clone()],
         },
-        reader,
         operator_user: format!(
             "system:serviceaccount:{}:{}",
             args.operator_namespace, args.service_account
@@ -404,7 +402,7 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
         return AdmissionResponse::from(&req);
     }
     let namespace = req.namespace.clone().unwrap_or_default();
-    // One budget for every API call this review makes: the lookups and the grant.
+    // One budget for every API call this review makes.
     let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
     let lookup = match tokio::time::timeout_at(
         deadline,
@@ -421,32 +419,7 @@ async fn mutate(body: &[u8], state: &State) -> AdmissionResponse {
             Lookup::default()
         }
     };
-    let mut response = admission::review(&req, &lookup, &state.policy, &prestop_token());
-    if response.allowed
-        && response.patch.is_some()
-        && !req.dry_run
-        && let Some(reader) = &state.reader
-    {
-        let pod = req.object.as_ref().and_then(|p| p.spec.as_ref());
-        let account = pod
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
-        let granted =
-            match tokio::time::timeout_at(deadline, reader.grant(&namespace, &account)).await {
-                Ok(granted) => granted.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "no answer within the {LOOKUP_TIMEOUT:?} lookup budget"
-                )),
-            };
-        if let Err(e) = granted {
-            warn!(namespace, account, error = %e, "EndpointSlice read not granted");
-            response.warnings.get_or_insert_with(Vec::new).push(format!(
-                "graceful: could not let ServiceAccount {account} read EndpointSlices ({e}); the sidecar \
-                 falls back to its deregister delay"
-            ));
-        }
-    }
-    response
+    admission::review(&req, &lookup, &state.policy, &prestop_token())
 }
 
 /// The owning Deployment's annotations (pod -> ReplicaSet -> Deployment), and the namespace's
@@ -711,7 +684,6 @@ mod tests {
         State {
             client: client.clone(),
             policy: super::super::tests::policy(),
-            reader: None,
             operator_user: "system:serviceaccount:graceful:graceful-operator".into(),
             metrics: Arc::new(Metrics::new(
                 &mut prometheus_client::registry::Registry::default(),
@@ -788,6 +760,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_review_writes_nothing() {
+        // Anyone who reaches the webhook can send it a review: answering one changes nothing in
+        // the cluster (the EndpointSlice grants follow admitted pods: endpoint_reader.rs).
+        let api = fixtures::FakeApi::default();
+        api.put(service("web", "web", "LoadBalancer"));
+        let state = state_of(&api);
+        let (response, _) = reviewed(&state).await;
+        assert!(response.allowed && response.patch.is_some());
+        assert!(api.writes().is_empty(), "{:?}", api.writes());
+    }
+
+    #[tokio::test]
     async fn a_crd_that_is_not_installed_is_not_asked_for_again() {
         let api = fixtures::FakeApi::default();
         api.put(service("web", "web", "ClusterIP"));
@@ -830,7 +814,6 @@ mod tests {
         let state = State {
             client: client.clone(),
             policy: super::super::tests::policy(),
-            reader: Some(EndpointReader::new(client, None)),
             operator_user: "system:serviceaccount:graceful:graceful-operator".into(),
             metrics: Arc::new(Metrics::new(
                 &mut prometheus_client::registry::Registry::default(),
@@ -843,12 +826,7 @@ mod tests {
             .await
             .expect("a review answers while the apiserver hangs");
         assert!(started.elapsed() <= LOOKUP_TIMEOUT);
-        // Decided on the pod's own annotation, the grant given up and said so.
+        // Decided on the pod's own annotation.
         assert!(response.allowed && response.patch.is_some());
-        let warnings = response.warnings.unwrap_or_default().join("\n");
-        assert!(
-            warnings.contains("could not let ServiceAccount web read EndpointSlices"),
-            "{warnings}"
-        );
     }
 }
