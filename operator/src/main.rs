@@ -120,38 +120,44 @@ async fn main() -> anyhow::Result<()> {
         );
         let ready = ready.clone();
         tasks.spawn(async move {
-            let leadership = match no_election {
-                true => None,
-                // A standby told to stop stops; it holds nothing to hand back.
-                false => tokio::select! {
-                    held = leader::Elector::new(client.clone(), &namespace, &lease, &identity)
-                        .lead(metrics.leader.clone()) => Some(held),
-                    _ = shutdown_signal() => return Ok(()),
-                },
-            };
-            if leadership.as_ref().is_some_and(|l| l.inherited) {
-                outages.assume_just_back();
-            }
-            ready.store(true, Ordering::Relaxed);
-            let mut leading = leadership.as_ref().map(|l| l.leading());
-            let lost = async {
-                match leading.as_mut() {
-                    Some(leading) => drop(leading.wait_for(|l| !*l).await),
-                    None => std::future::pending().await,
+            // Each term runs a fresh controller. Losing the Lease ends the term, not the process:
+            // the webhook on this replica keeps answering the reviews in flight, and the
+            // replica stands for election again.
+            loop {
+                let leadership = match no_election {
+                    true => None,
+                    // A standby told to stop stops; it holds nothing to hand back.
+                    false => tokio::select! {
+                        held = leader::Elector::new(client.clone(), &namespace, &lease, &identity)
+                            .lead(metrics.leader.clone()) => Some(held),
+                        _ = shutdown_signal() => return Ok(()),
+                    },
+                };
+                if leadership.as_ref().is_some_and(|l| l.inherited) {
+                    outages.assume_just_back();
                 }
-            };
-            // Losing the lease drops the controller mid-reconcile: a replica that may no longer
-            // lead must not make one more write.
-            tokio::select! {
-                _ = rollout::run(client, metrics, concurrency, outages) => {}
-                _ = lost => anyhow::bail!(
-                    "lost leadership; exiting so a fresh process can stand for election"
-                ),
+                ready.store(true, Ordering::Relaxed);
+                let mut leading = leadership.as_ref().map(|l| l.leading());
+                let lost = async {
+                    match leading.as_mut() {
+                        Some(leading) => drop(leading.wait_for(|l| !*l).await),
+                        None => std::future::pending().await,
+                    }
+                };
+                // Losing the lease drops the controller mid-reconcile: a replica that may no
+                // longer lead must not make one more write.
+                tokio::select! {
+                    _ = rollout::run(client.clone(), metrics.clone(), concurrency, outages.clone()) => {}
+                    _ = lost => {
+                        tracing::warn!("lost leadership: controller stopped; standing for election again");
+                        continue;
+                    }
+                }
+                if let Some(leadership) = leadership {
+                    leadership.release().await;
+                }
+                return Ok(());
             }
-            if let Some(leadership) = leadership {
-                leadership.release().await;
-            }
-            Ok(())
         });
     } else {
         ready.store(true, Ordering::Relaxed);
