@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::webhook::annotations::INJECTED_LABEL;
+use crate::webhook::annotations::{INJECTED_LABEL, INJECTOR_LABEL};
 
 pub const ROLE_NAME: &str = "graceful-endpointslice-reader";
 const FIELD_MANAGER: &str = "graceful-operator";
@@ -33,15 +33,19 @@ pub struct EndpointReader {
     client: Client,
     owner: Option<OwnerReference>,
     granted: Mutex<HashSet<(String, String)>>,
+    /// This release's MutatingWebhookConfiguration: the pods it injected are this reader's.
+    injector: String,
 }
 
 impl EndpointReader {
     /// `owner`: the MutatingWebhookConfiguration (cluster-scoped objects may own namespaced ones).
-    pub fn new(client: Client, owner: Option<OwnerReference>) -> Self {
+    /// `injector`: this release's MutatingWebhookConfiguration, whose pods this reader grants.
+    pub fn new(client: Client, owner: Option<OwnerReference>, injector: String) -> Self {
         Self {
             client,
             owner,
             granted: Mutex::new(HashSet::new()),
+            injector,
         }
     }
 
@@ -79,7 +83,10 @@ impl EndpointReader {
     /// tried again every `RETRY_EVERY`.
     pub async fn run(&self) {
         let pods = Api::<Pod>::all(self.client.clone());
-        let config = watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true"));
+        let config = watcher::Config::default().labels(&format!(
+            "{INJECTED_LABEL}=true,{INJECTOR_LABEL}={}",
+            self.injector
+        ));
         let mut pods = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
         let mut failed: BTreeSet<(String, String)> = BTreeSet::new();
         let mut retry = tokio::time::interval(RETRY_EVERY);
@@ -198,7 +205,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_account_gets_the_read_once() {
         let api = FakeApi::default();
-        let reader = EndpointReader::new(api.client(), None);
+        let reader = EndpointReader::new(api.client(), None, "graceful-sidecar-injector".into());
         assert!(reader.grant(NS, "web").await.unwrap());
         assert!(reader.grant(NS, "web").await.unwrap());
         let writes: Vec<_> = api.writes().into_iter().map(|w| w.path).collect();
@@ -227,7 +234,7 @@ mod tests {
             "metadata": {"name": ROLE_NAME, "namespace": NS},
             "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
         }));
-        let reader = EndpointReader::new(api.client(), None);
+        let reader = EndpointReader::new(api.client(), None, "graceful-sidecar-injector".into());
         assert!(!reader.grant(NS, "web").await.unwrap());
         assert!(api.writes().is_empty(), "{:?}", api.writes());
     }

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use tracing::{info, warn};
 
+use super::annotations::INJECTOR_LABEL;
 use super::data_planes::Around;
 use super::inject::{self, Context, Outcome, SidecarImage};
 
@@ -28,6 +29,9 @@ pub struct Policy {
     pub sidecar: SidecarImage,
     /// The operator's own namespace, plus [`ALWAYS_EXCLUDED`].
     pub excluded_namespaces: Vec<String>,
+    /// This webhook's MutatingWebhookConfiguration: the `graceful.dev/injector` label of the
+    /// pods it injects, whose EndpointSlice grants are this release's (endpoint_reader.rs).
+    pub injector: String,
 }
 
 impl Policy {
@@ -80,9 +84,14 @@ pub fn review(
             allow.deny(format!("graceful: {message}"))
         }
         Outcome::Inject {
-            pod: injected,
+            pod: mut injected,
             warnings,
         } => {
+            injected
+                .metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(INJECTOR_LABEL.to_owned(), policy.injector.clone());
             let patch = match (serde_json::to_value(pod), serde_json::to_value(&*injected)) {
                 (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
                 (Err(e), _) | (_, Err(e)) => {

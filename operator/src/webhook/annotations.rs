@@ -44,6 +44,9 @@ pub const GRACE_PERIOD: &str = "graceful.dev/grace-period";
 pub const INJECTED: &str = "graceful.dev/injected";
 /// A label (value "true") on the same pods, so the operator can watch only them.
 pub const INJECTED_LABEL: &str = "graceful.dev/injected";
+/// A label naming the MutatingWebhookConfiguration that injected the pod: with two releases in
+/// one cluster, each grants only for its own pods.
+pub const INJECTOR_LABEL: &str = "graceful.dev/injector";
 /// Kubernetes' own convention for "the main container" (read only).
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 

@@ -186,6 +186,7 @@ pub async fn serve(
         let reader = EndpointReader::new(
             client.clone(),
             config_owner(&client, &args.webhook_config).await,
+            args.webhook_config.clone(),
         );
         tokio::spawn(async move { reader.run().await });
     }
@@ -197,6 +198,7 @@ pub async fn serve(
                 pull_policy: args.sidecar_image_pull_policy.clone(),
             },
             excluded_namespaces: vec![args.operator_namespace.clone()],
+            injector: args.webhook_config.clone(),
         },
         operator_user: format!(
             "system:serviceaccount:{}:{}",

@@ -33,6 +33,7 @@ pub(super) fn policy() -> Policy {
             pull_policy: "Never".into(),
         },
         excluded_namespaces: vec!["graceful-system".into()],
+        injector: "graceful-sidecar-injector".into(),
     }
 }
 
