@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::drains::SidecarReport;
-use graceful_sidecar::accept::Acceptor;
+use graceful_sidecar::accept::{Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
 use graceful_sidecar::exposition;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -287,6 +287,11 @@ fn phase_labels((namespace, name): &(String, String), phase: &str) -> PhaseLabel
     }
 }
 
+/// Connections the health and metrics port serves at once: the kubelet's probes and a few
+/// scrapers, with room for a flood of idle ones while they time out. Past it new ones wait in
+/// the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+
 /// `/healthz` (process up), `/readyz` (controller or webhook ready), `/metrics`.
 pub async fn serve(
     addr: SocketAddr,
@@ -297,12 +302,13 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "health and metrics listening");
-    let mut listener = Acceptor::backing_off(listener, "metrics");
+    let mut listener = Acceptor::backing_off(listener, "metrics", Slots::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await;
+        let Accepted { stream, slot, .. } = listener.accept().await;
         let registry = registry.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let mut kind = None;
                 let (status, body) = match req.uri().path() {
@@ -337,7 +343,10 @@ pub async fn serve(
                 }
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            // HTTP/1.1 only: probes and Prometheus speak it, and hyper times its heads.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

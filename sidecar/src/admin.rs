@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::accept::{ACCEPT_PAUSE, Acceptor};
+use crate::accept::{ACCEPT_PAUSE, Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
 use crate::app::App;
 use crate::defaults;
 use crate::deregister::{EndpointWatch, Listing, PodRef};
@@ -139,12 +139,12 @@ impl Admin {
     /// (a JSON array of IPs; the answer: their counts, in order). It learns nothing about a
     /// source it does not already know.
     async fn connections(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let body = match Limited::new(req.into_body(), CONNECTIONS_BODY_LIMIT)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+        // hyper times the head only: a body trickled in would hold an admin slot for ever.
+        let read = Limited::new(req.into_body(), CONNECTIONS_BODY_LIMIT).collect();
+        let body = match tokio::time::timeout(HEADER_READ_TIMEOUT, read).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+            Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "body too slow\n"),
         };
         match serde_json::from_slice::<Vec<IpAddr>>(&body) {
             Ok(ips) if ips.len() <= siblings::MAX_ASKED => {
@@ -211,17 +211,20 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    let mut listener = Acceptor::fixed(listener, "admin", ACCEPT_PAUSE);
+    let slots = Slots::new(defaults::ADMIN_MAX_CONNECTIONS);
+    let mut listener = Acceptor::fixed(listener, "admin", ACCEPT_PAUSE, slots);
     loop {
-        let (stream, peer) = listener.accept().await;
+        let Accepted { stream, peer, slot } = listener.accept().await;
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

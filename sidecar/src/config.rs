@@ -113,9 +113,24 @@ pub struct Config {
     pub services: Vec<String>,
 
     /// Traffic threads, each with its own event loop and listening socket (SO_REUSEPORT);
-    /// 0 means one per available core.
+    /// 0 means one per core of the container's CPU limit, or 2 without a limit.
     #[arg(long, env = "GRACEFUL_WORKERS", value_name = "N", default_value_t = 0)]
     pub workers: usize,
+
+    /// Client connections served at once on the traffic port; more wait in the listen backlog.
+    #[arg(
+        long,
+        env = "GRACEFUL_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = defaults::MAX_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_connections: usize,
+
+    /// How long a client may take to send a request's head on the traffic port, and keep a
+    /// connection without a request.
+    #[arg(long, env = "GRACEFUL_HEADER_READ_TIMEOUT", value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
+    pub header_read_timeout: Duration,
 
     /// Log filter (tracing env-filter syntax).
     #[arg(
@@ -193,6 +208,10 @@ pub enum ConfigError {
     },
     #[error("--data-planes names {given} data planes; at most {max}")]
     TooManyDataPlanes { given: usize, max: usize },
+    #[error(
+        "--header-read-timeout must be longer than 0s: it would close every connection at once"
+    )]
+    ZeroHeaderReadTimeout,
     #[error("--upstream {0} has port 0: name the port the app listens on")]
     UpstreamPortZero(SocketAddr),
     #[error("--{a} and --{b} are both {addr}: each needs its own address")]
@@ -233,6 +252,9 @@ impl Config {
                 plane,
                 after: fmt(defaults::DRAIN_AFTER_LAG),
             });
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::ZeroHeaderReadTimeout);
         }
         // Port 0 lets the kernel pick for a socket the sidecar binds; the app's is not ours to pick.
         if self.upstream.port() == 0 {
@@ -395,5 +417,9 @@ mod tests {
         let e = parse(&["--listen", "0.0.0.0:8080"]).unwrap_err();
         assert!(e.contains("--listen and --upstream"), "{e}");
         assert!(parse(&["--listen", "127.0.0.1:9000", "--admin", "127.0.0.2:9000"]).is_ok());
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.contains("--max-connections"), "{e}");
+        let e = parse(&["--header-read-timeout", "0s"]).unwrap_err();
+        assert!(e.contains("--header-read-timeout"), "{e}");
     }
 }

@@ -75,3 +75,16 @@ pub const TERMINATION_LOG_PATH: &str = "/dev/termination-log";
 /// `Connection: close`): closing it sooner could cross a request already on the wire, which the
 /// client sees as a failure.
 pub const QUIESCE_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// The traffic port's connection limit (`--max-connections`): past it, new connections wait in
+/// the listen backlog. A keep-alive client with its upstream connection costs about 22 KiB, so
+/// 4096 of them take about 90 MiB, inside the injected 128 MiB limit (docs/security.md).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// The admin port's: kubelet probes, preStop, scrapes and `kubectl graceful`; room for a
+/// flood of idle ones (about 5 MiB) beside them while they time out.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// An idle HTTP/2 client is pinged this often, and dropped if it does not answer in
+/// `H2_KEEP_ALIVE_TIMEOUT` (gRPC's own server defaults are 2 h and 20 s; a minute finds a
+/// vanished client well before its slot matters).
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -14,6 +14,7 @@ pub mod exposition;
 pub mod latency;
 pub mod metrics;
 pub mod proxy;
+pub mod resources;
 pub mod restarts;
 pub mod siblings;
 pub mod signal;
@@ -97,11 +98,16 @@ fn bind_shards(
 
 /// Serves until the drain is done and it is time to exit; returns the drain's summary.
 pub async fn run(cfg: Config) -> Result<Summary, Error> {
-    let shards = match cfg.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    match resources::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let shards = resources::traffic_threads(cfg.workers);
     let (traffic_listeners, listen) = bind_shards(cfg.listen, shards)?;
+    let bounds = accept::Bounds {
+        slots: accept::Slots::new(cfg.max_connections),
+        header_read_timeout: cfg.header_read_timeout,
+    };
     let (admin_listener, admin) = bind("admin", cfg.admin).await?;
     let mut signals = Signals::new().map_err(Error::Signals)?;
 
@@ -126,10 +132,10 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
     ));
     let deregister = Deregister::new(cfg.pod(), cfg.deregister_delay);
     for (i, listener) in traffic_listeners.into_iter().enumerate() {
-        let (proxy, drain) = (proxy.clone(), drain.clone());
+        let (bounds, proxy, drain) = (bounds.clone(), proxy.clone(), drain.clone());
         std::thread::Builder::new()
             .name(format!("traffic-{i}"))
-            .spawn(move || traffic::shard(listener, proxy, drain))
+            .spawn(move || traffic::shard(listener, bounds, proxy, drain))
             .map_err(Error::Thread)?;
     }
     tokio::spawn(admin::serve(

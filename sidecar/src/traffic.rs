@@ -14,10 +14,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::accept::{ACCEPT_PAUSE, Acceptor};
+use crate::accept::{ACCEPT_PAUSE, Accepted, Acceptor, Bounds};
 use crate::defaults;
 use crate::drain::{self, Calm, ConnectionGuard, Drain, Phase};
 use crate::metrics::Protocol;
@@ -25,7 +26,12 @@ use crate::proxy::{Downstream, GaugeGuard, Proxy};
 
 /// One traffic thread: its own single-threaded event loop and listening socket, until the
 /// drain is done.
-pub fn shard(listener: std::net::TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
+pub fn shard(
+    listener: std::net::TcpListener,
+    bounds: Bounds,
+    proxy: Arc<Proxy>,
+    drain: Arc<Drain>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -39,27 +45,37 @@ pub fn shard(listener: std::net::TcpListener, proxy: Arc<Proxy>, drain: Arc<Drai
     };
     rt.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(listener) => serve(listener, proxy, drain).await,
+            Ok(listener) => serve(listener, bounds, proxy, drain).await,
             Err(e) => tracing::error!(error = %e, "cannot register a traffic listener"),
         }
     });
 }
 
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: Arc<Drain>) {
+pub async fn serve(listener: TcpListener, bounds: Bounds, proxy: Arc<Proxy>, drain: Arc<Drain>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_read_timeout)
+        .keep_alive(true);
+    // A client that vanished without a FIN (a node gone, a NAT entry dropped) is found by a
+    // ping left unanswered, instead of holding its slot for ever; HTTP/2 requires the answer.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(defaults::H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(defaults::H2_KEEP_ALIVE_TIMEOUT);
     let builder = Arc::new(builder);
     let mut phase = drain.subscribe();
-    let mut listener = Acceptor::fixed(listener, "traffic", ACCEPT_PAUSE);
+    let mut listener = Acceptor::fixed(listener, "traffic", ACCEPT_PAUSE, bounds.slots);
     loop {
         tokio::select! {
-            (stream, peer) = listener.accept() => {
+            Accepted { stream, peer, slot } = listener.accept() => {
                 // Counted as open from the accept on, so the drain never ends between an
                 // accept and its task's start.
                 let open = drain.connection();
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, peer, open, proxy.clone(), drain.clone(), builder.clone()));
+                tokio::spawn(connection(stream, peer, (open, slot), proxy.clone(), drain.clone(), builder.clone(), bounds.header_read_timeout));
             }
             // New connections are served all through the drain, until it is done.
             _ = drain::reached(&mut phase, Phase::Done) => break,
@@ -110,10 +126,11 @@ impl ConnState {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    _open: ConnectionGuard,
+    _open: (ConnectionGuard, OwnedSemaphorePermit),
     proxy: Arc<Proxy>,
     drain: Arc<Drain>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    header_read_timeout: Duration,
 ) {
     let state = Arc::new(ConnState {
         peer: peer.ip(),
@@ -169,6 +186,11 @@ async fn connection(
     let forced = drain::forced(&mut force);
     tokio::pin!(forced);
     let mut closing = false;
+    // A connection that has sent no request by then (silent, still choosing its protocol, or
+    // HTTP/2 without a stream) is closed gracefully: hyper's header timer covers HTTP/1.1 heads
+    // once the protocol is known, not the bytes before, nor an HTTP/2 connection kept empty.
+    let unused = sleep_until(state.accepted + header_read_timeout);
+    tokio::pin!(unused);
     loop {
         tokio::select! {
             biased;
@@ -177,6 +199,11 @@ async fn connection(
                     debug!(error = %e, %peer, "connection ended with an error");
                 }
                 break;
+            }
+            _ = &mut unused, if !closing && !state.seen_request.load(Ordering::Relaxed) => {
+                debug!(%peer, "no request within the header read timeout; closing");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
             // HTTP/1.1: keep-alive off, the connection closes after any response in flight;
             // HTTP/2: GOAWAY.
