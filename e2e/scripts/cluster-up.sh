@@ -276,6 +276,7 @@ daemon_start kube-apiserver "$KUBE_BIN/kube-apiserver" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
   --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+  --admission-control-config-file="$STATE/admission.yaml" \
   --allow-privileged=true --profiling=false \
   --audit-policy-file="$STATE/audit-policy.yaml" --audit-log-path="$AUDIT_LOG" \
   --audit-log-format=json --audit-log-maxsize=200 --audit-log-maxbackup=1

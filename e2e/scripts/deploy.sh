@@ -45,6 +45,7 @@ done_step
 step "helm upgrade --install $RELEASE oci://$E2E_REGISTRY/charts/graceful --version $version ($NAMESPACE)"
 out=$(helm upgrade --install "$RELEASE" "oci://$E2E_REGISTRY/charts/graceful" --version "$version" \
   --plain-http --namespace "$NAMESPACE" --create-namespace --set image.registry="$E2E_REGISTRY" \
+  --set-file webhook.clientCA="$PKI/webhook-client-ca.crt" \
   --wait --timeout 180s 2>&1) || die "helm upgrade --install failed: $out"
 done_step
 

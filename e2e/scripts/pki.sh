@@ -5,15 +5,16 @@
 # key in PKCS#8: Go and rustls (kube-rs in the tests reads the admin key) both accept it.
 pki_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 
-pki_ca() {
-  pki_key "$PKI/ca.key"
-  openssl req -x509 -new -key "$PKI/ca.key" -days 3650 -subj "/CN=graceful-e2e-ca" \
+pki_ca() { # [name]
+  local ca=${1:-ca}
+  pki_key "$PKI/$ca.key"
+  openssl req -x509 -new -key "$PKI/$ca.key" -days 3650 -subj "/CN=graceful-e2e-$ca" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -out "$PKI/ca.crt" 2>/dev/null
+    -out "$PKI/$ca.crt" 2>/dev/null
 }
 
-pki_cert() { # name subject extendedKeyUsage [subjectAltName]
-  local name=$1 subject=$2 eku=$3 san=${4:-}
+pki_cert() { # name subject extendedKeyUsage [subjectAltName] [ca]
+  local name=$1 subject=$2 eku=$3 san=${4:-} ca=${5:-ca}
   pki_key "$PKI/$name.key"
   openssl req -new -key "$PKI/$name.key" -subj "$subject" -out "$PKI/$name.csr" 2>/dev/null
   {
@@ -22,7 +23,7 @@ pki_cert() { # name subject extendedKeyUsage [subjectAltName]
     echo "extendedKeyUsage=$eku"
     [[ -z $san ]] || echo "subjectAltName=$san"
   } > "$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" \
     -set_serial "0x$(openssl rand -hex 16)" -days 365 -extfile "$PKI/$name.ext" \
     -out "$PKI/$name.crt" 2>/dev/null
   rm -f "$PKI/$name.csr" "$PKI/$name.ext"
@@ -52,6 +53,39 @@ KUBECONFIG
   chmod 600 "$file"
 }
 
+# The API server's identity towards admission webhooks: a client certificate from a CA of its
+# own (the webhook trusts this CA alone, not every client of the cluster CA), given to the
+# apiserver by an AdmissionConfiguration, as a platform team configures it (docs/security.md).
+pki_webhook_client() {
+  pki_ca webhook-client-ca
+  pki_cert webhook-client "/CN=kube-apiserver-webhook-client" clientAuth "" webhook-client-ca
+  cat > "$STATE/webhook-client.kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user:
+    client-certificate: $PKI/webhook-client.crt
+    client-key: $PKI/webhook-client.key
+KUBECONFIG
+  chmod 600 "$STATE/webhook-client.kubeconfig"
+  cat > "$STATE/admission.yaml" <<YAML
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $STATE/webhook-client.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $STATE/webhook-client.kubeconfig
+YAML
+}
+
 pki_all() {
   rm -rf "$PKI" && mkdir -p "$PKI" && chmod 700 "$PKI"
   pki_ca
@@ -75,4 +109,5 @@ pki_all() {
   pki_kubeconfig "$STATE/scheduler.kubeconfig" scheduler "$APISERVER_URL"
   pki_kubeconfig "$STATE/kube-proxy.kubeconfig" kube-proxy "$APISERVER_URL"
   pki_kubeconfig "$STATE/kubelet.kubeconfig" kubelet "$APISERVER_URL"
+  pki_webhook_client
 }

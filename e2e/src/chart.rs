@@ -25,6 +25,13 @@ pub fn registry_value() -> String {
     format!("image.registry={REGISTRY}")
 }
 
+/// The `--set-file` that makes the webhook require the API server's client certificate, whose
+/// CA cluster-up made (e2e/scripts/pki.sh); deploy.sh installs with it, and an upgrade keeps it.
+pub fn client_ca_value() -> String {
+    let ca = crate::cluster::state_dir().join("pki/webhook-client-ca.crt");
+    format!("webhook.clientCA={}", ca.display())
+}
+
 /// The chart version (= appVersion = image tag) of the release deploy.sh installed: the
 /// workspace's version, marked as a build of these very binaries (images.sh's dev_version).
 pub fn deployed_version() -> String {

@@ -106,21 +106,60 @@ fn this_year() -> i32 {
     1970 + (secs / 31_556_952) as i32
 }
 
+/// The CAs whose client certificates authenticate the API server to the webhook: what the
+/// cluster's AdmissionConfiguration gives it (`kubeConfigFile` of WebhookAdmissionConfiguration).
+#[derive(Clone)]
+pub struct ClientCa(Arc<rustls::RootCertStore>);
+
+impl ClientCa {
+    /// Reads a PEM bundle; an unreadable file or one without a usable certificate is an error,
+    /// never a webhook that silently accepts anyone.
+    pub fn read(path: &std::path::Path) -> Result<Self, Error> {
+        let bad =
+            |e: &dyn std::fmt::Display| Error::Tls(format!("client CA {}: {e}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&"no certificate in the file"));
+        }
+        Ok(Self(Arc::new(roots)))
+    }
+}
+
 /// rustls configuration serving `material` (HTTP/1.1 only: what the API server speaks to webhooks
-/// by default).
-pub fn server_config(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Error> {
+/// by default). With `clients`, a client certificate is asked for and, when presented, must chain
+/// to one of them; a connection without one still completes (the kubelet's probes have none), and
+/// the server refuses its reviews (see `webhook::server`).
+pub fn server_config(
+    material: &TlsMaterial,
+    clients: Option<&ClientCa>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let bad = |e: &dyn std::fmt::Display| Error::Tls(e.to_string());
     let chain = CertificateDer::pem_slice_iter(material.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(&e))?;
     let key = PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).map_err(|e| bad(&e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
         .map_err(|e| bad(&e))?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ClientCa(roots)) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad(&e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| bad(&e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -266,9 +305,101 @@ mod tests {
         let m = generate(&names).unwrap();
         assert!(m.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_ne!(m.ca_pem, m.cert_pem);
-        server_config(&m).unwrap();
+        server_config(&m, None).unwrap();
         let again = from_secret(&to_secret("s", "x", &m, None), "s").unwrap();
         assert!(again == m);
+    }
+
+    /// A CA and a client certificate it signed, as the API server's webhook client holds.
+    fn client_identity() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-webhook-client");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        (ca_cert.pem(), cert.der().clone(), key)
+    }
+
+    /// The client certificate the server saw after a handshake (`Ok(None)`: none presented).
+    async fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        server_ca: &str,
+        identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> Result<Option<usize>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let client = match identity {
+            Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let name = rustls::pki_types::ServerName::try_from("graceful-webhook").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let (client, server) = tokio::join!(
+            async {
+                use tokio::io::AsyncWriteExt;
+                let mut tls = connector.connect(name, a).await?;
+                // TLS 1.3: the server checks the client's certificate after the client's side
+                // of the handshake ends; a write makes the client wait for its verdict.
+                tls.write_all(b"x").await?;
+                tls.flush().await?;
+                // Kept open until the server is done writing (its session tickets).
+                Ok::<_, std::io::Error>(tls)
+            },
+            acceptor.accept(b)
+        );
+        client.map_err(|e| format!("client: {e}"))?;
+        let server = server.map_err(|e| format!("server: {e}"))?;
+        Ok(server.get_ref().1.peer_certificates().map(<[_]>::len))
+    }
+
+    #[tokio::test]
+    async fn with_a_client_ca_only_its_certificates_authenticate_and_others_fail_the_handshake() {
+        let m = generate(&dns_names("graceful-webhook", "graceful-system")).unwrap();
+        let (ca_pem, cert, key) = client_identity();
+        let file =
+            std::env::temp_dir().join(format!("graceful-client-ca-{}.pem", std::process::id()));
+        std::fs::write(&file, &ca_pem).unwrap();
+        let clients = ClientCa::read(&file).unwrap();
+        let server = server_config(&m, Some(&clients)).unwrap();
+
+        let with = handshake(server.clone(), &m.ca_pem, Some((cert, key))).await;
+        assert_eq!(with, Ok(Some(1)));
+        // Probes have no certificate: the handshake completes, unauthenticated.
+        assert_eq!(handshake(server.clone(), &m.ca_pem, None).await, Ok(None));
+        let (_, stranger, stranger_key) = client_identity();
+        let refused = handshake(server, &m.ca_pem, Some((stranger, stranger_key))).await;
+        assert!(
+            refused.is_err(),
+            "a certificate from another CA: {refused:?}"
+        );
+        // Without a client CA nothing is asked for.
+        let open = server_config(&m, None).unwrap();
+        assert_eq!(handshake(open, &m.ca_pem, None).await, Ok(None));
+
+        std::fs::write(&file, "not a certificate").unwrap();
+        let e = ClientCa::read(&file).err().expect("refused");
+        assert!(e.to_string().contains("no certificate"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = ClientCa::read(&file).err().expect("refused");
+        assert!(e.to_string().contains("client CA"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub struct WebhookArgs {
         default_value = "graceful-operator"
     )]
     pub service_account: String,
+    /// PEM bundle of the CAs that sign the API server's client certificate for webhooks. Set,
+    /// reviews from a caller without such a certificate are refused (403); unset, any caller
+    /// that reaches the port is answered.
+    #[arg(long, env = "GRACEFUL_WEBHOOK_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -40,7 +40,7 @@ use crate::certs::{self, TlsMaterial};
 use crate::endpoint_reader::EndpointReader;
 use crate::metrics::Metrics;
 use crate::names::POD_TEMPLATE_HASH;
-use graceful_sidecar::accept::Acceptor;
+use graceful_sidecar::accept::{Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
 
 pub const MUTATE_PATH: &str = "/mutate";
 const READYZ_PATH: &str = "/readyz";
@@ -49,6 +49,11 @@ const MAX_BODY: usize = 4 << 20;
 /// Lookups must end well inside the API server's webhook timeout.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once. The API server keeps a pool of a few per replica; past the
+/// limit, new ones wait in the listen backlog instead of costing memory.
+const MAX_CONNECTIONS: usize = 512;
+/// A review's body must arrive within the longest timeoutSeconds a webhook may have.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A review lasts at most the webhook's timeoutSeconds (10 s by default, 30 s at most).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_REFRESH: Duration = Duration::from_secs(60);
@@ -66,6 +71,8 @@ struct State {
     operator_user: String,
     metrics: Arc<Metrics>,
     around: AroundLookups,
+    /// Reviews need the API server's client certificate (`--client-ca`).
+    require_client_cert: bool,
 }
 
 /// What the data-plane lookups remember across reviews: the kinds whose failure was already
@@ -178,8 +185,25 @@ pub async fn serve(
             }
         }
     };
-    let (tls_tx, tls_rx) = watch::channel(certs::server_config(&material)?);
-    tokio::spawn(refresh_tls(client.clone(), args.clone(), material, tls_tx));
+    let client_ca = args
+        .client_ca
+        .as_deref()
+        .map(certs::ClientCa::read)
+        .transpose()?;
+    if client_ca.is_none() {
+        warn!(
+            "no --client-ca: the webhook answers any caller that reaches its port (docs/security.md)"
+        );
+    }
+    let (tls_tx, tls_rx) = watch::channel(certs::server_config(&material, client_ca.as_ref())?);
+    let require_client_cert = client_ca.is_some();
+    tokio::spawn(refresh_tls(
+        client.clone(),
+        args.clone(),
+        material,
+        client_ca,
+        tls_tx,
+    ));
 
     // EndpointSlice read for the injected pods, from the pods themselves (endpoint_reader.rs).
     if args.grant_endpointslice_read {
@@ -206,6 +230,7 @@ pub async fn serve(
         ),
         metrics,
         around: AroundLookups::default(),
+        require_client_cert,
     });
 
     let listener = TcpListener::bind(args.webhook_addr)
@@ -216,11 +241,17 @@ pub async fn serve(
         })?;
     info!(addr = %args.webhook_addr, "injection webhook serving");
     let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
-    let mut listener = Acceptor::backing_off(listener, "webhook");
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let mut listener = Acceptor::backing_off(listener, "webhook", Slots::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let Accepted {
+            stream: tcp,
+            peer,
+            slot,
+        } = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
@@ -229,13 +260,16 @@ pub async fn serve(
         let http = http.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return debug!(%peer, "TLS handshake timed out"),
             };
-            let service = service_fn(move |req| handle(req, state.clone()));
+            // Verified against --client-ca in the handshake; absent for a caller without one.
+            let authenticated = tls.get_ref().1.peer_certificates().is_some();
+            let service = service_fn(move |req| handle(req, state.clone(), authenticated));
             let conn = http.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn).await {
                 debug!(%peer, error = %e, "connection ended with an error");
@@ -277,13 +311,14 @@ async fn refresh_tls(
     client: Client,
     args: WebhookArgs,
     mut current: TlsMaterial,
+    client_ca: Option<certs::ClientCa>,
     tx: watch::Sender<Arc<rustls::ServerConfig>>,
 ) {
     loop {
         tokio::time::sleep(CERT_REFRESH).await;
         match load_tls(&client, &args).await {
             Ok(m) if m == current => {}
-            Ok(m) => match certs::server_config(&m) {
+            Ok(m) => match certs::server_config(&m, client_ca.as_ref()) {
                 Ok(config) => {
                     info!("webhook certificate changed; serving the new one");
                     tx.send_replace(config);
@@ -323,6 +358,7 @@ fn owner_ref(config: &MutatingWebhookConfiguration) -> OwnerReference {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
+    authenticated: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -338,11 +374,32 @@ async fn handle(
         (&Method::POST, path @ (MUTATE_PATH | PACE_PATH)) => {
             let pace = path == PACE_PATH;
             let webhook = if pace { "pace" } else { "inject" };
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
+            if state.require_client_cert && !authenticated {
+                state.metrics.observe_review(webhook, "unauthenticated");
+                debug!(
+                    webhook,
+                    "review without the API server's client certificate refused"
+                );
+                return Ok(reply(
+                    StatusCode::FORBIDDEN,
+                    b"{\"message\":\"a client certificate signed by the webhook's client CA is required\"}".to_vec(),
+                ));
+            }
+            // A body trickled in slower than the API server's longest review would hold the
+            // connection's slot for ever; hyper times only the head.
+            let read = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => {
                     state.metrics.observe_review(webhook, "bad_request");
                     return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()));
+                }
+                Err(_) => {
+                    state.metrics.observe_review(webhook, "bad_request");
+                    return Ok(reply(
+                        StatusCode::REQUEST_TIMEOUT,
+                        b"request body too slow".to_vec(),
+                    ));
                 }
             };
             let response = if pace {
@@ -691,6 +748,7 @@ mod tests {
                 &mut prometheus_client::registry::Registry::default(),
             )),
             around: AroundLookups::default(),
+            require_client_cert: false,
         }
     }
 
@@ -821,6 +879,7 @@ mod tests {
                 &mut prometheus_client::registry::Registry::default(),
             )),
             around: AroundLookups::default(),
+            require_client_cert: false,
         };
         let body = serde_json::to_vec(&super::super::tests::fixture()).unwrap();
         let started = tokio::time::Instant::now();
