@@ -5,6 +5,7 @@
 //! load from vegeta with failed requests counted by vegeta itself ([`load`]), and rollouts measured
 //! under that load ([`rollout`]), processes killed on the node ([`node`]), where kube-proxy routes a Service ([`kube_proxy`]), and Argo CD's health rule for Deployments ([`argo`]).
 
+pub mod admission;
 pub mod argo;
 pub mod audit;
 pub mod chart;

@@ -508,6 +508,18 @@ async fn count(results: ChildStdout) -> Result<LoadReport> {
     Ok(tally.finish())
 }
 
+/// vegeta's requests sent must be at least 80% of rate x duration: a stalled load generator
+/// proves nothing.
+pub fn check_sent(what: &str, load: &Load, report: &LoadReport) {
+    let expected = f64::from(load.rate) * report.duration.as_secs_f64();
+    eprintln!("{what}: {report} (expected about {expected:.0} requests)");
+    assert!(
+        report.sent as f64 >= 0.8 * expected,
+        "{what}: only {} requests sent of about {expected:.0}: the load stalled",
+        report.sent
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

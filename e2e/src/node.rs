@@ -59,6 +59,26 @@ pub fn container_pids(id: &str) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// A process's resident memory now, in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(Error::io(format!("reading /proc/{pid}/status")))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| Error::Cluster(format!("no VmRSS for process {pid}")))?;
+    Ok(kib / 1024.0)
+}
+
+/// The resident memory of the pod's `container` (all its processes), in MiB.
+pub fn container_rss_mib(pod: &Pod, container: &str) -> Result<f64> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let id = container_id(pod, container)
+        .ok_or_else(|| Error::Cluster(format!("pod {name} has no running {container}")))?;
+    container_pids(&id)?.into_iter().map(rss_mib).sum()
+}
+
 /// SIGKILLs every process of the pod's `container`, from the node; returns their PIDs.
 pub fn kill_container(pod: &Pod, container: &str) -> Result<Vec<u32>> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();

@@ -383,18 +383,12 @@ impl OperatorProcess {
 
     /// Resident memory now, in MiB.
     pub fn rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).map_err(|_| {
+        crate::node::rss_mib(self.pid).map_err(|_| {
             Error::Cluster(format!(
                 "the leading operator's process ({}, pod {}) is gone: did it lose the Lease? (its log: kubectl logs -p)",
                 self.pid, self.pod
             ))
-        })?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| Error::Cluster("no VmRSS".into()))?;
-        Ok(kib / 1024.0)
+        })
     }
 
     /// CPU time used so far (user + system), from /proc/PID/stat.

@@ -13,18 +13,18 @@
 //! Needs the cluster, the images and the chart (`make e2e` does all three).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use graceful_e2e::chart::{self, helm, oci_chart, registry_value};
+use graceful_e2e::admission::AdmissionProbe;
+use graceful_e2e::chart::{self, client_ca_value, helm, oci_chart, registry_value};
 use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
-use graceful_e2e::load::{Load, LoadReport};
+use graceful_e2e::load::{self, Load};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{cluster, demo, rollout, wait};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use serde_json::json;
 
 const MANAGED: &str = "managed";
@@ -45,6 +45,8 @@ fn helm_upgrade(version: &str) -> (bool, String) {
         OPERATOR_NAMESPACE,
         "--set",
         &registry_value(),
+        "--set-file",
+        &client_ca_value(),
         "--wait",
         "--timeout",
         "180s",
@@ -94,73 +96,6 @@ async fn sidecar_images(ns: &TestNamespace, app: &str) -> Vec<String> {
             sidecar.image.clone()
         })
         .collect()
-}
-
-/// Asks the API server every 200 ms to create an annotated pod (a dry run: admission runs, and
-/// the injection webhook is called, but nothing is stored) and counts the answers that came
-/// back without the sidecar: with failurePolicy Ignore, that is a pod started without graceful.
-struct AdmissionProbe {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(u64, u64, Vec<String>)>,
-}
-
-impl AdmissionProbe {
-    fn start(ns: &TestNamespace) -> Self {
-        let pods: Api<Pod> = ns.api();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "probe", "labels": {"app": "probe"},
-                         "annotations": {"graceful.dev/inject": "true"}},
-            "spec": {"terminationGracePeriodSeconds": 40, "containers": [demo::container("probe")]},
-        }))
-        .expect("probe pod");
-        let task = tokio::spawn(async move {
-            let dry_run = PostParams {
-                dry_run: true,
-                ..Default::default()
-            };
-            let (mut answered, mut not_injected) = (0, 0);
-            let mut missed = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                match pods.create(&dry_run, &pod).await {
-                    Ok(p) => {
-                        answered += 1;
-                        let inits = p.spec.and_then(|s| s.init_containers).unwrap_or_default();
-                        if !inits.iter().any(|c| c.name == "graceful-sidecar") {
-                            not_injected += 1;
-                            missed.push(format!("{:?}", k8s_openapi::jiff::Timestamp::now()));
-                        }
-                    }
-                    Err(e) => missed.push(format!("error: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(200).saturating_sub(started.elapsed()))
-                    .await;
-            }
-            (answered, not_injected, missed)
-        });
-        Self { stop, task }
-    }
-
-    /// (pod creations answered, of which without the sidecar, what went wrong and when)
-    async fn stop(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("admission probe")
-    }
-}
-
-/// vegeta's requests sent must be at least 80% of rate x duration: a stalled load generator
-/// proves nothing.
-fn check_load(what: &str, load: &Load, report: &LoadReport) {
-    let expected = f64::from(load.rate) * report.duration.as_secs_f64();
-    eprintln!("{what}: {report} (expected about {expected:.0} requests)");
-    assert!(
-        report.sent as f64 >= 0.8 * expected,
-        "{what}: only {} requests sent of about {expected:.0}: the load stalled",
-        report.sent
-    );
 }
 
 #[tokio::test]
@@ -293,17 +228,17 @@ async fn helm_upgrade_under_load_drops_nothing_and_a_half_way_rollout_finishes()
     eprintln!(
         "admission during the upgrade: {answered} pod creations answered, {not_injected} without the sidecar; {missed:?}"
     );
-    check_load(
+    load::check_sent(
         "managed (GracefulRollout across the upgrade)",
         &side_load,
         &managed_report,
     );
-    check_load(
+    load::check_sent(
         "injected (rolled out during and after the upgrade)",
         &injected_load,
         &injected_report,
     );
-    check_load("plain (control, no sidecar)", &side_load, &plain_report);
+    load::check_sent("plain (control, no sidecar)", &side_load, &plain_report);
 
     let operators = operator_images(&client, false).await;
     assert!(

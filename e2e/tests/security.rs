@@ -1,0 +1,568 @@
+//! The security review's findings, shown on the cluster (issue 27):
+//! - a review forged by anyone but the API server is refused, writes nothing and learns nothing,
+//!   while the same review with the API server's client certificate is answered (the control);
+//! - the sidecar's admin port is not reachable through the app's Service: `/prestop` with the
+//!   pod's own token, sent to the Service, reaches the app and drains nothing;
+//! - thousands of idle and slow connections at the sidecar (traffic and admin ports) and at the
+//!   operator (webhook and metrics ports) hold no server up: real requests, pod admissions and
+//!   scrapes are served beside them, memory stays under the limits, and the server closes them
+//!   after its timeouts, not before.
+//!
+//! Needs the cluster, the images and the chart (`make e2e` does all three).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use graceful_e2e::admission::AdmissionProbe;
+use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
+use graceful_e2e::load::{self, Load};
+use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::{cluster, node, wait};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const APP: &str = "web";
+const TRAFFIC_PORT: u16 = 9080;
+const ADMIN_PORT: u16 = 9901;
+const WEBHOOK_PORT: u16 = 9443;
+const METRICS_PORT: u16 = 8080;
+/// hyper's header read timeout on every HTTP server of graceful's (accept::HEADER_READ_TIMEOUT).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The webhook's TLS handshake timeout (webhook::server).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The injected sidecar's and the chart's operator memory limits.
+const SIDECAR_LIMIT_MIB: f64 = 128.0;
+const OPERATOR_LIMIT_MIB: f64 = 256.0;
+
+async fn injected_app(ns: &TestNamespace) -> (String, Pod) {
+    ns.apply(&graceful::named_port_service(APP)).await.unwrap();
+    ns.apply(&graceful::injected_deployment(APP, 1, "v1"))
+        .await
+        .unwrap();
+    wait::rollout(&ns.api::<Deployment>(), APP, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let ip = wait::cluster_ip(&ns.api(), APP).await.unwrap();
+    wait::service_serving(&ns.api(), APP, &ip, 80, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let pods = ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&format!("app={APP}")))
+        .await
+        .unwrap();
+    (ip, pods.items.into_iter().next().expect("the app's pod"))
+}
+
+fn pod_ip(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP")
+}
+
+async fn operator_pods(client: &kube::Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        .list(&ListParams::default().labels(OPERATOR_SELECTOR))
+        .await
+        .expect("operator pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && wait::is_ready(p))
+        .collect()
+}
+
+/// The review the API server would send for creating an injected pod of `namespace` that runs
+/// as ServiceAccount `victim`.
+fn forged_review(namespace: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000027",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:elsewhere:forger"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "forged", "namespace": namespace, "labels": {"app": APP},
+                             "annotations": {"graceful.dev/inject": "true"}},
+                "spec": {"serviceAccountName": "victim",
+                         "containers": [{"name": "app", "image": "x",
+                                         "ports": [{"name": "http", "containerPort": 8080}]}]}
+            },
+            "dryRun": false
+        }
+    })
+}
+
+/// POSTs `review` to the webhook at `addr` with curl, presenting `identity` (certificate, key)
+/// when given: (HTTP status, body).
+async fn post_review(
+    addr: &str,
+    review: &serde_json::Value,
+    identity: Option<(&str, &str)>,
+) -> (u16, String) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-k",
+        "--max-time",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ])
+    .args([
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        "@-",
+    ]);
+    if let Some((cert, key)) = identity {
+        cmd.args(["--cert", cert, "--key", key]);
+    }
+    cmd.arg(format!("https://{addr}/mutate"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("curl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(review.to_string().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "curl to the webhook: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, body.to_owned())
+}
+
+async fn rbac_names(ns: &TestNamespace) -> Vec<String> {
+    let roles = ns.api::<Role>().list(&ListParams::default()).await.unwrap();
+    let bindings = ns
+        .api::<RoleBinding>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let mut names: Vec<String> = roles
+        .items
+        .iter()
+        .map(|r| format!("Role/{}", r.name_any()))
+        .chain(
+            bindings
+                .items
+                .iter()
+                .map(|b| format!("RoleBinding/{}", b.name_any())),
+        )
+        .collect();
+    names.sort();
+    names
+}
+
+/// The sidecar's drain phase, from its admin port.
+async fn drain_phase(pod: &Pod) -> String {
+    let (_, body) = wait::http_get(&format!("{}:{ADMIN_PORT}", pod_ip(pod)), "/metrics")
+        .await
+        .unwrap();
+    body.lines()
+        .find(|l| l.starts_with("graceful_drain_phase{") && l.ends_with(" 1"))
+        .unwrap_or("no phase")
+        .to_owned()
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn forged_reviews_learn_nothing_and_the_admin_port_is_not_behind_the_service() {
+    let client = cluster::client().await.expect("e2e cluster");
+    let ns = TestNamespace::create(&client, "security").await.unwrap();
+    let (service_ip, pod) = injected_app(&ns).await;
+
+    // Forged reviews, to the webhook's Service as any pod could send them.
+    let webhook: Api<Service> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let webhook_ip = wait::cluster_ip(&webhook, "graceful-webhook")
+        .await
+        .unwrap();
+    let addr = format!("{webhook_ip}:443");
+    let review = forged_review(&ns.name);
+    let before = rbac_names(&ns).await;
+    let (code, body) = post_review(&addr, &review, None).await;
+    eprintln!("forged review without a client certificate: {code} {body}");
+    assert_eq!(code, 403, "a forged review was answered: {body}");
+    assert!(
+        !body.contains("patch") && !body.contains(APP),
+        "the refusal tells something: {body}"
+    );
+    // The control: the same review with the API server's client certificate is answered, so
+    // what the forger did not get is real.
+    let pki = cluster::state_dir().join("pki");
+    let (cert, key) = (
+        pki.join("webhook-client.crt"),
+        pki.join("webhook-client.key"),
+    );
+    let identity = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (code, body) = post_review(&addr, &review, Some(identity)).await;
+    assert_eq!(
+        code, 200,
+        "the API server's review was not answered: {body}"
+    );
+    assert!(
+        body.contains("\"patch\""),
+        "no patch for the API server: {body}"
+    );
+    // Neither review wrote anything: grants come from admitted pods only.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rbac_names(&ns).await;
+    assert_eq!(before, after, "reviews created RBAC objects");
+    assert!(
+        !after.iter().any(|n| n.contains("victim")),
+        "a grant for the forged ServiceAccount: {after:?}"
+    );
+
+    // The admin port behind the Service: /prestop with the pod's own token, sent to the
+    // Service, is a request for the app.
+    let token = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "graceful-sidecar"))
+        .and_then(|c| c.env.as_ref())
+        .and_then(|e| e.iter().find(|e| e.name == "GRACEFUL_PRESTOP_TOKEN"))
+        .and_then(|e| e.value.clone())
+        .expect("the sidecar's preStop token in the pod spec");
+    let mut stream = TcpStream::connect(format!("{service_ip}:80"))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /prestop HTTP/1.1\r\nHost: {APP}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("answered")
+        .unwrap();
+    eprintln!(
+        "/prestop through the Service: {}",
+        response.lines().next().unwrap_or_default()
+    );
+    assert!(
+        !response.contains("\"trigger\""),
+        "the Service reached the admin port: {response}"
+    );
+    let ports: Vec<i32> = ns
+        .api::<Service>()
+        .get(APP)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [80], "the Service exposes more than the app's port");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            TcpStream::connect(format!("{service_ip}:{ADMIN_PORT}"))
+        )
+        .await
+        .map_or(true, |c| c.is_err()),
+        "the admin port answers on the Service's address"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let phase = drain_phase(&pod).await;
+    assert!(
+        phase.contains("phase=\"serving\""),
+        "the sidecar drains: {phase}"
+    );
+    let now = ns.api::<Pod>().get(&pod.name_any()).await.unwrap();
+    assert!(wait::is_ready(&now), "the pod left Ready");
+}
+
+/// A group of connections opened at one server, which must close them `deadline` after they
+/// opened (its timeout): none closed 5 s before, all closed 4 s after.
+struct Flood {
+    what: String,
+    streams: Vec<TcpStream>,
+    /// A slow client: one more byte every second.
+    trickled: bool,
+    deadline: Duration,
+    closed_before: Option<usize>,
+    closed_after: Option<usize>,
+}
+
+impl Flood {
+    async fn open(
+        what: &str,
+        addr: &str,
+        n: usize,
+        first_bytes: &[u8],
+        deadline: Duration,
+    ) -> Flood {
+        let mut streams = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut s = TcpStream::connect(addr)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: connection {i} to {addr}: {e}"));
+            if !first_bytes.is_empty() {
+                s.write_all(first_bytes).await.unwrap();
+            }
+            streams.push(s);
+        }
+        Flood {
+            what: format!("{n} {what} ({addr})"),
+            streams,
+            trickled: !first_bytes.is_empty(),
+            deadline,
+            closed_before: None,
+            closed_after: None,
+        }
+    }
+
+    /// One more byte on every connection still open (a slow client's next byte).
+    async fn trickle(&mut self) {
+        for s in &mut self.streams {
+            let _ = s.write_all(b"X").await;
+        }
+    }
+
+    /// How many the server has closed (EOF or reset seen within a short read).
+    async fn closed(&mut self) -> usize {
+        let reads = self.streams.iter_mut().map(|s| async move {
+            let mut b = [0u8; 512];
+            loop {
+                match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return false,
+                }
+            }
+        });
+        join_all(reads).await.into_iter().filter(|c| *c).count()
+    }
+
+    /// Counts the closed ones once at 5 s before the deadline and once at 4 s after.
+    async fn check(&mut self, since_open: Duration) {
+        if self.closed_before.is_none() && since_open >= self.deadline - Duration::from_secs(5) {
+            self.closed_before = Some(self.closed().await);
+        }
+        if self.closed_after.is_none() && since_open >= self.deadline + Duration::from_secs(4) {
+            self.closed_after = Some(self.closed().await);
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_served() {
+    // About 4,000 sockets in this process.
+    rlimit::increase_nofile_limit(16_384).expect("open-file limit");
+    let client = cluster::client().await.expect("e2e cluster");
+    let ns = TestNamespace::create(&client, "flood").await.unwrap();
+    let (service_ip, pod) = injected_app(&ns).await;
+    let sidecar = pod_ip(&pod);
+    let operators = operator_pods(&client).await;
+    assert!(!operators.is_empty(), "no ready operator pod");
+
+    let opened = Instant::now();
+    let head = b"GET / HTTP/1.1\r\nHost: x\r\n".as_slice();
+    // A TLS record header announcing 512 bytes of ClientHello, which then come a byte a second.
+    let hello = b"\x16\x03\x01\x02\x00".as_slice();
+    let (traffic_port, admin_port) = (
+        format!("{sidecar}:{TRAFFIC_PORT}"),
+        format!("{sidecar}:{ADMIN_PORT}"),
+    );
+    let mut floods = vec![
+        Flood::open(
+            "silent at the sidecar",
+            &traffic_port,
+            2000,
+            b"",
+            HEADER_READ_TIMEOUT,
+        )
+        .await,
+        Flood::open(
+            "slow heads at the sidecar",
+            &traffic_port,
+            200,
+            head,
+            HEADER_READ_TIMEOUT,
+        )
+        .await,
+        Flood::open(
+            "silent at the sidecar's admin port",
+            &admin_port,
+            200,
+            b"",
+            HEADER_READ_TIMEOUT,
+        )
+        .await,
+    ];
+    for op in &operators {
+        let ip = pod_ip(op);
+        let (metrics, webhook) = (
+            format!("{ip}:{METRICS_PORT}"),
+            format!("{ip}:{WEBHOOK_PORT}"),
+        );
+        floods.push(
+            Flood::open(
+                "silent at the operator's metrics port",
+                &metrics,
+                200,
+                b"",
+                HEADER_READ_TIMEOUT,
+            )
+            .await,
+        );
+        floods.push(
+            Flood::open(
+                "silent at the webhook",
+                &webhook,
+                300,
+                b"",
+                TLS_HANDSHAKE_TIMEOUT,
+            )
+            .await,
+        );
+        floods.push(
+            Flood::open(
+                "slow handshakes at the webhook",
+                &webhook,
+                100,
+                hello,
+                TLS_HANDSHAKE_TIMEOUT,
+            )
+            .await,
+        );
+    }
+    let held = opened.elapsed();
+    let total: usize = floods.iter().map(|f| f.streams.len()).sum();
+    eprintln!("{total} connections open in {held:.1?}");
+
+    // Real traffic, admissions and scrapes beside them, while the slow ones trickle.
+    let traffic = Load {
+        rate: 100,
+        ..Load::default()
+    };
+    let probe = AdmissionProbe::start(&ns);
+    let metrics_of = operators
+        .iter()
+        .map(|p| format!("{}:{METRICS_PORT}", pod_ip(p)))
+        .collect::<Vec<_>>();
+    // Every flood is checked 4 s after its deadline; the load runs until the last one is.
+    let give_up = HEADER_READ_TIMEOUT + Duration::from_secs(15);
+    let (observed, report) = traffic
+        .during(&format!("http://{service_ip}/"), async {
+            let (mut scrapes, mut scrape_failures) = (0, Vec::new());
+            let (mut peak_sidecar, mut peak_operator) = (0f64, 0f64);
+            while floods.iter().any(|f| f.closed_after.is_none()) && opened.elapsed() < give_up {
+                for f in floods.iter_mut().filter(|f| f.trickled) {
+                    f.trickle().await;
+                }
+                for addr in &metrics_of {
+                    scrapes += 1;
+                    if let Err(e) = wait::http_get(addr, "/metrics").await {
+                        scrape_failures.push(e.to_string());
+                    }
+                }
+                let rss = node::container_rss_mib(&pod, "graceful-sidecar").unwrap();
+                peak_sidecar = peak_sidecar.max(rss);
+                for op in &operators {
+                    peak_operator =
+                        peak_operator.max(node::container_rss_mib(op, "operator").unwrap());
+                }
+                for f in &mut floods {
+                    f.check(opened.elapsed()).await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            (scrapes, scrape_failures, peak_sidecar, peak_operator)
+        })
+        .await
+        .expect("vegeta");
+    let (answered, not_injected, missed) = probe.stop().await;
+    let (scrapes, scrape_failures, peak_sidecar, peak_operator) = observed;
+
+    eprintln!("traffic through the Service beside them: {report}");
+    eprintln!("admissions: {answered} answered, {not_injected} without the sidecar; {missed:?}");
+    eprintln!(
+        "operator scrapes: {scrapes}, failed {}: {scrape_failures:?}",
+        scrape_failures.len()
+    );
+    eprintln!(
+        "peak resident memory: sidecar {peak_sidecar:.1} MiB (limit {SIDECAR_LIMIT_MIB}), operator {peak_operator:.1} MiB (limit {OPERATOR_LIMIT_MIB})"
+    );
+    for f in &floods {
+        eprintln!(
+            "{}: closed {:?} at {:?} in, {:?} at {:?} in",
+            f.what,
+            f.closed_before,
+            f.deadline - Duration::from_secs(5),
+            f.closed_after,
+            f.deadline + Duration::from_secs(4)
+        );
+    }
+    assert!(
+        held < Duration::from_secs(4),
+        "opening the connections took {held:?}: the timeouts ran while they opened"
+    );
+    for f in &floods {
+        // Still held shortly before the timeout: what closes them is the timeout, not a refusal.
+        assert_eq!(
+            f.closed_before,
+            Some(0),
+            "{}: closed before the timeout",
+            f.what
+        );
+        assert_eq!(
+            f.closed_after,
+            Some(f.streams.len()),
+            "{}: left open after the timeout",
+            f.what
+        );
+    }
+    load::check_sent("traffic beside the flood", &traffic, &report);
+    assert_eq!(
+        report.failed, 0,
+        "requests failed beside the flood: {report}"
+    );
+    assert!(answered > 50, "too few admissions probed: {answered}");
+    assert_eq!(
+        not_injected, 0,
+        "pods admitted without the sidecar: {missed:?}"
+    );
+    assert!(missed.is_empty(), "admissions failed: {missed:?}");
+    assert!(
+        scrape_failures.is_empty(),
+        "scrapes failed: {scrape_failures:?}"
+    );
+    assert!(
+        peak_sidecar < SIDECAR_LIMIT_MIB,
+        "sidecar memory {peak_sidecar:.1} MiB"
+    );
+    assert!(
+        peak_operator < OPERATOR_LIMIT_MIB,
+        "operator memory {peak_operator:.1} MiB"
+    );
+}
