@@ -300,6 +300,14 @@ async fn forged_reviews_learn_nothing_and_the_admin_port_is_not_behind_the_servi
     assert!(wait::is_ready(&now), "the pod left Ready");
 }
 
+/// The largest resident memory among the operator's replicas, in MiB.
+fn max_rss(operators: &[Pod]) -> f64 {
+    operators
+        .iter()
+        .map(|op| node::container_rss_mib(op, "operator").unwrap())
+        .fold(0.0, f64::max)
+}
+
 /// A group of connections opened at one server, which must close them `deadline` after they
 /// opened (its timeout): none closed 5 s before, all closed 4 s after.
 struct Flood {
@@ -385,6 +393,10 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
     let operators = operator_pods(&client).await;
     assert!(!operators.is_empty(), "no ready operator pod");
 
+    let rss_before = (
+        node::container_rss_mib(&pod, "graceful-sidecar").unwrap(),
+        max_rss(&operators),
+    );
     let opened = Instant::now();
     let head = b"GET / HTTP/1.1\r\nHost: x\r\n".as_slice();
     // A TLS record header announcing 512 bytes of ClientHello, which then come a byte a second.
@@ -488,10 +500,7 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
                 }
                 let rss = node::container_rss_mib(&pod, "graceful-sidecar").unwrap();
                 peak_sidecar = peak_sidecar.max(rss);
-                for op in &operators {
-                    peak_operator =
-                        peak_operator.max(node::container_rss_mib(op, "operator").unwrap());
-                }
+                peak_operator = peak_operator.max(max_rss(&operators));
                 for f in &mut floods {
                     f.check(opened.elapsed()).await;
                 }
@@ -510,8 +519,12 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
         "operator scrapes: {scrapes}, failed {}: {scrape_failures:?}",
         scrape_failures.len()
     );
+    let at_sidecar: usize = floods[..3].iter().map(|f| f.streams.len()).sum();
     eprintln!(
-        "peak resident memory: sidecar {peak_sidecar:.1} MiB (limit {SIDECAR_LIMIT_MIB}), operator {peak_operator:.1} MiB (limit {OPERATOR_LIMIT_MIB})"
+        "resident memory: sidecar {:.1} MiB before, {peak_sidecar:.1} MiB at most with {at_sidecar} connections ({:.1} KiB each; limit {SIDECAR_LIMIT_MIB} MiB); operator {:.1} MiB before, {peak_operator:.1} MiB at most (limit {OPERATOR_LIMIT_MIB} MiB)",
+        rss_before.0,
+        (peak_sidecar - rss_before.0) * 1024.0 / at_sidecar as f64,
+        rss_before.1,
     );
     for f in &floods {
         eprintln!(
