@@ -42,6 +42,8 @@ chart_push "$E2E_REGISTRY" "$version"
 chart_push "$E2E_REGISTRY" "$(upgrade_version "$version")"
 done_step
 
+[[ -s $PKI/webhook-client-ca.crt ]] \
+  || die "no $PKI/webhook-client-ca.crt: this cluster predates the API server's webhook client certificate; make cluster-down cluster-up"
 step "helm upgrade --install $RELEASE oci://$E2E_REGISTRY/charts/graceful --version $version ($NAMESPACE)"
 out=$(helm upgrade --install "$RELEASE" "oci://$E2E_REGISTRY/charts/graceful" --version "$version" \
   --plain-http --namespace "$NAMESPACE" --create-namespace --set image.registry="$E2E_REGISTRY" \
