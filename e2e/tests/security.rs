@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const APP: &str = "web";
+const APP: &str = "shop";
 const TRAFFIC_PORT: u16 = 9080;
 const ADMIN_PORT: u16 = 9901;
 const WEBHOOK_PORT: u16 = 9443;
@@ -313,6 +313,9 @@ fn max_rss(operators: &[Pod]) -> f64 {
 struct Flood {
     what: String,
     streams: Vec<TcpStream>,
+    /// When the first and the last connection opened.
+    first: Instant,
+    last: Instant,
     /// A slow client: one more byte every second.
     trickled: bool,
     deadline: Duration,
@@ -329,6 +332,7 @@ impl Flood {
         deadline: Duration,
     ) -> Flood {
         let mut streams = Vec::with_capacity(n);
+        let first = Instant::now();
         for i in 0..n {
             let mut s = TcpStream::connect(addr)
                 .await
@@ -341,6 +345,8 @@ impl Flood {
         Flood {
             what: format!("{n} {what} ({addr})"),
             streams,
+            first,
+            last: Instant::now(),
             trickled: !first_bytes.is_empty(),
             deadline,
             closed_before: None,
@@ -370,12 +376,17 @@ impl Flood {
         join_all(reads).await.into_iter().filter(|c| *c).count()
     }
 
-    /// Counts the closed ones once at 5 s before the deadline and once at 4 s after.
-    async fn check(&mut self, since_open: Duration) {
-        if self.closed_before.is_none() && since_open >= self.deadline - Duration::from_secs(5) {
+    /// Counts the closed ones once 5 s before the first connection's deadline and once 4 s
+    /// after the last one's.
+    async fn check(&mut self) {
+        if self.closed_before.is_none()
+            && self.first.elapsed() >= self.deadline - Duration::from_secs(5)
+        {
             self.closed_before = Some(self.closed().await);
         }
-        if self.closed_after.is_none() && since_open >= self.deadline + Duration::from_secs(4) {
+        if self.closed_after.is_none()
+            && self.last.elapsed() >= self.deadline + Duration::from_secs(4)
+        {
             self.closed_after = Some(self.closed().await);
         }
     }
@@ -502,7 +513,7 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
                 peak_sidecar = peak_sidecar.max(rss);
                 peak_operator = peak_operator.max(max_rss(&operators));
                 for f in &mut floods {
-                    f.check(opened.elapsed()).await;
+                    f.check().await;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -528,18 +539,15 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
     );
     for f in &floods {
         eprintln!(
-            "{}: closed {:?} at {:?} in, {:?} at {:?} in",
+            "{} (opened in {:.1?}): closed {:?} {:?} after the first opened, {:?} {:?} after the last",
             f.what,
+            f.last - f.first,
             f.closed_before,
             f.deadline - Duration::from_secs(5),
             f.closed_after,
             f.deadline + Duration::from_secs(4)
         );
     }
-    assert!(
-        held < Duration::from_secs(4),
-        "opening the connections took {held:?}: the timeouts ran while they opened"
-    );
     for f in &floods {
         // Still held shortly before the timeout: what closes them is the timeout, not a refusal.
         assert_eq!(
