@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use graceful_e2e::chart::{
-    KUBE_VERSION, chart_dir, deployed_version, helm, helm_ok, oci_chart, of_kind, registry_value,
-    render,
+    KUBE_VERSION, chart_dir, client_ca_value, deployed_version, helm, helm_ok, oci_chart, of_kind,
+    registry_value, render,
 };
 use graceful_e2e::cluster::{self, kubectl};
 use graceful_e2e::namespace::TestNamespace;
@@ -36,6 +36,10 @@ fn chart_lints_clean_with_every_values_variant() {
             "operator.replicas=1,controller.enabled=false,webhook.failurePolicy=Fail",
         ],
         vec!["--set", MONITORING],
+        vec![
+            "--set",
+            "networkPolicy.enabled=false,rbac.aggregateToDefaultRoles=false",
+        ],
     ] {
         let mut args = vec!["lint", chart, "--strict", "--set", &registry];
         args.extend(extra.iter().copied());
@@ -71,6 +75,15 @@ fn schema_refuses_bad_values_by_name() {
         (
             "metrics.prometheusRule.labels.a=1",
             "/metrics/prometheusRule/labels/a",
+        ),
+        ("webhook.clientCA=not a certificate", "/webhook/clientCA"),
+        (
+            "networkPolicy.webhookFrom=everyone",
+            "/networkPolicy/webhookFrom",
+        ),
+        (
+            "rbac.aggregateToDefaultRoles=maybe",
+            "/rbac/aggregateToDefaultRoles",
         ),
     ] {
         let registry = registry_value();
@@ -280,6 +293,8 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
         &ns.name,
         "--set",
         &registry_value(),
+        "--set-file",
+        &client_ca_value(),
     ]);
     let out = cluster::kubectl_with_input(
         &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
@@ -302,9 +317,97 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/",
         "poddisruptionbudget.policy/",
         "lease.coordination.k8s.io/",
+        "networkpolicy.networking.k8s.io/",
+        "configmap/",
     ] {
         assert!(text.contains(kind), "{kind} not applied: {text}");
     }
+}
+
+/// `kubectl auth can-i VERB gracefulrollouts` in `namespace` as ServiceAccount `sa` of `home`.
+fn can_i(verb: &str, namespace: &str, home: &str, sa: &str) -> bool {
+    let out = cluster::kubectl()
+        .unwrap()
+        .args([
+            "auth",
+            "can-i",
+            verb,
+            "gracefulrollouts.graceful.dev",
+            "-n",
+            namespace,
+        ])
+        .arg(format!("--as=system:serviceaccount:{home}:{sa}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+/// The release's aggregated ClusterRoles put GracefulRollouts in the built-in view and edit:
+/// a user bound to view in a namespace reads them there and writes none, one bound to edit also
+/// writes them, in that namespace only; one bound to nothing does neither.
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the chart (make e2e)"]
+async fn the_built_in_roles_cover_gracefulrollouts() {
+    let client = cluster::client().await.unwrap();
+    let ns = TestNamespace::create(&client, "chart-rbac").await.unwrap();
+    let other = TestNamespace::create(&client, "chart-rbac-other")
+        .await
+        .unwrap();
+    for (sa, role) in [
+        ("viewer", Some("view")),
+        ("editor", Some("edit")),
+        ("stranger", None),
+    ] {
+        cluster::kubectl_output(&["create", "serviceaccount", sa, "-n", &ns.name]).unwrap();
+        if let Some(role) = role {
+            let subject = format!("--serviceaccount={}:{sa}", ns.name);
+            let cluster_role = format!("--clusterrole={role}");
+            cluster::kubectl_output(&[
+                "create",
+                "rolebinding",
+                sa,
+                &cluster_role,
+                &subject,
+                "-n",
+                &ns.name,
+            ])
+            .unwrap();
+        }
+    }
+    // The aggregation controller copies the rules into view and edit a moment after install.
+    wait::until(
+        "GracefulRollouts in the view ClusterRole",
+        Duration::from_secs(30),
+        || async { Ok(can_i("list", &ns.name, &ns.name, "viewer").then_some(())) },
+    )
+    .await
+    .unwrap();
+    let mut table = Vec::new();
+    for (sa, verb, namespace, expected) in [
+        ("viewer", "get", &ns.name, true),
+        ("viewer", "watch", &ns.name, true),
+        ("viewer", "create", &ns.name, false),
+        ("viewer", "delete", &ns.name, false),
+        ("editor", "get", &ns.name, true),
+        ("editor", "create", &ns.name, true),
+        ("editor", "patch", &ns.name, true),
+        ("editor", "delete", &ns.name, true),
+        ("editor", "create", &other.name, false),
+        ("stranger", "get", &ns.name, false),
+    ] {
+        let got = can_i(verb, namespace, &ns.name, sa);
+        table.push(format!("{sa:9} {verb:7} {namespace:28} {got}"));
+        assert_eq!(
+            got,
+            expected,
+            "{sa} {verb} in {namespace}:\n{}",
+            table.join("\n")
+        );
+    }
+    eprintln!(
+        "kubectl auth can-i <verb> gracefulrollouts:\n{}",
+        table.join("\n")
+    );
 }
 
 /// Uninstalls a release when dropped, so a failed test leaves no cluster-scoped objects behind.
