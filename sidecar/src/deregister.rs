@@ -35,6 +35,8 @@ pub enum EndpointWatchError {
     Watch(#[from] watcher::Error),
     #[error("the EndpointSlice watch ended")]
     Ended,
+    #[error("no EndpointSlice list within {0:?}")]
+    Unanswered(Duration),
 }
 
 /// The pod as its EndpointSlices know it.
@@ -162,7 +164,11 @@ impl EndpointWatch {
         loop {
             let event = tokio::select! {
                 event = events.try_next() => event?.ok_or(EndpointWatchError::Ended)?,
-                _ = sleep_until(deadline) => return Ok(Listing::Staying),
+                // Staying only on evidence: a first list that has not come is no reading.
+                _ = sleep_until(deadline) => return match listed_in.synced {
+                    true => Ok(Listing::Staying),
+                    false => Err(EndpointWatchError::Unanswered(patience)),
+                },
             };
             let synced = listed_in.apply(event.clone(), listed);
             ready_in.apply(event.clone(), ready);

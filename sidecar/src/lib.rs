@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::Admin;
 use crate::app::App;
@@ -100,7 +100,7 @@ fn bind_shards(
 pub async fn run(cfg: Config) -> Result<Summary, Error> {
     match resources::raise_open_file_limit() {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
     }
     let shards = resources::traffic_threads(cfg.workers);
     let (traffic_listeners, listen) = bind_shards(cfg.listen, shards)?;
@@ -144,7 +144,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
             drain.clone(),
             cfg.prestop_token.clone(),
             app.clone(),
-            restarts,
+            restarts.clone(),
             cfg.pod(),
         )),
     ));
@@ -176,10 +176,18 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
     };
     if signals_seen == 0 {
         // Drained on /prestop. As a native sidecar we are signalled only after the app
-        // exited: stay until then, and exit at once when it comes.
+        // exited: stay until then, and exit at once when it comes. If the app comes back
+        // instead, the kubelet restarted it, which it never does in a pod being deleted: the
+        // preStop was a container restart that could not be told apart (the API unreachable).
+        // Done draining, this process can serve no more; exiting lets the kubelet start the
+        // sidecar afresh, and the pod serves again instead of staying NotReady.
         info!("drain done; waiting for SIGTERM to exit");
-        let signal = signals.recv().await;
-        info!(signal, "exiting");
+        tokio::select! {
+            signal = signals.recv() => info!(signal, "exiting"),
+            () = restarts.came_back() => warn!(
+                "the app was restarted after the drain: the pod stays; exiting so the kubelet starts the sidecar again"
+            ),
+        }
     }
     Ok(summary)
 }

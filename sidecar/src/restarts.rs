@@ -336,6 +336,20 @@ impl Restarts {
         )
     }
 
+    /// Resolves once the app's port, knocked on every 50 ms, has refused and then accepted
+    /// again: a new process of the app. Whoever sees this after a drain knows the pod stays.
+    pub async fn came_back(&self) {
+        let mut refused = false;
+        loop {
+            match self.knock().await {
+                false => refused = true,
+                true if refused => return,
+                true => {}
+            }
+            sleep(defaults::APP_KNOCK_INTERVAL).await;
+        }
+    }
+
     /// While the app is away, knocks on its port every 50 ms; its first accept wakes every
     /// waiting request. Runs for the life of the process.
     pub async fn watch_app(self: Arc<Self>) {

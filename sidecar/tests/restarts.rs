@@ -270,3 +270,47 @@ async fn a_drain_while_the_app_is_down_ends_within_the_drain_timeout() {
         Err(_) => panic!("the held request outlived the drain"),
     }
 }
+
+/// A drain the kubelet's preStop started for what was in fact a container restart (the API
+/// could not tell): once the app is back, the drained sidecar exits, so that the kubelet starts
+/// it afresh and the pod serves again; while the app stays away (a pod being deleted), it waits
+/// for its SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_for_a_restart_ends_in_the_sidecars_exit_once_the_app_is_back() {
+    let app = free_addr();
+    let args = ["--drain-timeout", "2s", "--deregister-delay", "0s"];
+    // Deleted: the app goes and stays away; the sidecar waits for its signal.
+    let mut demo = start_demo_at(app).await;
+    let mut deleted = start_sidecar(app, &args).await;
+    readyz_becomes(&deleted, 200, Duration::from_secs(5)).await;
+    assert_eq!(deleted.prestop(None).await.unwrap().status, 200);
+    kill(&mut demo).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        deleted.proc.child.try_wait().unwrap().is_none(),
+        "exited without a signal while the app stayed away:\n{}",
+        deleted.proc.stderr()
+    );
+    deleted.proc.signal("TERM");
+    deleted.proc.exit_within(Duration::from_secs(3)).await;
+
+    // Restarted: the app comes back on its port; the sidecar exits without a signal.
+    let mut demo = start_demo_at(app).await;
+    let mut restarted = start_sidecar(app, &args).await;
+    readyz_becomes(&restarted, 200, Duration::from_secs(5)).await;
+    assert_eq!(restarted.prestop(None).await.unwrap().status, 200);
+    kill(&mut demo).await;
+    // The kubelet starts a new container in a few hundred milliseconds at the least.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _demo = start_demo_at(app).await;
+    let status = restarted.proc.exit_within(Duration::from_secs(3)).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        restarted
+            .proc
+            .stderr()
+            .contains("the app was restarted after the drain"),
+        "{}",
+        restarted.proc.stderr()
+    );
+}
