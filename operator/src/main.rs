@@ -57,8 +57,10 @@ enum Command {
     Uninstall(uninstall::Args),
 }
 
-/// How long a clean shutdown waits for the other tasks (the lease hand-back is bounded at 2 s).
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a clean shutdown waits for the other tasks: the webhook retires its connections
+/// (webhook::RETIRE_FOR, 5 s) and finishes its reviews (at most 10 s); the lease hand-back is
+/// bounded at 2 s. Within the chart's 30 s grace period after its 5 s preStop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(18);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

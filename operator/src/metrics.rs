@@ -22,7 +22,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::drains::SidecarReport;
-use graceful_sidecar::accept::{Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
+use graceful_sidecar::accept::{
+    Accepted, Acceptor, FirstRequest, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Slots,
+};
 use graceful_sidecar::exposition;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -305,11 +307,15 @@ pub async fn serve(
     let mut listener = Acceptor::backing_off(listener, "metrics", Slots::new(MAX_CONNECTIONS));
     loop {
         let Accepted { stream, slot, .. } = listener.accept().await;
+        let accepted = tokio::time::Instant::now();
         let registry = registry.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let first = FirstRequest::default();
+            let seen = first.clone();
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                seen.seen();
                 let mut kind = None;
                 let (status, body) = match req.uri().path() {
                     "/healthz" => (StatusCode::OK, "ok\n".to_string()),
@@ -344,11 +350,14 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             // HTTP/1.1 only: probes and Prometheus speak it, and hyper times its heads.
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .header_read_timeout(IDLE_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                () = first.unused(accepted, HEADER_READ_TIMEOUT) => {}
+            }
         });
     }
 }

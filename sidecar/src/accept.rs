@@ -10,18 +10,25 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// How long a client may take to send a request's head, and how long an HTTP/1.1 connection
-/// may sit idle between requests (hyper starts one timer for both). hyper's own default, and
-/// between nginx's 60 s `client_header_timeout` and Node's 5 s `keepAliveTimeout`; every server
-/// of the sidecar and the operator uses it, and the sidecar gives a connection that has sent no
-/// request by then (still choosing its protocol, or HTTP/2 without a stream) a graceful close.
+/// How long a new connection may take to start its first request (to send its whole head):
+/// hyper's own default header timeout, and between nginx's 60 s `client_header_timeout` and
+/// Node's 5 s `keepAliveTimeout`. A connection silent, or still sending its head, by then is
+/// closed ([`FirstRequest`]); it has no request to lose.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection that has served a request may sit idle before the next one's head is
+/// in (hyper's one timer for both). Longer than the clients in front of graceful keep an idle
+/// connection (Go's 90 s, Prometheus' 5 min, Google Cloud's load balancers' 600 s): a server
+/// that closes an idle connection first can cross a request already on the wire, which the
+/// client then sees fail; a client that closes first loses nothing.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(620);
 
 /// How often a full server says so in its log while it stays full.
 const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -42,12 +49,36 @@ impl Slots {
     }
 }
 
-/// What a server allows each client: its share of the connection limit, and the time to send
-/// a request's head (or to come back with the next one).
+/// What a server allows each client: its share of the connection limit, the time to start a
+/// first request, and the time idle between requests.
 #[derive(Clone)]
 pub struct Bounds {
     pub slots: Slots,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Whether a connection has started a request yet: a server marks it from its service and
+/// closes the connection if [`FirstRequest::unused`] resolves first.
+#[derive(Clone, Default)]
+pub struct FirstRequest(Arc<AtomicBool>);
+
+impl FirstRequest {
+    pub fn seen(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn was_seen(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Resolves `limit` after `since` if no request has started by then; never otherwise.
+    pub async fn unused(&self, since: Instant, limit: Duration) {
+        tokio::time::sleep_until(since + limit).await;
+        if self.was_seen() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// One accepted connection; its slot frees when the connection's task drops it.

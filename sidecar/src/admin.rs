@@ -14,9 +14,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::accept::{ACCEPT_PAUSE, Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
+use crate::accept::{
+    ACCEPT_PAUSE, Accepted, Acceptor, FirstRequest, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Slots,
+};
 use crate::app::App;
 use crate::defaults;
 use crate::deregister::{EndpointWatch, Listing, PodRef};
@@ -215,20 +218,28 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let mut listener = Acceptor::fixed(listener, "admin", ACCEPT_PAUSE, slots);
     loop {
         let Accepted { stream, peer, slot } = listener.accept().await;
+        let accepted = Instant::now();
         let admin = admin.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
-            });
-            if let Err(e) = http1::Builder::new()
+            let first = FirstRequest::default();
+            let service = {
+                let first = first.clone();
+                service_fn(move |req| {
+                    first.seen();
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
+                })
+            };
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "admin connection ended with an error");
+                .header_read_timeout(IDLE_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    debug!(error = %e, "admin connection ended with an error");
+                },
+                () = first.unused(accepted, HEADER_READ_TIMEOUT) => {}
             }
         });
     }

@@ -127,10 +127,16 @@ pub struct Config {
     )]
     pub max_connections: usize,
 
-    /// How long a client may take to send a request's head on the traffic port, and keep a
-    /// connection without a request.
+    /// How long a new connection on the traffic port may take to start its first request
+    /// (silent, or still sending the head, it is closed then).
     #[arg(long, env = "GRACEFUL_HEADER_READ_TIMEOUT", value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
     pub header_read_timeout: Duration,
+
+    /// How long a connection may sit idle between requests (and send a later request's head).
+    /// Keep it longer than the clients and load balancers in front keep theirs, so that they
+    /// close first: a server's close can cross a request on the wire.
+    #[arg(long, env = "GRACEFUL_IDLE_TIMEOUT", value_name = "DUR", value_parser = parse_duration, default_value = "620s")]
+    pub idle_timeout: Duration,
 
     /// Log filter (tracing env-filter syntax).
     #[arg(
@@ -209,9 +215,9 @@ pub enum ConfigError {
     #[error("--data-planes names {given} data planes; at most {max}")]
     TooManyDataPlanes { given: usize, max: usize },
     #[error(
-        "--header-read-timeout must be longer than 0s: it would close every connection at once"
+        "--header-read-timeout and --idle-timeout must be longer than 0s: they would close every connection at once"
     )]
-    ZeroHeaderReadTimeout,
+    ZeroTimeout,
     #[error("--upstream {0} has port 0: name the port the app listens on")]
     UpstreamPortZero(SocketAddr),
     #[error("--{a} and --{b} are both {addr}: each needs its own address")]
@@ -253,8 +259,8 @@ impl Config {
                 after: fmt(defaults::DRAIN_AFTER_LAG),
             });
         }
-        if self.header_read_timeout.is_zero() {
-            return Err(ConfigError::ZeroHeaderReadTimeout);
+        if self.header_read_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout);
         }
         // Port 0 lets the kernel pick for a socket the sidecar binds; the app's is not ours to pick.
         if self.upstream.port() == 0 {
@@ -421,5 +427,7 @@ mod tests {
         assert!(e.contains("--max-connections"), "{e}");
         let e = parse(&["--header-read-timeout", "0s"]).unwrap_err();
         assert!(e.contains("--header-read-timeout"), "{e}");
+        let e = parse(&["--idle-timeout", "0s"]).unwrap_err();
+        assert!(e.contains("--idle-timeout"), "{e}");
     }
 }

@@ -107,6 +107,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
     let bounds = accept::Bounds {
         slots: accept::Slots::new(cfg.max_connections),
         header_read_timeout: cfg.header_read_timeout,
+        idle_timeout: cfg.idle_timeout,
     };
     let (admin_listener, admin) = bind("admin", cfg.admin).await?;
     let mut signals = Signals::new().map_err(Error::Signals)?;

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep, sleep_until};
 use tracing::debug;
 
 use crate::accept::{ACCEPT_PAUSE, Accepted, Acceptor, Bounds};
@@ -56,7 +56,7 @@ pub async fn serve(listener: TcpListener, bounds: Bounds, proxy: Arc<Proxy>, dra
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(bounds.header_read_timeout)
+        .header_read_timeout(bounds.idle_timeout)
         .keep_alive(true);
     // A client that vanished without a FIN (a node gone, a NAT entry dropped) is found by a
     // ping left unanswered, instead of holding its slot for ever; HTTP/2 requires the answer.
@@ -82,6 +82,9 @@ pub async fn serve(listener: TcpListener, bounds: Bounds, proxy: Arc<Proxy>, dra
         }
     }
 }
+
+/// How long a connection closed for starting no request may take to go before it is dropped.
+const UNUSED_DROP_AFTER: Duration = Duration::from_secs(1);
 
 /// What one client connection has shown so far.
 struct ConnState {
@@ -186,11 +189,14 @@ async fn connection(
     let forced = drain::forced(&mut force);
     tokio::pin!(forced);
     let mut closing = false;
-    // A connection that has sent no request by then (silent, still choosing its protocol, or
-    // HTTP/2 without a stream) is closed gracefully: hyper's header timer covers HTTP/1.1 heads
-    // once the protocol is known, not the bytes before, nor an HTTP/2 connection kept empty.
+    // A connection that has started no request by then (silent, still choosing its protocol or
+    // sending its first head, or HTTP/2 without a stream) is closed: gracefully (GOAWAY, or a
+    // cancelled protocol detection), then, a head still trickling in a second later, dropped.
+    // hyper's own timer is the idle one, far longer, and does not cover the bytes before the
+    // protocol is known.
     let unused = sleep_until(state.accepted + header_read_timeout);
     tokio::pin!(unused);
+    let mut dropping = None;
     loop {
         tokio::select! {
             biased;
@@ -200,10 +206,19 @@ async fn connection(
                 }
                 break;
             }
-            _ = &mut unused, if !closing && !state.seen_request.load(Ordering::Relaxed) => {
+            _ = &mut unused, if dropping.is_none() && !state.seen_request.load(Ordering::Relaxed) => {
                 debug!(%peer, "no request within the header read timeout; closing");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+                if !closing {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                dropping = Some(Box::pin(sleep(UNUSED_DROP_AFTER)));
+            }
+            _ = async { dropping.as_mut().expect("guarded").await }, if dropping.is_some() => {
+                if !state.seen_request.load(Ordering::Relaxed) {
+                    break;
+                }
+                dropping = None;
             }
             // HTTP/1.1: keep-alive off, the connection closes after any response in flight;
             // HTTP/2: GOAWAY.

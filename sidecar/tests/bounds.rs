@@ -1,6 +1,7 @@
 //! What the traffic port allows a client: silent and slow connections are closed after the
-//! header read timeout while real requests are served beside them, and past the connection
-//! limit new connections wait instead of failing.
+//! header read timeout while real requests are served beside them, a connection that made a
+//! request only after the (longer) idle timeout, and past the connection limit new connections
+//! wait instead of failing.
 
 mod common;
 
@@ -11,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
+const IDLE: Duration = Duration::from_secs(5);
 
 /// True once the peer closed `stream` (EOF or reset), read within `limit`.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
@@ -28,7 +30,11 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 #[tokio::test]
 async fn silent_and_slow_connections_are_closed_while_requests_are_served() {
     let (_demo, app) = start_demo().await;
-    let sidecar = start_sidecar(app, &["--header-read-timeout", "2s"]).await;
+    let sidecar = start_sidecar(
+        app,
+        &["--header-read-timeout", "2s", "--idle-timeout", "5s"],
+    )
+    .await;
     let opened = Instant::now();
     // Silent: connect and send nothing (protocol detection would wait for ever).
     let mut silent = Vec::new();
@@ -55,9 +61,10 @@ async fn silent_and_slow_connections_are_closed_while_requests_are_served() {
     for _ in 0..100 {
         assert_eq!(get(sidecar.listen, "/").await.status, 200);
     }
-    // A keep-alive client that made a request is left alone until it idles out too.
+    // A keep-alive client that made a request is left alone until the idle timeout.
     let mut used = H1::connect(sidecar.listen).await;
     assert_eq!(used.get("/").await.unwrap().status, 200);
+    let idle_since = Instant::now();
 
     for (i, s) in silent.iter_mut().enumerate() {
         let left =
@@ -68,6 +75,17 @@ async fn silent_and_slow_connections_are_closed_while_requests_are_served() {
             opened.elapsed()
         );
     }
+    let left =
+        (idle_since + IDLE - Duration::from_millis(500)).saturating_duration_since(Instant::now());
+    assert!(
+        !used.closed_within(left).await,
+        "a used connection closed before the idle timeout"
+    );
+    assert!(
+        used.closed_within(Duration::from_millis(1500)).await,
+        "a used connection still open {:?} after its request",
+        idle_since.elapsed()
+    );
     let mut slow = trickle.await.unwrap();
     for (i, s) in slow.iter_mut().enumerate() {
         assert!(
@@ -76,7 +94,6 @@ async fn silent_and_slow_connections_are_closed_while_requests_are_served() {
             opened.elapsed()
         );
     }
-    assert!(used.closed_within(TIMEOUT + Duration::from_secs(1)).await);
     assert!(
         opened.elapsed() >= TIMEOUT,
         "closed before the timeout: {:?}",

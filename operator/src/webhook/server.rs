@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +41,9 @@ use crate::certs::{self, TlsMaterial};
 use crate::endpoint_reader::EndpointReader;
 use crate::metrics::Metrics;
 use crate::names::POD_TEMPLATE_HASH;
-use graceful_sidecar::accept::{Accepted, Acceptor, HEADER_READ_TIMEOUT, Slots};
+use graceful_sidecar::accept::{
+    Accepted, Acceptor, FirstRequest, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Slots,
+};
 
 pub const MUTATE_PATH: &str = "/mutate";
 const READYZ_PATH: &str = "/readyz";
@@ -52,6 +55,13 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once. The API server keeps a pool of a few per replica; past the
 /// limit, new ones wait in the listen backlog instead of costing memory.
 const MAX_CONNECTIONS: usize = 512;
+/// How long the webhook serves on after SIGTERM (and after the chart's 5 s preStop, in which the
+/// pod left the Service), every answer saying `Connection: close`. The API server keeps sending
+/// reviews on the connections it opened to this pod before; closing one while it is idle can
+/// cross a review already on its way (a broken pipe, and with failurePolicy Ignore a pod
+/// without the sidecar). Each connection used in this time is closed by the API server itself,
+/// after its answer, and the ones left are those it has not used for that long.
+pub const RETIRE_FOR: Duration = Duration::from_secs(5);
 /// A review's body must arrive within the longest timeoutSeconds a webhook may have.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A review lasts at most the webhook's timeoutSeconds (10 s by default, 30 s at most).
@@ -73,6 +83,8 @@ struct State {
     around: AroundLookups,
     /// Reviews need the API server's client certificate (`--client-ca`).
     require_client_cert: bool,
+    /// Shutting down: every answer closes its connection (`RETIRE_FOR`).
+    retiring: AtomicBool,
 }
 
 /// What the data-plane lookups remember across reviews: the kinds whose failure was already
@@ -231,6 +243,7 @@ pub async fn serve(
         metrics,
         around: AroundLookups::default(),
         require_client_cert,
+        retiring: AtomicBool::new(false),
     });
 
     let listener = TcpListener::bind(args.webhook_addr)
@@ -243,9 +256,16 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(IDLE_TIMEOUT);
     let mut listener = Acceptor::backing_off(listener, "webhook", Slots::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
+    // After the signal, serve on for RETIRE_FOR, every answer closing its connection.
+    let retire = async {
+        shutdown.await;
+        state.retiring.store(true, Ordering::Relaxed);
+        info!(for_ = ?RETIRE_FOR, "injection webhook retiring its connections");
+        tokio::time::sleep(RETIRE_FOR).await;
+    };
+    tokio::pin!(retire);
     loop {
         let Accepted {
             stream: tcp,
@@ -253,8 +273,9 @@ pub async fn serve(
             slot,
         } = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
+            () = &mut retire => break,
         };
+        let accepted = tokio::time::Instant::now();
         let acceptor = TlsAcceptor::from(tls_rx.borrow().clone());
         let state = state.clone();
         let http = http.clone();
@@ -269,10 +290,18 @@ pub async fn serve(
             };
             // Verified against --client-ca in the handshake; absent for a caller without one.
             let authenticated = tls.get_ref().1.peer_certificates().is_some();
-            let service = service_fn(move |req| handle(req, state.clone(), authenticated));
+            let first = FirstRequest::default();
+            let seen = first.clone();
+            let service = service_fn(move |req| {
+                seen.seen();
+                handle(req, state.clone(), authenticated)
+            });
             let conn = http.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                result = watcher.watch(conn) => if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                },
+                () = first.unused(accepted, HEADER_READ_TIMEOUT) => {}
             }
         });
     }
@@ -360,6 +389,7 @@ async fn handle(
     state: Arc<State>,
     authenticated: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let retiring = state.retiring.load(Ordering::Relaxed);
     let reply = |status: StatusCode, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -367,6 +397,12 @@ async fn handle(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
+        if retiring {
+            r.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         r
     };
     match (req.method(), req.uri().path()) {
@@ -749,6 +785,7 @@ mod tests {
             )),
             around: AroundLookups::default(),
             require_client_cert: false,
+            retiring: AtomicBool::new(false),
         }
     }
 
@@ -880,6 +917,7 @@ mod tests {
             )),
             around: AroundLookups::default(),
             require_client_cert: false,
+            retiring: AtomicBool::new(false),
         };
         let body = serde_json::to_vec(&super::super::tests::fixture()).unwrap();
         let started = tokio::time::Instant::now();
