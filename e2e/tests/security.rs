@@ -19,6 +19,8 @@ use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
 use graceful_e2e::load::{self, Load};
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{cluster, node, wait};
+use graceful_sidecar::accept::HEADER_READ_TIMEOUT;
+use graceful_sidecar::defaults::{ADMIN_PORT, TRAFFIC_PORT};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -29,13 +31,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const APP: &str = "shop";
-const TRAFFIC_PORT: u16 = 9080;
-const ADMIN_PORT: u16 = 9901;
+/// The chart's webhook and metrics ports.
 const WEBHOOK_PORT: u16 = 9443;
 const METRICS_PORT: u16 = 8080;
-/// hyper's header read timeout on every HTTP server of graceful's (accept::HEADER_READ_TIMEOUT).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// The webhook's TLS handshake timeout (webhook::server).
+/// The webhook's TLS handshake timeout (operator/src/webhook/server.rs).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The injected sidecar's and the chart's operator memory limits.
 const SIDECAR_LIMIT_MIB: f64 = 128.0;
