@@ -11,7 +11,7 @@ export PATH := $(CACHE)/bin:$(HOME)/.cargo/bin:$(PATH)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $(TARGET)
 
-.PHONY: help deps build-static lint unit crds cluster-up cluster-down cluster-status images \
+.PHONY: help deps build-static lint unit fuzz crds cluster-up cluster-down cluster-status images \
 	deploy demo test e2e baseline bench-sidecar screenshot scale release upgrade-test compat
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make release REGISTRY=host[:port]  images and chart of this commit's version, pushed there"
 	@echo "make upgrade-test FROM=<git ref>   that version upgraded to this tree under load, on the e2e cluster"
 	@echo "make compat K8S=1.MM               the e2e cluster on another Kubernetes minor, its core scenarios"
+	@echo "make fuzz           the property tests of the parsers of outside input, 20,000 cases each"
 	@echo "make cluster-up | cluster-down | cluster-status | images | deploy | baseline | bench-sidecar | screenshot | scale"
 
 deps:
@@ -36,9 +37,17 @@ lint:
 	scripts/lint.sh
 
 # Process-level tests start the built binaries (sidecar and demo) on real sockets.
+# The property tests (parsers of outside input fed anything: annotations, flags, review
+# bodies, the metrics rewriter, request heads through the sidecar) run a fixed seed here, so a
+# run is repeatable; `make fuzz` runs many more cases from a fresh seed.
 unit:
 	cargo build --locked --workspace --bins
-	cargo test --locked --workspace
+	PROPTEST_RNG_SEED=$${PROPTEST_RNG_SEED:-27} cargo test --locked --workspace
+
+fuzz:
+	cargo build --locked --workspace --bins
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} cargo test --locked -p graceful-operator -p graceful-sidecar properties
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} cargo test --locked -p graceful-sidecar --test heads
 
 crds:
 	mkdir -p crds charts/graceful/crds

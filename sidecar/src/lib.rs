@@ -13,6 +13,8 @@ pub mod drain;
 pub mod exposition;
 pub mod latency;
 pub mod metrics;
+#[cfg(test)]
+mod properties;
 pub mod proxy;
 pub mod resources;
 pub mod restarts;

@@ -353,3 +353,82 @@ mod tests {
         assert_eq!(port_ref("web").unwrap(), PortRef::Name("web".into()));
     }
 }
+
+/// Annotations are outside input: anyone who may create a pod writes them. Whatever they hold,
+/// parsing ends in settings or in a refusal that names an annotation, never in a panic.
+/// `make test` runs a fixed seed (PROPTEST_RNG_SEED), `make fuzz` many more cases.
+#[cfg(test)]
+pub(crate) mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    pub(crate) const KEYS: [&str; 11] = [
+        INJECT,
+        DEREGISTER_DELAY,
+        DRAIN_TIMEOUT,
+        PROPAGATION_MARGIN,
+        QUIET_WINDOW,
+        MIN_QUIET_WINDOW,
+        UPSTREAM_RESTART_WAIT,
+        DATA_PLANE_LAG,
+        APP_PORT,
+        APP_CONTAINER,
+        GRACE_PERIOD,
+    ];
+
+    /// Anything, and things close to what the parsers take.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[ 0-9]{0,25}(ns|us|ms|s|m|h|d|y|)[ 0-9a-z]{0,6}",
+            "( |auto|raise|reject|true|false|-1s|1h1s|0)",
+            "[a-z0-9-]{0,20}",
+        ]
+    }
+
+    pub(crate) fn annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+        prop::collection::btree_map(
+            prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned),
+            value(),
+            0..8,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_annotations_give_settings_or_a_refusal_naming_one(map in annotations()) {
+            let _ = wants_injection(&map);
+            match Settings::from_annotations(&map) {
+                Ok(s) => {
+                    prop_assert!(!s.drain_timeout.is_zero());
+                    prop_assert!(s.drain_timeout >= s.deregister_delay);
+                    for d in [s.deregister_delay, s.drain_timeout, s.propagation_margin, s.min_quiet_window, s.upstream_restart_wait] {
+                        prop_assert!(d <= MAX_DURATION);
+                    }
+                }
+                // A drain timeout shorter than the delay is refused on the timeout, which may
+                // be the default while only the delay was given.
+                Err(e) => prop_assert!(
+                    map.contains_key(e.key) || (e.key == DRAIN_TIMEOUT && map.contains_key(DEREGISTER_DELAY)),
+                    "{e:?} names no annotation of {map:?}"
+                ),
+            }
+        }
+
+        #[test]
+        fn a_duration_up_to_an_hour_is_taken_as_written(ms in 0u64..=3_600_000) {
+            let d = Duration::from_millis(ms);
+            let written = humantime::format_duration(d).to_string();
+            let map = BTreeMap::from([
+                (UPSTREAM_RESTART_WAIT.to_owned(), written.clone()),
+                (DATA_PLANE_LAG.to_owned(), format!(" {written} ")),
+            ]);
+            let s = Settings::from_annotations(&map).unwrap();
+            prop_assert_eq!(s.upstream_restart_wait, d);
+            prop_assert_eq!(s.data_plane_lag, Some(d));
+        }
+    }
+}

@@ -774,7 +774,7 @@ mod tests {
         assert!(found.is_empty(), "{found:?}");
     }
 
-    fn state_of(api: &fixtures::FakeApi) -> State {
+    pub(super) fn state_of(api: &fixtures::FakeApi) -> State {
         let client = api.client();
         State {
             client: client.clone(),
@@ -927,5 +927,80 @@ mod tests {
         assert!(started.elapsed() <= LOOKUP_TIMEOUT);
         // Decided on the pod's own annotation.
         assert!(response.allowed && response.patch.is_some());
+    }
+}
+
+/// AdmissionReview bodies are outside input (any caller without --client-ca, and the pods whose
+/// creation they carry): whatever arrives, the webhook answers with a review that serializes.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::fixtures;
+
+    fn answer(body: &[u8]) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let response = rt.block_on(async {
+            let api = fixtures::FakeApi::default();
+            mutate(body, &super::tests::state_of(&api)).await
+        });
+        serde_json::to_vec(&response.into_review()).expect("the answer serializes")
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-zA-Z]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Fields of the pod-creation fixture a caller could set to anything.
+    const POINTERS: [&str; 12] = [
+        "/request",
+        "/request/uid",
+        "/request/kind",
+        "/request/namespace",
+        "/request/operation",
+        "/request/object",
+        "/request/object/metadata",
+        "/request/object/metadata/annotations",
+        "/request/object/spec",
+        "/request/object/spec/containers",
+        "/request/object/spec/containers/0",
+        "/request/object/spec/containers/0/ports",
+    ];
+
+    proptest! {
+        #[test]
+        fn any_bytes_get_an_answer(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            answer(&body);
+        }
+
+        #[test]
+        fn a_review_with_any_field_replaced_gets_an_answer(
+            at in prop::sample::select(POINTERS.to_vec()),
+            value in json(),
+        ) {
+            let mut review = super::super::tests::fixture();
+            if let Some(field) = review.pointer_mut(at) {
+                *field = value;
+            }
+            answer(&serde_json::to_vec(&review).unwrap());
+        }
     }
 }

@@ -741,3 +741,35 @@ fn bad_data_plane_lags_are_refused_at_admission() {
         );
     }
 }
+
+/// A review carries the pod's annotations as its creator wrote them: whatever they are, the
+/// webhook injects with a patch that applies to that very pod, or refuses naming an annotation.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::webhook::annotations::properties::{KEYS, annotations};
+
+    proptest! {
+        #[test]
+        fn any_annotations_are_injected_with_a_patch_that_applies_or_refused_by_name(map in annotations()) {
+            let mut review_json = fixture();
+            let given = object(&mut review_json)["metadata"]["annotations"]
+                .as_object_mut()
+                .unwrap();
+            for (k, v) in &map {
+                given.insert(k.clone(), Value::String(v.clone()));
+            }
+            let r = run(&review_json);
+            if r.allowed {
+                if r.patch.is_some() {
+                    let pod = patched(&review_json, &r);
+                    prop_assert!(pod.spec.unwrap().init_containers.unwrap().iter().any(|c| c.name == SIDECAR_NAME));
+                }
+            } else {
+                let message = &r.result.message;
+                prop_assert!(KEYS.iter().any(|k| message.contains(k)), "{message}");
+            }
+        }
+    }
+}
