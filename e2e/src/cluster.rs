@@ -185,3 +185,19 @@ pub async fn node_ip(client: &Client) -> Result<String> {
         .map(|a| a.address.clone())
         .ok_or_else(|| Error::Cluster("no node with an InternalIP".into()))
 }
+
+/// The apiserver's port as pods reach it (the `default/kubernetes` Service's endpoint).
+pub async fn apiserver_port(client: &kube::Client) -> Result<i32> {
+    let slices = kube::Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
+        client.clone(),
+        "default",
+    )
+    .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
+    .await?;
+    slices
+        .items
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .find_map(|p| p.port)
+        .ok_or_else(|| Error::Cluster("the kubernetes Service has no endpoint port".into()))
+}

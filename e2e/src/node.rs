@@ -122,3 +122,33 @@ pub async fn restarted_and_ready(
     )
     .await
 }
+
+/// An iptables rule on this host (the node), deleted when dropped: a failing test must not
+/// leave a pod cut off for the rest of the suite.
+pub struct IptablesRule(Vec<String>);
+
+impl IptablesRule {
+    pub fn insert(spec: &[&str]) -> Result<Self> {
+        let spec: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        iptables("-I", &spec)?;
+        Ok(Self(spec))
+    }
+}
+
+impl Drop for IptablesRule {
+    fn drop(&mut self) {
+        if let Err(e) = iptables("-D", &self.0) {
+            eprintln!("could not delete the iptables rule {:?}: {e}", self.0);
+        }
+    }
+}
+
+fn iptables(op: &str, spec: &[String]) -> Result<()> {
+    let out = std::process::Command::new("iptables")
+        .arg(op)
+        .args(spec)
+        .output()
+        .map_err(Error::io("running iptables"))?;
+    crate::cluster::stdout_of(out, || format!("iptables {op} {}", spec.join(" ")))?;
+    Ok(())
+}

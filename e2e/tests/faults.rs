@@ -23,13 +23,13 @@ use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
 use graceful_e2e::kube_proxy::{RouteChange, RouteWatch};
 use graceful_e2e::load::{Load, LoadReport};
 use graceful_e2e::namespace::TestNamespace;
+use graceful_e2e::node::IptablesRule;
 use graceful_e2e::{Error, Result, cluster, node, wait};
 use graceful_operator::crd::{GracefulRollout, Phase};
 use graceful_operator::leader::{LEASE_DURATION, RENEW_DEADLINE};
 use graceful_operator::outage::RECONNECT_BOUND;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, LogParams};
@@ -50,36 +50,6 @@ const LEASE: &str = "graceful-operator";
 const GAVE_UP: &str = "no renewal within the deadline";
 const BECAME: &str = "became leader";
 
-/// An iptables rule on this host, deleted when dropped (a failing test must not leave the
-/// operator cut off for the rest of the suite).
-struct Rule(Vec<String>);
-
-impl Rule {
-    fn insert(spec: &[&str]) -> Result<Self> {
-        let spec: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
-        iptables("-I", &spec)?;
-        Ok(Self(spec))
-    }
-}
-
-impl Drop for Rule {
-    fn drop(&mut self) {
-        if let Err(e) = iptables("-D", &self.0) {
-            eprintln!("could not delete the iptables rule {:?}: {e}", self.0);
-        }
-    }
-}
-
-fn iptables(op: &str, spec: &[String]) -> Result<()> {
-    let out = Command::new("iptables")
-        .arg(op)
-        .args(spec)
-        .output()
-        .map_err(Error::io("running iptables"))?;
-    cluster::stdout_of(out, || format!("iptables {op} {}", spec.join(" ")))?;
-    Ok(())
-}
-
 /// A namespace with the injected demo (3 replicas) under a GracefulRollout (new pods serve 5 s
 /// before an old one goes), settled; and the Service's URL.
 async fn managed_demo(client: &Client, prefix: &str) -> (TestNamespace, String) {
@@ -98,19 +68,6 @@ async fn holder(client: &Client) -> Result<String> {
         .spec
         .and_then(|s| s.holder_identity)
         .unwrap_or_default())
-}
-
-/// The apiserver's port as pods reach it (the `default/kubernetes` Service's endpoint).
-async fn apiserver_port(client: &Client) -> Result<i32> {
-    let slices = Api::<EndpointSlice>::namespaced(client.clone(), "default")
-        .list(&ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
-        .await?;
-    slices
-        .items
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .find_map(|p| p.port)
-        .ok_or_else(|| Error::Cluster("the kubernetes Service has no endpoint port".into()))
 }
 
 /// The earliest time after `after` at which `pod` (its current or previous container) logged a
@@ -225,7 +182,7 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over
     let client = cluster::client().await.unwrap();
     let (ns, url) = managed_demo(&client, "fault-leader").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
-    let port = apiserver_port(&client).await.unwrap().to_string();
+    let port = cluster::apiserver_port(&client).await.unwrap().to_string();
 
     let (result, report) = Load::default()
         .during(&url, async {
@@ -240,7 +197,7 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_takes_over
                 .ok_or_else(|| Error::Cluster(format!("leader {leader} has no IP")))?;
             // Every packet from the leader to the apiserver dropped: its calls hang. Timed
             // after the insert: the cut is in place by `cut_at`.
-            let rule = Rule::insert(&[
+            let rule = IptablesRule::insert(&[
                 "INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP",
             ])?;
             let cut_at = Timestamp::now();
