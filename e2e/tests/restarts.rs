@@ -128,6 +128,18 @@ async fn post_to_app(pod: &Pod, path: &str) {
     assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
 }
 
+/// Fails the test naming every problem found, beside the load's report.
+fn fail_on(ns: &TestNamespace, how: &str, problems: &[(bool, &str)], report: &LoadReport) {
+    let found: Vec<_> = problems
+        .iter()
+        .filter(|(bad, _)| *bad)
+        .map(|(_, w)| *w)
+        .collect();
+    if !found.is_empty() {
+        fail(ns, format!("{how}: {}: {report}", found.join(", ")));
+    }
+}
+
 /// What the restart did, seen from the load and from the pod's sidecar.
 struct Seen {
     report: LoadReport,
@@ -184,14 +196,7 @@ impl Seen {
                 "the sidecar drained the pod",
             ),
         ];
-        let found: Vec<_> = problems
-            .iter()
-            .filter(|(bad, _)| *bad)
-            .map(|(_, w)| *w)
-            .collect();
-        if !found.is_empty() {
-            fail(ns, format!("{how}: {}: {}", found.join(", "), self.report));
-        }
+        fail_on(ns, how, &problems, &self.report);
     }
 }
 
@@ -347,12 +352,10 @@ async fn a_liveness_restart_with_the_api_server_unreachable_drains_and_the_pod_s
             "the restarted sidecar is not serving",
         ),
     ];
-    let found: Vec<_> = problems
-        .iter()
-        .filter(|(bad, _)| *bad)
-        .map(|(_, w)| *w)
-        .collect();
-    if !found.is_empty() {
-        fail(&ns, format!("{}: {}", found.join(", "), seen.report));
-    }
+    fail_on(
+        &ns,
+        "liveness restart, API server unreachable",
+        &problems,
+        &seen.report,
+    );
 }
