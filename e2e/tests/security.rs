@@ -586,3 +586,158 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
         "operator memory {peak_operator:.1} MiB"
     );
 }
+
+/// `GET /prestop` with `token` to `pod`'s admin port, sent from inside the network namespace of
+/// the process `pid` (another pod's), as that pod would send it; the answer's body.
+fn prestop_from(pid: u32, pod: &Pod, token: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["curl", "-sS", "-m", "30", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("http://{}:{ADMIN_PORT}/prestop", pod_ip(pod)))
+        .output()
+        .expect("nsenter and curl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The sidecar's longest hold so far, from its metrics.
+async fn longest_hold(pod: &Pod) -> f64 {
+    let (_, body) = wait::http_get(&format!("{}:{ADMIN_PORT}", pod_ip(pod)), "/metrics")
+        .await
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("graceful_longest_hold_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Finding 4: anyone who may `get` a pod (the built-in `view` role) reads its preStop token. From
+/// a pod in another namespace, that token's /prestop on a pod that is not being deleted is let
+/// through, and under load it fails nothing, moves no traffic and restarts nothing: requests wait
+/// at most a few seconds. The control, in the same run: the same call from the node's address,
+/// where only the kubelet (or root on the node) calls from, takes the pod out of its Service.
+#[tokio::test]
+#[ignore = "needs the e2e cluster, the images and the chart (make e2e)"]
+async fn a_stolen_prestop_token_from_another_pod_moves_no_traffic() {
+    let client = cluster::client().await.expect("e2e cluster");
+    let ns = TestNamespace::create(&client, "token").await.unwrap();
+    let attacker = TestNamespace::create(&client, "token-thief").await.unwrap();
+    let (service_ip, pod) = injected_app(&ns).await;
+
+    // The thief's ServiceAccount may only view the app's namespace, and reads the token so.
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "thief-views"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": attacker.name}],
+    }))
+    .unwrap();
+    ns.apply(&binding).await.unwrap();
+    let thief = format!("system:serviceaccount:{}:default", attacker.name);
+    let path = "jsonpath={.spec.initContainers[?(@.name==\"graceful-sidecar\")].env[?(@.name==\"GRACEFUL_PRESTOP_TOKEN\")].value}";
+    let token = wait::until(
+        "the token, read with view",
+        Duration::from_secs(30),
+        || async {
+            let read = cluster::kubectl_output(&[
+                "get",
+                "pod",
+                &pod.name_any(),
+                "-n",
+                &ns.name,
+                "-o",
+                path,
+                "--as",
+                &thief,
+            ]);
+            Ok(read.ok().filter(|t| t.len() >= 32))
+        },
+    )
+    .await
+    .unwrap();
+
+    attacker
+        .apply(&graceful_e2e::demo::pod(
+            "thief",
+            &graceful_e2e::demo::image("graceful-demo"),
+            &[],
+        ))
+        .await
+        .unwrap();
+    let thief_pod = wait::pod_ready(&attacker.api(), "thief", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let id = node::container_id(&thief_pod, "main").expect("the thief's container");
+    let pid = *node::container_pids(&id)
+        .unwrap()
+        .first()
+        .expect("its process");
+
+    // Three calls under load, a few seconds apart, each let through as a restart's preStop.
+    let load = Load {
+        rate: 200,
+        lead_in: Duration::from_secs(2),
+        ..Load::default()
+    };
+    let serving = graceful::ServingSampler::start(&ns, APP);
+    let url = format!("http://{service_ip}/");
+    let (answers, report) = load
+        .during(&url, async {
+            let mut answers = Vec::new();
+            for _ in 0..3 {
+                let (pid, pod, token) = (pid, pod.clone(), token.clone());
+                let answer = tokio::task::spawn_blocking(move || prestop_from(pid, &pod, &token))
+                    .await
+                    .unwrap();
+                eprintln!("/prestop from the thief's pod: {answer}");
+                answers.push(answer);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            answers
+        })
+        .await
+        .unwrap();
+    let fewest_ready = serving.stop().await;
+    load::check_sent("load during the stolen token's calls", &load, &report);
+    for answer in &answers {
+        assert!(
+            answer.contains("\"restart\":true") && answer.contains("\"by_kubelet\":false"),
+            "the stolen token was not let through as a peer's restart: {answer}"
+        );
+    }
+    assert_eq!(report.failed, 0, "requests failed: {report}");
+    assert_eq!(
+        fewest_ready, 1,
+        "the pod left its Service's ready endpoints"
+    );
+    let hold = longest_hold(&pod).await;
+    eprintln!("longest hold after the thief's calls: {hold:.2} s");
+    assert!(hold < 4.0, "requests were held {hold} s");
+    let now = ns.api::<Pod>().get(&pod.name_any()).await.unwrap();
+    assert_eq!(node::restart_count(&now, "demo"), 0, "the app restarted");
+    assert!(
+        drain_phase(&now).await.contains("phase=\"serving\""),
+        "the sidecar drains"
+    );
+
+    // The control: the same call from the node's address is the kubelet's as far as the sidecar
+    // can tell, and takes the pod out of its Service until the app is found still there.
+    let serving = graceful::ServingSampler::start(&ns, APP);
+    let host_pid = std::process::id();
+    let (p, t) = (pod.clone(), token.clone());
+    let answer = tokio::task::spawn_blocking(move || prestop_from(host_pid, &p, &t))
+        .await
+        .unwrap();
+    eprintln!("/prestop from the node: {answer}");
+    assert!(answer.contains("\"by_kubelet\":true"), "{answer}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        serving.stop().await,
+        0,
+        "the node's call did not take the pod out: the peer's result above shows nothing"
+    );
+    wait::pod_ready(&ns.api(), &pod.name_any(), Duration::from_secs(30))
+        .await
+        .unwrap();
+}

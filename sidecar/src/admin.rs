@@ -25,6 +25,7 @@ use crate::defaults;
 use crate::deregister::{EndpointWatch, Listing, PodRef};
 use crate::drain::{Drain, Phase, Trigger};
 use crate::exposition;
+use crate::node::NodePeers;
 use crate::restarts::Restarts;
 use crate::siblings;
 
@@ -38,6 +39,8 @@ pub struct Admin {
     restarts: Arc<Restarts>,
     /// To tell a pod's deletion from a container restart when preStop comes.
     pod: Option<PodRef>,
+    /// Where the kubelet's calls come from: only they may hold requests for a whole restart.
+    node: NodePeers,
 }
 
 impl Admin {
@@ -47,13 +50,22 @@ impl Admin {
         app: Arc<App>,
         restarts: Arc<Restarts>,
         pod: Option<PodRef>,
+        node: NodePeers,
     ) -> Self {
+        if node.addrs().is_empty() {
+            warn!(
+                "neither the node's address nor a default gateway is known: every restart's preStop holds requests only briefly"
+            );
+        } else {
+            info!(node = ?node.addrs(), "a restart's preStop from these addresses is the kubelet's");
+        }
         Self {
             drain,
             prestop_token,
             app,
             restarts,
             pod,
+            node,
         }
     }
 
@@ -119,14 +131,27 @@ impl Admin {
         };
         if listing == Some(Listing::Staying) {
             // The pod stays: no drain. Requests wait for the new process from now on; the
-            // old one finishes what it has before the kubelet stops it.
-            let left = self.restarts.stop_for_restart().await;
-            info!(
-                requests_left_at_app = left,
-                "preStop for a container restart (the pod is not terminating): holding requests until the app is back"
-            );
+            // old one finishes what it has before the kubelet stops it. A caller that is not
+            // the node holds a token anyone who may `get` the pod can read: its requests wait
+            // only as long as a real stop takes to show, and readiness stays as it is.
+            let by_kubelet = self.node.contains(peer.ip());
+            let left = self.restarts.stop_for_restart(by_kubelet).await;
+            if by_kubelet {
+                info!(
+                    requests_left_at_app = left,
+                    %peer,
+                    "preStop for a container restart (the pod is not terminating): holding requests until the app is back"
+                );
+            } else {
+                warn!(
+                    requests_left_at_app = left,
+                    %peer,
+                    confirm_within = ?defaults::UNCONFIRMED_STOP_WAIT,
+                    "preStop for a container restart from a peer that is not the node: holding requests only until the app stops or the wait ends"
+                );
+            }
             return json(format!(
-                "{{\"restart\":true,\"requests_left_at_app\":{left}}}\n"
+                "{{\"restart\":true,\"by_kubelet\":{by_kubelet},\"requests_left_at_app\":{left}}}\n"
             ));
         }
         // Out of every slice's ready endpoints already: the drain need not look again.
@@ -261,7 +286,14 @@ mod tests {
             1,
             drain.metrics.restarts.clone(),
         );
-        Admin::new(drain, token.map(str::to_owned), app, restarts, None)
+        Admin::new(
+            drain,
+            token.map(str::to_owned),
+            app,
+            restarts,
+            None,
+            NodePeers::default(),
+        )
     }
 
     fn req(auth: Option<&str>) -> Request<()> {

@@ -103,6 +103,11 @@ pub struct Config {
     #[arg(long, env = defaults::ENV_POD_IP, value_name = "IP")]
     pub pod_ip: Option<IpAddr>,
 
+    /// The node's address (downward API `status.hostIP`): a restart's preStop is the kubelet's
+    /// only from it or from the pod's default gateway (docs/security.md).
+    #[arg(long, env = defaults::ENV_HOST_IP, value_name = "IP")]
+    pub host_ip: Option<IpAddr>,
+
     /// The pod's namespace (downward API), where its EndpointSlices live.
     #[arg(long, env = defaults::ENV_POD_NAMESPACE, value_name = "NS")]
     pub pod_namespace: Option<String>,

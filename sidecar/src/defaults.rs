@@ -51,11 +51,21 @@ pub const APP_KNOCK_TIMEOUT: Duration = Duration::from_secs(1);
 /// probe, a resize): how long to wait for the EndpointSlice to say "terminating" before
 /// concluding that (docs/restarts.md).
 pub const TERMINATING_PATIENCE: Duration = Duration::from_secs(2);
+/// How long the API server may take to answer a drain's first EndpointSlice list: past it the
+/// API is taken as out of reach (a partition, an overloaded server) and the drain goes on
+/// without it (`--deregister-delay`, no siblings) instead of waiting on a connect timeout.
+pub const FIRST_LIST_PATIENCE: Duration = Duration::from_secs(2);
+/// A restart's preStop from a caller that is not the node (a pod holding a token read from the
+/// spec): requests wait at most this long after the answer for the app to stop, then go to it
+/// again. The kubelet stops the app the moment its preStop is answered (docs/security.md).
+pub const UNCONFIRMED_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Environment variables (downward API) the injector sets and the sidecar reads.
 pub const ENV_POD_IP: &str = "GRACEFUL_POD_IP";
 pub const ENV_POD_NAMESPACE: &str = "GRACEFUL_POD_NAMESPACE";
 pub const ENV_POD_NAME: &str = "GRACEFUL_POD_NAME";
+/// The node's address: the kubelet's calls come from it (or from the pod's gateway).
+pub const ENV_HOST_IP: &str = "GRACEFUL_HOST_IP";
 /// The Services that select the pod (comma-separated), whose EndpointSlices the drain watches.
 pub const ENV_SERVICES: &str = "GRACEFUL_SERVICES";
 /// The data planes in front of the pod and their lags (`NAME=DUR,...`, docs/data-planes.md).

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod exposition;
 pub mod latency;
 pub mod metrics;
+pub mod node;
 #[cfg(test)]
 mod properties;
 pub mod proxy;
@@ -35,6 +36,7 @@ use crate::config::Config;
 use crate::deregister::Deregister;
 use crate::drain::{Drain, Phase, Summary, Trigger};
 use crate::metrics::Metrics;
+use crate::node::NodePeers;
 use crate::proxy::Proxy;
 use crate::restarts::Restarts;
 use crate::siblings::Siblings;
@@ -149,6 +151,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
             app.clone(),
             restarts.clone(),
             cfg.pod(),
+            NodePeers::discover(cfg.host_ip),
         )),
     ));
     tokio::spawn(app.drain_hook(drain.clone()));

@@ -38,9 +38,12 @@ pub enum AppState {
     /// About to be restarted by the kubelet (its preStop came, the pod is not terminating):
     /// new requests wait from now on while the old process finishes the ones it has. Up again
     /// only once the port has refused at least once, so the old process is never taken for
-    /// the new one.
+    /// the new one, or, if it still accepts at `until`, that process is served again.
+    /// `by_kubelet`: the preStop came from the node; only then does the pod turn unready.
     Stopping {
         since: Instant,
+        until: Instant,
+        by_kubelet: bool,
     },
 }
 
@@ -50,7 +53,7 @@ impl AppState {
             AppState::Up => None,
             AppState::Starting { since }
             | AppState::Down { since }
-            | AppState::Stopping { since } => Some(since),
+            | AppState::Stopping { since, .. } => Some(since),
         }
     }
 }
@@ -155,7 +158,7 @@ impl Restarts {
         if !became_down {
             // The old process is gone: the next accept is the new one.
             self.state.send_if_modified(|s| match *s {
-                AppState::Stopping { since } => {
+                AppState::Stopping { since, .. } => {
                     *s = AppState::Down { since };
                     true
                 }
@@ -234,18 +237,50 @@ impl Restarts {
     }
 
     /// The kubelet is about to restart the app (see `Admin::prestop`): new requests wait from
-    /// now on. Resolves when the app has finished the requests it has, or after the wait.
-    pub async fn stop_for_restart(&self) -> usize {
+    /// now on. Resolves when the app has finished the requests it has, or after the wait. Not
+    /// `by_kubelet`: the app must then stop within `UNCONFIRMED_STOP_WAIT`, or is served again.
+    pub async fn stop_for_restart(&self, by_kubelet: bool) -> usize {
         let now = Instant::now();
-        self.leave_up(|since| AppState::Stopping { since });
         let deadline = now + self.wait;
-        loop {
+        let stopping = AppState::Stopping {
+            since: now,
+            until: deadline,
+            by_kubelet,
+        };
+        if !self.leave_up(|_| stopping) && by_kubelet {
+            // The kubelet's own preStop after a peer's: the stop is the kubelet's now.
+            self.state.send_if_modified(|s| match s {
+                AppState::Stopping {
+                    by_kubelet: false, ..
+                } => {
+                    *s = stopping;
+                    true
+                }
+                _ => false,
+            });
+        }
+        let left = loop {
             let n = self.at_app.load(Ordering::Relaxed);
             if n == 0 || Instant::now() >= deadline {
-                return n;
+                break n;
             }
             sleep(Duration::from_millis(10)).await;
+        };
+        if !by_kubelet {
+            let until = deadline.min(Instant::now() + defaults::UNCONFIRMED_STOP_WAIT);
+            self.state.send_if_modified(|s| match s {
+                AppState::Stopping {
+                    until: u,
+                    by_kubelet: false,
+                    ..
+                } => {
+                    *u = until;
+                    true
+                }
+                _ => false,
+            });
         }
+        left
     }
 
     /// Waits for the app to accept again, until `deadline`.
@@ -306,7 +341,11 @@ impl Restarts {
             self.refused();
         }
         match self.state() {
-            AppState::Up => None,
+            // Not known to stop: a peer with a token read from the spec must not move traffic.
+            AppState::Up
+            | AppState::Stopping {
+                by_kubelet: false, ..
+            } => None,
             AppState::Starting { .. } => Some("app not accepting connections yet"),
             s => s
                 .away_since()
@@ -362,12 +401,12 @@ impl Restarts {
                     break;
                 }
                 if self.knock().await {
-                    if let AppState::Stopping { since } = state
-                        && since.elapsed() >= self.wait
+                    if let AppState::Stopping { since, until, .. } = state
+                        && Instant::now() >= until
                     {
                         // The kubelet never stopped it (or the preStop was not for a restart
                         // after all): serve from the process that is there.
-                        warn!(waited = ?self.wait, "app was to be restarted but still accepts: sending requests to it again");
+                        warn!(waited = ?since.elapsed(), "app was to be restarted but still accepts: sending requests to it again");
                         self.state.send_replace(AppState::Down { since });
                     }
                     self.accepted();
@@ -386,5 +425,74 @@ struct Release<'a>(&'a Restarts);
 impl Drop for Release<'_> {
     fn drop(&mut self) {
         self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn app_and_restarts() -> (tokio::net::TcpListener, Arc<Restarts>) {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let restarts = Restarts::new(
+            app.local_addr().unwrap(),
+            Duration::from_secs(10),
+            16,
+            crate::metrics::Metrics::new().restarts.clone(),
+        );
+        restarts.accepted();
+        tokio::spawn(restarts.clone().watch_app());
+        (app, restarts)
+    }
+
+    /// A stop asked by a peer that is not the node, for an app that never stops: requests wait
+    /// only briefly, readiness is untouched, and the same process is served again.
+    #[tokio::test]
+    async fn an_unconfirmed_stop_is_served_again_soon_and_keeps_readiness() {
+        let (_app, restarts) = app_and_restarts().await;
+        let asked = Instant::now();
+        restarts.stop_for_restart(false).await;
+        assert!(restarts.holding());
+        assert_eq!(restarts.unready().await, None);
+        restarts
+            .hold(asked + Duration::from_secs(10))
+            .await
+            .unwrap();
+        let held = asked.elapsed();
+        assert!(
+            held >= defaults::UNCONFIRMED_STOP_WAIT && held < Duration::from_secs(5),
+            "held {held:?}"
+        );
+        assert_eq!(restarts.state(), AppState::Up);
+    }
+
+    /// The kubelet's stop: the pod turns unready, and an app that still accepts is waited for
+    /// the whole restart wait; a later preStop from a peer does not shorten it.
+    #[tokio::test]
+    async fn the_kubelets_stop_holds_for_the_wait_and_turns_the_pod_unready() {
+        let (_app, restarts) = app_and_restarts().await;
+        restarts.stop_for_restart(true).await;
+        restarts.stop_for_restart(false).await;
+        tokio::time::sleep(defaults::APP_AWAY_UNREADY_AFTER + Duration::from_millis(100)).await;
+        assert!(restarts.unready().await.is_some());
+        let held = restarts
+            .hold(Instant::now() + defaults::UNCONFIRMED_STOP_WAIT * 2)
+            .await;
+        assert_eq!(held, Err(HoldRefused::Expired));
+    }
+
+    /// A peer's stop that the kubelet's own preStop follows becomes the kubelet's.
+    #[tokio::test]
+    async fn the_kubelets_stop_after_a_peers_takes_over() {
+        let (_app, restarts) = app_and_restarts().await;
+        restarts.stop_for_restart(false).await;
+        restarts.stop_for_restart(true).await;
+        assert!(matches!(
+            restarts.state(),
+            AppState::Stopping {
+                by_kubelet: true,
+                ..
+            }
+        ));
     }
 }

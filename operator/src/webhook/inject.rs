@@ -501,6 +501,7 @@ fn sidecar_container(
             env_from(defaults::ENV_POD_IP, "status.podIP"),
             env_from(defaults::ENV_POD_NAMESPACE, "metadata.namespace"),
             env_from(defaults::ENV_POD_NAME, "metadata.name"),
+            env_from(defaults::ENV_HOST_IP, "status.hostIP"),
             EnvVar {
                 name: defaults::ENV_PRESTOP_TOKEN.to_owned(),
                 value: Some(ctx.prestop_token.to_owned()),
