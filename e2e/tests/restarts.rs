@@ -2,15 +2,16 @@
 //! through the Service: the kubelet restarts the app container, the pod stays, and the sidecar
 //! keeps its port, so requests that arrive meanwhile wait for the new process instead of
 //! failing. Two ways an app goes: killed on the node (a crash, the OOM killer), and a failed
-//! liveness probe (the kubelet runs the preStop hook, which must not drain the pod).
+//! liveness probe (the kubelet runs the preStop hook, which must not drain the pod). And the
+//! preStop's reading when the API server is out of reach, for a restart and for a deletion.
 
 use std::time::Duration;
 
 use graceful_e2e::cluster;
 use graceful_e2e::graceful::{injected_deployment, named_port_service, wait_pods_settled};
-use graceful_e2e::load::{Load, LoadReport, Request};
+use graceful_e2e::load::{self, Load, LoadReport, Request};
 use graceful_e2e::namespace::TestNamespace;
-use graceful_e2e::{Error, node, wait};
+use graceful_e2e::{Error, demo, node, wait};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -357,5 +358,101 @@ async fn a_liveness_restart_with_the_api_server_unreachable_drains_and_the_pod_s
         "liveness restart, API server unreachable",
         &problems,
         &seen.report,
+    );
+}
+
+/// Under load through the Service: deletes one of the app's pods (the busiest with a sidecar,
+/// else the first), with its packets to the API server dropped while `cut`, until it is gone.
+async fn delete_under_load(ns: &TestNamespace, url: &str, injected: bool, cut: bool) -> LoadReport {
+    let client = cluster::client().await.unwrap();
+    let port = cluster::apiserver_port(&client).await.unwrap().to_string();
+    let pods: Api<Pod> = ns.api();
+    // POSTs, which no client sends again: a deletion must be drained, not retried. Each takes
+    // 20 ms at the app, so some are always in flight at the pod.
+    let load = Load {
+        lead_in: Duration::from_secs(2),
+        tail: Duration::from_secs(5),
+        ..Load::default()
+    };
+    let url = format!("{url}slow?ms=20");
+    let (outcome, report) = load
+        .during(&url, async {
+            let victim = match injected {
+                true => busiest_pod(&pods).await,
+                false => pods
+                    .list(&ListParams::default().labels(&format!("app={APP}")))
+                    .await?
+                    .items
+                    .remove(0),
+            };
+            let name = victim.metadata.name.clone().unwrap();
+            let ip = victim
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap();
+            let _cut = cut
+                .then(|| {
+                    node::IptablesRule::insert(&[
+                        "INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP",
+                    ])
+                })
+                .transpose()?;
+            pods.delete(&name, &Default::default()).await?;
+            wait::pod_deleted(&pods, &name, Duration::from_secs(90)).await?;
+            eprintln!("pod {name} ({ip}) deleted and gone");
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_or_else(|e| fail(ns, e.to_string()));
+    outcome.unwrap_or_else(|e| fail(ns, e.to_string()));
+    load::check_sent("load through the deletion", &load, &report);
+    report
+}
+
+/// A deletion with the API server out of the sidecar's reach (an iptables rule on the node drops
+/// the pod's packets to it): no EndpointSlice list comes within 2 s, so the sidecar drains, as a
+/// deletion must, and waits out `--deregister-delay` instead of reading the slices; the pod goes
+/// and no request fails. The control, same run: the same deletion in the app without graceful
+/// fails requests.
+#[tokio::test]
+#[ignore = "needs the e2e cluster, root for iptables, and the chart (make e2e)"]
+async fn a_deletion_with_the_api_server_unreachable_drains_without_a_failed_request() {
+    let client = cluster::client().await.unwrap();
+    let bare = TestNamespace::create(&client, "deletion-bare")
+        .await
+        .unwrap();
+    bare.apply(&demo::deployment(APP, 3, "v1")).await.unwrap();
+    bare.apply(&demo::service(APP)).await.unwrap();
+    wait::rollout(&bare.api(), APP, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| fail(&bare, e.to_string()));
+    let ip = wait::cluster_ip(&bare.api(), APP).await.unwrap();
+    wait::service_serving(&bare.api(), APP, &ip, 80, 3, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| fail(&bare, e.to_string()));
+    let without = delete_under_load(&bare, &format!("http://{ip}/"), false, false).await;
+    eprintln!("deletion without graceful: {without}");
+    if without.failed == 0 {
+        fail(
+            &bare,
+            format!(
+                "without graceful the deletion failed nothing, so this test shows nothing: {without}"
+            ),
+        );
+    }
+    drop(bare);
+
+    let ns = TestNamespace::create(&client, "deletion-cut")
+        .await
+        .unwrap();
+    let url = deploy(&ns, false, None).await;
+    let report = delete_under_load(&ns, &url, true, true).await;
+    eprintln!("deletion, API server unreachable: {report}");
+    fail_on(
+        &ns,
+        "deletion, API server unreachable",
+        &[(report.failed != 0, "requests failed")],
+        &report,
     );
 }

@@ -129,9 +129,10 @@ impl EndpointWatch {
             return Ok(Vec::new());
         };
         let params = kube::api::ListParams::default().labels(&selector);
-        let slices = Self::api(pod)?
-            .list(&params)
+        let patience = defaults::FIRST_LIST_PATIENCE;
+        let slices = tokio::time::timeout(patience, Self::api(pod)?.list(&params))
             .await
+            .map_err(|_| EndpointWatchError::Unanswered(patience))?
             .map_err(EndpointWatchError::List)?;
         Ok(ready_others(&slices.items, pod.ip))
     }
@@ -141,12 +142,20 @@ impl EndpointWatch {
         futures::pin_mut!(events);
         let lists_me = |s: &EndpointSlice| listed_ready(std::slice::from_ref(s), pod.ip);
         let mut slices = SliceSet::default();
-        while let Some(event) = events.try_next().await? {
+        let patience = defaults::FIRST_LIST_PATIENCE;
+        let first_list_by = Instant::now() + patience;
+        loop {
+            let event = tokio::select! {
+                event = events.try_next() => event?.ok_or(EndpointWatchError::Ended)?,
+                // Once listed, the drain's own timeout bounds the wait.
+                _ = sleep_until(first_list_by), if !slices.synced => {
+                    return Err(EndpointWatchError::Unanswered(patience));
+                }
+            };
             if slices.apply(event, lists_me) && slices.listing.is_empty() {
                 return Ok(());
             }
         }
-        Err(EndpointWatchError::Ended)
     }
 
     /// Whether the pod is being deleted, waiting up to `patience` for a slice to say so: the
