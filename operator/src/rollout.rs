@@ -130,7 +130,8 @@ async fn controller(
     let managed = watcher::Config::default()
         .labels(MANAGED_LABEL)
         .any_semantic();
-    let reconcile = move |gr, ctx| {
+    // The permit is taken before `reconcile` starts its clock: waiting is not reconciling.
+    let bounded = move |gr, ctx| {
         let permits = permits.clone();
         async move {
             let _permit = permits.acquire_owned().await;
@@ -146,7 +147,7 @@ async fn controller(
         })
         .with_config(controller::Config::default().concurrency(concurrency))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(bounded, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile failed");
