@@ -85,14 +85,20 @@ pub fn helm_ok(args: &[&str]) -> String {
 /// The chart rendered as the e2e cluster installs it (release graceful in graceful-system),
 /// with `extra` helm arguments, one value per document.
 pub fn render(extra: &[&str]) -> Vec<serde_yaml::Value> {
+    render_release(RELEASE, OPERATOR_NAMESPACE, extra)
+}
+
+/// The chart rendered as release `release` in `namespace` (the cluster's registry set), with
+/// `extra` helm arguments, one value per document.
+pub fn render_release(release: &str, namespace: &str, extra: &[&str]) -> Vec<serde_yaml::Value> {
     let chart = chart_dir();
     let mut args = vec![
         "template",
-        "graceful",
+        release,
         chart.to_str().expect("a UTF-8 path"),
         KUBE_VERSION,
         "--namespace",
-        OPERATOR_NAMESPACE,
+        namespace,
         "--set",
     ];
     let registry = registry_value();

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use graceful_e2e::chart::{
     KUBE_VERSION, chart_dir, client_ca_value, deployed_version, helm, helm_ok, oci_chart, of_kind,
-    registry_value, render,
+    registry_value, render, render_release,
 };
 use graceful_e2e::cluster::{self, kubectl};
+use graceful_e2e::graceful::OPERATOR_NAMESPACE;
 use graceful_e2e::namespace::TestNamespace;
 use graceful_e2e::{demo, wait};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -39,6 +40,10 @@ fn chart_lints_clean_with_every_values_variant() {
         vec![
             "--set",
             "networkPolicy.enabled=false,rbac.aggregateToDefaultRoles=false",
+        ],
+        vec![
+            "--set",
+            "rbac.scope=namespaces,rbac.namespaces={shop,payments}",
         ],
     ] {
         let mut args = vec!["lint", chart, "--strict", "--set", &registry];
@@ -85,6 +90,8 @@ fn schema_refuses_bad_values_by_name() {
             "rbac.aggregateToDefaultRoles=maybe",
             "/rbac/aggregateToDefaultRoles",
         ),
+        ("rbac.scope=everywhere", "/rbac/scope"),
+        ("rbac.namespaces[0]=Not_A_Namespace", "/rbac/namespaces/0"),
     ] {
         let registry = registry_value();
         let (ok, text) = helm(&[
@@ -278,6 +285,185 @@ fn cert_manager_variant_renders_a_certificate_and_ca_injection() {
     assert!(rendered.contains("value: external"));
 }
 
+/// Whether any rule of a (Cluster)Role names `resource`.
+fn grants(role: &serde_yaml::Value, resource: &str) -> bool {
+    role["rules"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .any(|rule| {
+            rule["resources"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|r| r == resource)
+        })
+}
+
+/// The value of the operator container's environment variable `name` in a Deployment or Job.
+fn env_of(workload: &serde_yaml::Value, name: &str) -> Option<String> {
+    workload["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_owned))
+}
+
+/// rbac.scope=namespaces: no ClusterRole grants anything on namespaced resources (the
+/// operator's keeps only its own webhook configuration), each listed namespace has the
+/// operator's Role and RoleBinding, and the operator, its uninstall hook and both webhooks are
+/// confined to the list. An empty list is refused by name; the default scope is unchanged.
+#[test]
+#[ignore = "needs helm (make cluster-up)"]
+fn a_namespaced_scope_grants_in_its_namespaces_only() {
+    let docs = render(&[
+        "--set",
+        "rbac.scope=namespaces",
+        "--set",
+        "rbac.namespaces={a,b}",
+    ]);
+    let listed = ["a", "b"];
+    let cluster_roles = of_kind(&docs, "ClusterRole");
+    assert!(!cluster_roles.is_empty());
+    for role in &cluster_roles {
+        for resource in [
+            "deployments",
+            "replicasets",
+            "pods",
+            "roles",
+            "rolebindings",
+            "endpointslices",
+            "events",
+        ] {
+            assert!(
+                !grants(role, resource),
+                "ClusterRole {:?} grants {resource}",
+                role["metadata"]["name"]
+            );
+        }
+    }
+    let operator = cluster_roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "graceful-operator")
+        .expect("the operator's ClusterRole");
+    assert_eq!(
+        operator["rules"].as_sequence().map(Vec::len),
+        Some(1),
+        "{operator:?}"
+    );
+    assert!(grants(operator, "mutatingwebhookconfigurations"));
+    assert_eq!(
+        operator["rules"][0]["resourceNames"][0],
+        "graceful-sidecar-injector"
+    );
+
+    let roles = of_kind(&docs, "Role");
+    let bindings = of_kind(&docs, "RoleBinding");
+    for ns in listed {
+        let role = roles
+            .iter()
+            .find(|r| r["metadata"]["namespace"] == ns && grants(r, "deployments"))
+            .unwrap_or_else(|| panic!("no operator Role in {ns}"));
+        for resource in [
+            "gracefulrollouts",
+            "replicasets",
+            "pods",
+            "roles",
+            "rolebindings",
+        ] {
+            assert!(grants(role, resource), "the Role in {ns} lacks {resource}");
+        }
+        let binding = bindings
+            .iter()
+            .find(|b| {
+                b["metadata"]["namespace"] == ns && b["roleRef"]["name"] == role["metadata"]["name"]
+            })
+            .unwrap_or_else(|| panic!("no RoleBinding to the Role in {ns}"));
+        assert_eq!(binding["subjects"][0]["name"], "graceful-operator");
+        assert_eq!(binding["subjects"][0]["namespace"], OPERATOR_NAMESPACE);
+    }
+    // Elsewhere only the release namespace's own Role, whose Deployment rule names the
+    // operator's Deployment (the uninstall hook scales it to zero).
+    for role in roles
+        .iter()
+        .filter(|r| !listed.iter().any(|ns| r["metadata"]["namespace"] == *ns))
+    {
+        assert_eq!(
+            role["metadata"]["namespace"], OPERATOR_NAMESPACE,
+            "{role:?}"
+        );
+        for rule in role["rules"].as_sequence().unwrap() {
+            let resources = rule["resources"].as_sequence().unwrap();
+            if resources.iter().any(|r| r == "deployments") {
+                assert_eq!(rule["resourceNames"][0], "graceful-operator", "{rule:?}");
+            }
+            assert!(
+                !resources.iter().any(|r| r == "replicasets" || r == "roles"),
+                "{rule:?}"
+            );
+        }
+    }
+
+    // Both webhooks are consulted only in the list.
+    let config = of_kind(&docs, "MutatingWebhookConfiguration")[0];
+    for webhook in config["webhooks"].as_sequence().unwrap() {
+        let expressions = webhook["namespaceSelector"]["matchExpressions"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{:?} has no namespaceSelector", webhook["name"]));
+        assert!(
+            expressions
+                .iter()
+                .any(|e| e["key"] == "kubernetes.io/metadata.name"
+                    && e["operator"] == "In"
+                    && e["values"] == serde_yaml::to_value(listed).unwrap()),
+            "{:?}: {expressions:?}",
+            webhook["name"]
+        );
+    }
+    let deployment = of_kind(&docs, "Deployment")[0];
+    assert_eq!(
+        env_of(deployment, "GRACEFUL_NAMESPACES").as_deref(),
+        Some("a,b")
+    );
+    let uninstall = of_kind(&docs, "Job")[0];
+    assert_eq!(
+        env_of(uninstall, "GRACEFUL_NAMESPACES").as_deref(),
+        Some("a,b")
+    );
+
+    let chart = chart_dir();
+    let (ok, text) = helm(&[
+        "template",
+        "x",
+        chart.to_str().unwrap(),
+        KUBE_VERSION,
+        "--set",
+        &registry_value(),
+        "--set",
+        "rbac.scope=namespaces",
+    ]);
+    assert!(!ok, "rendered a namespaced scope without namespaces");
+    assert!(text.contains("rbac.namespaces is empty"), "{text}");
+
+    // The default: everything in the ClusterRole, no Role outside the release namespace, the
+    // operator unconfined.
+    let docs = render(&[]);
+    let operator = of_kind(&docs, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "graceful-operator")
+        .expect("the operator's ClusterRole");
+    assert!(grants(operator, "deployments") && grants(operator, "roles"));
+    assert!(
+        of_kind(&docs, "Role")
+            .iter()
+            .all(|r| r["metadata"]["namespace"] == OPERATOR_NAMESPACE)
+    );
+    assert_eq!(
+        env_of(of_kind(&docs, "Deployment")[0], "GRACEFUL_NAMESPACES"),
+        None
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs helm and the e2e cluster (make e2e)"]
 async fn rendered_templates_are_accepted_by_the_api_server() {
@@ -324,18 +510,13 @@ async fn rendered_templates_are_accepted_by_the_api_server() {
     }
 }
 
-/// `kubectl auth can-i VERB gracefulrollouts` in `namespace` as ServiceAccount `sa` of `home`.
-fn can_i(verb: &str, namespace: &str, home: &str, sa: &str) -> bool {
+const ROLLOUTS: &str = "gracefulrollouts.graceful.dev";
+
+/// `kubectl auth can-i VERB RESOURCE` in `namespace` as ServiceAccount `sa` of `home`.
+fn can_i(verb: &str, resource: &str, namespace: &str, home: &str, sa: &str) -> bool {
     let out = cluster::kubectl()
         .unwrap()
-        .args([
-            "auth",
-            "can-i",
-            verb,
-            "gracefulrollouts.graceful.dev",
-            "-n",
-            namespace,
-        ])
+        .args(["auth", "can-i", verb, resource, "-n", namespace])
         .arg(format!("--as=system:serviceaccount:{home}:{sa}"))
         .output()
         .unwrap();
@@ -378,7 +559,7 @@ async fn the_built_in_roles_cover_gracefulrollouts() {
     wait::until(
         "GracefulRollouts in the view ClusterRole",
         Duration::from_secs(30),
-        || async { Ok(can_i("list", &ns.name, &ns.name, "viewer").then_some(())) },
+        || async { Ok(can_i("list", ROLLOUTS, &ns.name, &ns.name, "viewer").then_some(())) },
     )
     .await
     .unwrap();
@@ -395,7 +576,7 @@ async fn the_built_in_roles_cover_gracefulrollouts() {
         ("editor", "create", &other.name, false),
         ("stranger", "get", &ns.name, false),
     ] {
-        let got = can_i(verb, namespace, &ns.name, sa);
+        let got = can_i(verb, ROLLOUTS, namespace, &ns.name, sa);
         table.push(format!("{sa:9} {verb:7} {namespace:28} {got}"));
         assert_eq!(
             got,
@@ -408,6 +589,116 @@ async fn the_built_in_roles_cover_gracefulrollouts() {
         "kubectl auth can-i <verb> gracefulrollouts:\n{}",
         table.join("\n")
     );
+}
+
+/// A namespaced install (rbac.scope=namespaces) as RBAC sees it: a second release's
+/// ServiceAccount, Roles, RoleBindings, ClusterRole and ClusterRoleBinding, confined to
+/// `inside`, applied alone (its Deployment and webhook would meet the installed release's), and
+/// its ServiceAccount asked `kubectl auth can-i`: what the operator does, it may do in `inside`,
+/// and nowhere else, kube-system included. In its own namespace it holds only what the uninstall
+/// hook needs there (listing pods; the operator's Deployment by name, not Deployments).
+#[tokio::test]
+#[ignore = "needs helm and the e2e cluster (make e2e)"]
+async fn a_namespaced_install_cannot_touch_deployments_elsewhere() {
+    let client = cluster::client().await.unwrap();
+    let home = TestNamespace::create(&client, "scoped-home").await.unwrap();
+    let inside = TestNamespace::create(&client, "scoped-in").await.unwrap();
+    let outside = TestNamespace::create(&client, "scoped-out").await.unwrap();
+    let release = "graceful-scoped";
+    let listed = format!("rbac.namespaces={{{}}}", inside.name);
+    let docs = render_release(
+        release,
+        &home.name,
+        &[
+            "--set",
+            "rbac.scope=namespaces",
+            "--set",
+            &listed,
+            "--set",
+            "rbac.aggregateToDefaultRoles=false",
+        ],
+    );
+    let rbac: Vec<&serde_yaml::Value> = [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    .iter()
+    .flat_map(|kind| of_kind(&docs, kind))
+    .collect();
+    // The namespaced objects go with the namespaces; the cluster-scoped ones are deleted here,
+    // also when the test fails.
+    let _cluster_scoped: Vec<ClusterObjectGuard> = rbac
+        .iter()
+        .filter(|d| d["metadata"]["namespace"].is_null())
+        .map(|d| {
+            ClusterObjectGuard(
+                d["kind"].as_str().unwrap().to_lowercase(),
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let manifest = rbac
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let (ok, text) = kubectl_apply(&manifest, &[]);
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    let sa = of_kind(&docs, "ServiceAccount")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The authorizer takes new Roles up a moment after they are written.
+    wait::until(
+        "the release's Role in force",
+        Duration::from_secs(30),
+        || async { Ok(can_i("patch", "deployments", &inside.name, &home.name, &sa).then_some(())) },
+    )
+    .await
+    .unwrap();
+
+    let columns = [
+        (inside.name.as_str(), true),
+        (outside.name.as_str(), false),
+        ("kube-system", false),
+    ];
+    let mut table = vec![format!(
+        "{:7} {:13} {:26} {:26} {:26} {} (home)",
+        "verb", "resource", columns[0].0, columns[1].0, columns[2].0, home.name
+    )];
+    let mut wrong = Vec::new();
+    // The last column: the release's own namespace, where the uninstall hook lists pods.
+    for (verb, resource, at_home) in [
+        ("patch", "deployments", false),
+        ("patch", "replicasets", false),
+        ("list", "pods", true),
+        ("create", "roles", false),
+        ("create", "rolebindings", false),
+    ] {
+        let mut row = format!("{verb:7} {resource:13}");
+        for (namespace, expected) in columns
+            .iter()
+            .copied()
+            .chain([(home.name.as_str(), at_home)])
+        {
+            let got = can_i(verb, resource, namespace, &home.name, &sa);
+            row.push_str(&format!(" {:26}", if got { "yes" } else { "no" }));
+            if got != expected {
+                wrong.push(format!("{verb} {resource} in {namespace}: {got}"));
+            }
+        }
+        table.push(row.trim_end().to_owned());
+    }
+    let table = table.join("\n");
+    eprintln!(
+        "kubectl auth can-i <verb> <resource> --as=system:serviceaccount:{}:{sa}:\n{table}",
+        home.name
+    );
+    assert!(wrong.is_empty(), "{wrong:?}\n{table}");
 }
 
 /// Uninstalls a release when dropped, so a failed test leaves no cluster-scoped objects behind.
@@ -638,19 +929,14 @@ fn kubectl_apply(yaml: &str, extra: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Deletes a cluster-scoped webhook configuration when dropped, also when the test panics.
-struct ConfigGuard(String);
+/// Deletes a cluster-scoped object (`kind`, `name`) when dropped, also when the test panics.
+struct ClusterObjectGuard(String, String);
 
-impl Drop for ConfigGuard {
+impl Drop for ClusterObjectGuard {
     fn drop(&mut self) {
         let _ = kubectl()
             .unwrap()
-            .args([
-                "delete",
-                "mutatingwebhookconfiguration",
-                &self.0,
-                "--ignore-not-found",
-            ])
+            .args(["delete", &self.0, &self.1, "--ignore-not-found"])
             .output();
     }
 }
@@ -693,7 +979,10 @@ async fn operator_down_ignore_lets_pods_start_and_fail_blocks_them() {
     let chart = chart_dir();
     let registry = registry_value();
     let release = "z-graceful-down";
-    let _guard = ConfigGuard(format!("{release}-sidecar-injector"));
+    let _guard = ClusterObjectGuard(
+        "mutatingwebhookconfiguration".into(),
+        format!("{release}-sidecar-injector"),
+    );
     let selector = format!(
         "webhook.namespaceSelector.matchLabels.graceful\\.dev/down-test={}",
         ns.name
@@ -814,7 +1103,7 @@ async fn namespace_gone(client: &kube::Client, name: &str, timeout: Duration) ->
 #[tokio::test]
 #[ignore = "needs helm, the e2e cluster and the images (make e2e)"]
 async fn uninstall_hands_every_rollout_back_and_leaves_no_namespace_stuck() {
-    use graceful_e2e::graceful::{self, OPERATOR_NAMESPACE};
+    use graceful_e2e::graceful;
     let client = cluster::client().await.unwrap();
     let stuck = TestNamespace::create(&client, "uninstall-control")
         .await

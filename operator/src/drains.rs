@@ -19,10 +19,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde::Deserialize;
 
 use crate::metrics::Metrics;
+use crate::scope::Scope;
 use crate::webhook::annotations::INJECTED_LABEL;
 
 /// How long a sidecar's report waits to be claimed by a rollout before it is forgotten.
@@ -249,12 +250,11 @@ pub fn sidecar_report(pod: &Pod) -> Option<SidecarReport> {
     })
 }
 
-/// Feeds `drains` with every injected pod's sidecar report, and counts each report once in
-/// `metrics`, until the watch ends (never, on its own: errors are retried with backoff).
-pub async fn watch_reports(client: Client, drains: &Drains, metrics: &Metrics) {
-    let pods = Api::<Pod>::all(client);
+/// Feeds `drains` with every injected pod's sidecar report in `scope`, and counts each report
+/// once in `metrics`, until the watch ends (never, on its own: errors are retried with backoff).
+pub async fn watch_reports(client: Client, scope: &Scope, drains: &Drains, metrics: &Metrics) {
     let config = watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true"));
-    let mut events = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
+    let mut events = scope.watch::<Pod>(&client, config).applied_objects();
     // A terminated pod's every later event carries the same report.
     let mut counted = Counted::default();
     let mut namespaces = HashSet::new();

@@ -22,6 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
+use crate::scope::Scope;
 use crate::webhook::annotations::{INJECTED_LABEL, INJECTOR_LABEL};
 
 pub const ROLE_NAME: &str = "graceful-endpointslice-reader";
@@ -35,17 +36,26 @@ pub struct EndpointReader {
     granted: Mutex<HashSet<(String, String)>>,
     /// This release's MutatingWebhookConfiguration: the pods it injected are this reader's.
     injector: String,
+    /// The namespaces whose pods it watches (and so grants in).
+    scope: Scope,
 }
 
 impl EndpointReader {
     /// `owner`: the MutatingWebhookConfiguration (cluster-scoped objects may own namespaced ones).
     /// `injector`: this release's MutatingWebhookConfiguration, whose pods this reader grants.
-    pub fn new(client: Client, owner: Option<OwnerReference>, injector: String) -> Self {
+    /// `scope`: where it watches those pods, so where it grants.
+    pub fn new(
+        client: Client,
+        owner: Option<OwnerReference>,
+        injector: String,
+        scope: Scope,
+    ) -> Self {
         Self {
             client,
             owner,
             granted: Mutex::new(HashSet::new()),
             injector,
+            scope,
         }
     }
 
@@ -78,16 +88,18 @@ impl EndpointReader {
         Ok(true)
     }
 
-    /// Grants the read to every injected pod's ServiceAccount, as the pods come, until the
+    /// Grants the read to every injected pod's ServiceAccount in the scope, as the pods come, until the
     /// watch ends (never on its own: errors are retried with backoff). A grant that failed is
     /// tried again every `RETRY_EVERY`.
     pub async fn run(&self) {
-        let pods = Api::<Pod>::all(self.client.clone());
         let config = watcher::Config::default().labels(&format!(
             "{INJECTED_LABEL}=true,{INJECTOR_LABEL}={}",
             self.injector
         ));
-        let mut pods = std::pin::pin!(watcher(pods, config).default_backoff().applied_objects());
+        let mut pods = self
+            .scope
+            .watch::<Pod>(&self.client, config)
+            .applied_objects();
         let mut failed: BTreeSet<(String, String)> = BTreeSet::new();
         let mut retry = tokio::time::interval(RETRY_EVERY);
         loop {
@@ -205,7 +217,12 @@ mod tests {
     #[tokio::test]
     async fn a_service_account_gets_the_read_once() {
         let api = FakeApi::default();
-        let reader = EndpointReader::new(api.client(), None, "graceful-sidecar-injector".into());
+        let reader = EndpointReader::new(
+            api.client(),
+            None,
+            "graceful-sidecar-injector".into(),
+            Scope::Cluster,
+        );
         assert!(reader.grant(NS, "web").await.unwrap());
         assert!(reader.grant(NS, "web").await.unwrap());
         let writes: Vec<_> = api.writes().into_iter().map(|w| w.path).collect();
@@ -234,7 +251,12 @@ mod tests {
             "metadata": {"name": ROLE_NAME, "namespace": NS},
             "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
         }));
-        let reader = EndpointReader::new(api.client(), None, "graceful-sidecar-injector".into());
+        let reader = EndpointReader::new(
+            api.client(),
+            None,
+            "graceful-sidecar-injector".into(),
+            Scope::Cluster,
+        );
         assert!(!reader.grant(NS, "web").await.unwrap());
         assert!(api.writes().is_empty(), "{:?}", api.writes());
     }

@@ -16,6 +16,7 @@ pub mod pacing;
 pub mod plan;
 pub mod revision;
 pub mod rollout;
+pub mod scope;
 pub mod uninstall;
 pub mod webhook;
 

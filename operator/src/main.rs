@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use graceful_operator::crd::GracefulRollout;
 use graceful_operator::outage::{ApiOutages, OutageLayer};
+use graceful_operator::scope::{Scope, ScopeArgs};
 use graceful_operator::{leader, metrics, rollout, uninstall, webhook};
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::ListParams;
 use kube::client::ClientBuilder;
 use prometheus_client::registry::Registry;
 
@@ -46,6 +47,8 @@ struct Args {
     /// Log as JSON lines (for log pipelines) instead of text.
     #[arg(long, env = "GRACEFUL_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    scope: ScopeArgs,
     #[command(flatten)]
     webhook_args: webhook::WebhookArgs,
 }
@@ -90,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Uninstall(args)) = &args.command {
         return uninstall::run(client, args).await;
     }
+    let scope = args.scope.scope();
+    tracing::info!(namespaces = %scope, "watching");
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
@@ -103,15 +108,20 @@ async fn main() -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     if args.webhook {
-        let (client, wargs, metrics) = (client.clone(), args.webhook_args.clone(), metrics.clone());
+        let (client, wargs, scope, metrics) = (
+            client.clone(),
+            args.webhook_args.clone(),
+            scope.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(async move {
-            webhook::serve(client, wargs, metrics, shutdown_signal())
+            webhook::serve(client, wargs, scope, metrics, shutdown_signal())
                 .await
                 .context("injection webhook")
         });
     }
     if args.controller {
-        check_crd(&client).await?;
+        check_crd(&client, &scope).await?;
         let namespace = args.webhook_args.operator_namespace.clone();
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
         let (client, no_election, lease, concurrency) = (
@@ -121,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             args.reconcile_concurrency,
         );
         let ready = ready.clone();
+        let scope = scope.clone();
         tasks.spawn(async move {
             // Each term runs a fresh controller. Losing the Lease ends the term, not the process:
             // the webhook on this replica keeps answering the reviews in flight, and the
@@ -149,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
                 // Losing the lease drops the controller mid-reconcile: a replica that may no
                 // longer lead must not make one more write.
                 tokio::select! {
-                    _ = rollout::run(client.clone(), metrics.clone(), concurrency, outages.clone()) => {}
+                    _ = rollout::run(client.clone(), metrics.clone(), concurrency, outages.clone(), &scope) => {}
                     _ = lost => {
                         tracing::warn!("lost leadership: controller stopped; standing for election again");
                         continue;
@@ -191,17 +202,21 @@ async fn first_to_end(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> an
     first
 }
 
-/// Fail fast, with the fix, when the CRD is not installed.
-async fn check_crd(client: &Client) -> anyhow::Result<()> {
-    let api: Api<GracefulRollout> = Api::all(client.clone());
-    match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
-            "the GracefulRollout CRD (gracefulrollouts.graceful.dev) is not installed: \
-             run `kubectl apply -f crds/gracefulrollouts.yaml` or `helm install graceful charts/graceful`"
-        ),
-        Err(e) => Err(e).context("listing GracefulRollouts"),
+/// Fail fast, with the fix, when the CRD is not installed or a namespace of the scope cannot be
+/// read.
+async fn check_crd(client: &Client, scope: &Scope) -> anyhow::Result<()> {
+    for api in scope.apis::<GracefulRollout>(client) {
+        let place = api.namespace().unwrap_or("any namespace").to_owned();
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
+                "the GracefulRollout CRD (gracefulrollouts.graceful.dev) is not installed: \
+                 run `kubectl apply -f crds/gracefulrollouts.yaml` or `helm install graceful charts/graceful`"
+            ),
+            Err(e) => return Err(e).context(format!("listing GracefulRollouts in {place}")),
+        }
     }
+    Ok(())
 }
 
 fn hostname() -> String {

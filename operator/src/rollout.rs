@@ -27,6 +27,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use crate::backoff::Backoffs;
 use crate::crd::{GracefulRollout, GracefulRolloutStatus, Phase};
@@ -39,6 +40,7 @@ use crate::outage::ApiOutages;
 use crate::pacing;
 use crate::plan::{self, Act, Decision, Observed, PodView, ReplicaSetView};
 use crate::revision::same_template;
+use crate::scope::Scope;
 use crate::{Error, Result};
 
 /// Shared by every reconcile.
@@ -81,25 +83,63 @@ pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 /// Runs the controller until a shutdown signal, when in-flight reconciles finish first. A lost
 /// leadership must stop it at once instead: the caller drops this future.
+///
+/// One kube-runtime `Controller` per `Api` of the scope (one for the whole cluster, else one per
+/// namespace), run together: a `Controller` is built on one `Api`, and feeding one from merged
+/// per-namespace watches takes kube-runtime's unstable stream features (`for_stream`,
+/// `watches_stream`). Each GracefulRollout lives in one namespace, so each is reconciled by
+/// exactly one of them; they share the context, and one pool of `concurrency` permits bounds
+/// their reconciles together as it bounds a single controller's.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     concurrency: u16,
     outages: Arc<ApiOutages>,
+    scope: &Scope,
 ) {
-    let rollouts = Api::<GracefulRollout>::all(client.clone());
     let ctx = Arc::new(Context::new(client.clone(), metrics, outages));
     let reports = {
-        let (client, ctx) = (client.clone(), ctx.clone());
-        tokio::spawn(async move { drains::watch_reports(client, &ctx.drains, &ctx.metrics).await })
+        let (client, ctx, scope) = (client.clone(), ctx.clone(), scope.clone());
+        tokio::spawn(async move {
+            drains::watch_reports(client, &scope, &ctx.drains, &ctx.metrics).await
+        })
     };
+    let permits = Arc::new(Semaphore::new(usize::from(concurrency)));
+    let controllers = scope
+        .apis::<GracefulRollout>(&client)
+        .into_iter()
+        .zip(scope.apis::<Deployment>(&client))
+        .map(|(rollouts, deploys)| {
+            controller(rollouts, deploys, concurrency, permits.clone(), ctx.clone())
+        });
+    futures::future::join_all(controllers).await;
+    reports.abort();
+}
+
+/// The controller of the GracefulRollouts `rollouts` lists, woken by the managed Deployments
+/// `deploys` lists; each reconcile holds one of `permits`.
+async fn controller(
+    rollouts: Api<GracefulRollout>,
+    deploys: Api<Deployment>,
+    concurrency: u16,
+    permits: Arc<Semaphore>,
+    ctx: Arc<Context>,
+) {
     // Only managed Deployments are watched. Their status changes with every ReplicaSet and pod
     // readiness change, so a Deployment event is what wakes its GracefulRollout.
     let managed = watcher::Config::default()
         .labels(MANAGED_LABEL)
         .any_semantic();
-    let controller = Controller::new(rollouts, watcher::Config::default().any_semantic())
-        .watches(Api::<Deployment>::all(client.clone()), managed, |d| {
+    // The permit is taken before `reconcile` starts its clock: waiting is not reconciling.
+    let bounded = move |gr, ctx| {
+        let permits = permits.clone();
+        async move {
+            let _permit = permits.acquire_owned().await;
+            reconcile(gr, ctx).await
+        }
+    };
+    Controller::new(rollouts, watcher::Config::default().any_semantic())
+        .watches(deploys, managed, |d| {
             let ns = d.namespace()?;
             d.labels()
                 .get(MANAGED_LABEL)
@@ -107,14 +147,13 @@ pub async fn run(
         })
         .with_config(controller::Config::default().concurrency(concurrency))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(bounded, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile failed");
             }
-        });
-    controller.await;
-    reports.abort();
+        })
+        .await;
 }
 
 pub async fn reconcile(gr: Arc<GracefulRollout>, ctx: Arc<Context>) -> Result<Action> {

@@ -8,7 +8,8 @@
 //!    take a Deployment over again or put a finalizer back while this runs;
 //! 2. every GracefulRollout's Deployment is handed back exactly as a deletion hands it back
 //!    (`rollout::cleanup`: the user's own values, a rollout in progress finished by the
-//!    Deployment controller), and the finalizer is lifted.
+//!    Deployment controller), and the finalizer is lifted. A namespaced install
+//!    (`--namespaces`) lists, and may only list, the namespaces it acted in.
 //!
 //! The GracefulRollouts themselves stay, like the CRD that Helm keeps: inert while no operator
 //! runs, deleted at once with their namespace, and taken up again by a new install.
@@ -29,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::names::{FINALIZER, MANAGER};
 use crate::outage::ApiOutages;
 use crate::rollout::{self, Context};
+use crate::scope::ScopeArgs;
 
 /// How long the operator's pods may take to go (their preStop sleep, then the Lease hand-back).
 const PODS_GONE: Duration = Duration::from_secs(90);
@@ -41,22 +43,29 @@ pub struct Args {
     /// The operator's Deployment, scaled to zero first.
     #[arg(long, env = "GRACEFUL_OPERATOR_DEPLOYMENT")]
     pub deployment: String,
+    /// The namespaces the operator acted in: their GracefulRollouts are released.
+    #[command(flatten)]
+    pub scope: ScopeArgs,
 }
 
 pub async fn run(client: Client, args: &Args) -> anyhow::Result<()> {
     stop_operator(&client, args).await?;
-    let rollouts: Api<GracefulRollout> = Api::all(client.clone());
-    let all = rollouts
-        .list(&ListParams::default())
-        .await
-        .context("listing GracefulRollouts")?;
+    let mut all = Vec::new();
+    for rollouts in args.scope.scope().apis::<GracefulRollout>(&client) {
+        let place = rollouts.namespace().unwrap_or("any namespace").to_owned();
+        let list = rollouts
+            .list(&ListParams::default())
+            .await
+            .with_context(|| format!("listing GracefulRollouts in {place}"))?;
+        all.extend(list.items);
+    }
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(Metrics::new(&mut Registry::default())),
         Arc::new(ApiOutages::default()),
     ));
     let mut handed_back = 0;
-    for gr in all.items {
+    for gr in all {
         if !gr.finalizers().iter().any(|f| f == FINALIZER) {
             continue;
         }

@@ -41,6 +41,7 @@ use crate::certs::{self, TlsMaterial};
 use crate::endpoint_reader::EndpointReader;
 use crate::metrics::Metrics;
 use crate::names::POD_TEMPLATE_HASH;
+use crate::scope::Scope;
 use graceful_sidecar::accept::{
     Accepted, Acceptor, FirstRequest, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Slots,
 };
@@ -182,9 +183,11 @@ impl AroundLookups {
 }
 
 /// Serves the webhook until `shutdown` resolves, then finishes the reviews in flight.
+/// `scope`: the namespaces whose injected pods get the EndpointSlice grant.
 pub async fn serve(
     client: Client,
     args: WebhookArgs,
+    scope: Scope,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
@@ -223,6 +226,7 @@ pub async fn serve(
             client.clone(),
             config_owner(&client, &args.webhook_config).await,
             args.webhook_config.clone(),
+            scope,
         );
         tokio::spawn(async move { reader.run().await });
     }
