@@ -272,3 +272,193 @@ async fn idle_injected_pod_terminates_faster_than_a_prestop_sleep_15() {
         "injected idle pod took {injected_after_slices:?} after the EndpointSlice change"
     );
 }
+
+/// The caBundle of every webhook of the configuration.
+async fn ca_bundles(client: &Client) -> Vec<Vec<u8>> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config = configs.get(WEBHOOK_CONFIG).await.unwrap();
+    config
+        .webhooks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| w.client_config.ca_bundle.map(|b| b.0).unwrap_or_default())
+        .collect()
+}
+
+/// Sets the caBundle of every webhook of the configuration.
+async fn set_ca_bundle(client: &Client, bundle: &[u8]) {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut config = configs.get(WEBHOOK_CONFIG).await.unwrap();
+    for w in config.webhooks.iter_mut().flatten() {
+        w.client_config.ca_bundle = Some(k8s_openapi::ByteString(bundle.to_vec()));
+    }
+    configs
+        .replace(WEBHOOK_CONFIG, &Default::default(), &config)
+        .await
+        .unwrap();
+}
+
+/// How many times each operator pod has logged serving a new webhook certificate.
+fn reloads() -> std::collections::BTreeMap<String, usize> {
+    use graceful_e2e::graceful::{OPERATOR_NAMESPACE, OPERATOR_SELECTOR};
+    let out = kubectl_output(&[
+        "logs",
+        "-n",
+        OPERATOR_NAMESPACE,
+        "-l",
+        OPERATOR_SELECTOR,
+        "--prefix",
+        "--tail=-1",
+    ])
+    .unwrap_or_default();
+    let mut seen = std::collections::BTreeMap::new();
+    for line in out
+        .lines()
+        .filter(|l| l.contains("webhook certificate changed; serving the new one"))
+    {
+        if let Some(pod) = line.split(']').next() {
+            *seen.entry(pod.to_owned()).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// The operator's generated webhook certificate is renewed in place: made due (its recorded end
+/// a day away), it is replaced by a new CA and certificate, both replicas serve the new one, and
+/// a pod admission every 200 ms meanwhile always gets its sidecar. The control, same run: while
+/// the caBundle does not hold the CA of the certificate served (what serving a new certificate
+/// before its CA is trusted amounts to), a pod is admitted without its sidecar.
+#[tokio::test]
+#[ignore = "needs the e2e cluster and the chart (make deploy)"]
+async fn the_webhook_certificate_is_renewed_without_a_pod_admitted_bare() {
+    use graceful_e2e::admission::AdmissionProbe;
+    use graceful_e2e::graceful::OPERATOR_NAMESPACE;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    const SECRET: &str = "graceful-webhook-tls";
+    let client = cluster::client().await.unwrap();
+    require_webhook(&client).await;
+    let ns = TestNamespace::create(&client, "cert-renewal")
+        .await
+        .unwrap();
+
+    // The control: a caBundle without the served certificate's CA.
+    let trusted = ca_bundles(&client).await[0].clone();
+    let stranger = graceful_operator::certs::generate(&["stranger".to_owned()], Timestamp::now())
+        .unwrap()
+        .ca_pem;
+    let mut bare = None;
+    for _ in 0..3 {
+        set_ca_bundle(&client, stranger.as_bytes()).await;
+        let probe = AdmissionProbe::start(&ns);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (answered, not_injected, _) = probe.stop().await;
+        // The operator puts its CA back on its next refresh: count only a run it did not cross.
+        if ca_bundles(&client).await[0] == stranger.as_bytes() {
+            bare = Some((answered, not_injected));
+            break;
+        }
+    }
+    set_ca_bundle(&client, &trusted).await;
+    let (answered, not_injected) = bare.expect("the operator restored the caBundle every time");
+    eprintln!(
+        "caBundle without the served CA: {not_injected} of {answered} pods admitted without the sidecar"
+    );
+    assert!(
+        answered > 0 && not_injected == answered,
+        "an untrusted certificate still injected: the renewal below shows nothing"
+    );
+
+    // The renewal, made due, once none is under way.
+    let reloads_before = reloads();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let renewing = |s: &Secret| {
+        s.data
+            .as_ref()
+            .is_some_and(|d| d.keys().any(|k| k.starts_with("next-")))
+    };
+    let before = wait::until("no renewal under way", Duration::from_secs(150), || async {
+        let s = secrets.get(SECRET).await?;
+        Ok((!renewing(&s)).then_some(s))
+    })
+    .await
+    .unwrap();
+    let served = |s: &Secret| s.data.as_ref().and_then(|d| d.get("tls.crt")).cloned();
+    let soon = (Timestamp::now() + SignedDuration::from_hours(24)).to_string();
+    secrets
+        .patch(
+            SECRET,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"annotations": {
+                "graceful.dev/webhook-cert-not-after": soon,
+            }}})),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let probe = AdmissionProbe::start(&ns);
+    let renewed = wait::until(
+        "the renewed certificate in the Secret",
+        Duration::from_secs(240),
+        || async {
+            let s = secrets.get(SECRET).await?;
+            let done = served(&s) != served(&before) && !renewing(&s);
+            Ok(done.then_some(s))
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "[{:5.1}s] the Secret serves the renewed certificate",
+        started.elapsed().as_secs_f64()
+    );
+    // Both replicas reload it within their refresh (a minute).
+    wait::until(
+        "both replicas serving the renewed certificate",
+        Duration::from_secs(90),
+        || async {
+            let now = reloads();
+            let reloaded = now
+                .iter()
+                .filter(|(pod, n)| **n > reloads_before.get(*pod).copied().unwrap_or(0))
+                .count();
+            Ok((reloaded >= 2).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "[{:5.1}s] both replicas serve it",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (answered, not_injected, missed) = probe.stop().await;
+    eprintln!(
+        "during the renewal: {answered} pods admitted, {not_injected} without the sidecar {missed:?}"
+    );
+    let bundle = String::from_utf8(ca_bundles(&client).await[0].clone()).unwrap();
+    let ca = |s: &Secret, key: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).trim_end().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        bundle.contains(&ca(&renewed, "ca.crt")),
+        "the new CA is not trusted"
+    );
+    assert!(
+        bundle.contains(&ca(&before, "ca.crt")),
+        "the previous CA is no longer trusted"
+    );
+    assert!(
+        answered >= 100,
+        "too few admissions to show anything: {answered}"
+    );
+    assert_eq!(
+        not_injected, 0,
+        "pods admitted without the sidecar during the renewal: {missed:?}"
+    );
+}

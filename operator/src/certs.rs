@@ -14,6 +14,10 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::cert_rotation::Rotation;
+use k8s_openapi::jiff::tz::TimeZone;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use tracing::info;
 
 /// Secret keys, as cert-manager writes them too.
@@ -23,8 +27,8 @@ pub const TLS_KEY: &str = "tls.key";
 /// On a self-generated Secret: the DNS names the serving certificate was made for, so a
 /// renamed Service gets a new one.
 const DNS_ANNOTATION: &str = "graceful.dev/webhook-dns-names";
-/// Years a generated certificate is valid; a new one is made when the Secret is deleted.
-const VALID_YEARS: i32 = 10;
+/// How long a generated CA and certificate are valid; `cert_rotation` replaces them well before.
+pub const VALID_FOR: SignedDuration = SignedDuration::from_hours(365 * 24);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,12 +68,16 @@ pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
     ]
 }
 
-/// A fresh CA and a serving certificate it signed for `dns_names`.
-pub fn generate(dns_names: &[String]) -> Result<TlsMaterial, Error> {
-    let year = this_year();
+/// A fresh CA and a serving certificate it signed for `dns_names`, valid from a day before
+/// `now` (clocks differ) until `valid_until(now)`.
+pub fn generate(dns_names: &[String], now: Timestamp) -> Result<TlsMaterial, Error> {
+    let day = |t: Timestamp| {
+        let d = t.to_zoned(TimeZone::UTC).date();
+        rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8)
+    };
     let validity = |params: &mut CertificateParams| {
-        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
+        params.not_before = day(now - SignedDuration::from_hours(24));
+        params.not_after = day(valid_until(now));
     };
 
     let ca_key = KeyPair::generate()?;
@@ -98,12 +106,9 @@ pub fn generate(dns_names: &[String]) -> Result<TlsMaterial, Error> {
     })
 }
 
-/// The current year, give or take a day at New Year: validity starts a year back anyway.
-fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    1970 + (secs / 31_556_952) as i32
+/// When material generated at `now` stops being valid.
+pub fn valid_until(now: Timestamp) -> Timestamp {
+    now + VALID_FOR
 }
 
 /// The CAs whose client certificates authenticate the API server to the webhook: what the
@@ -164,55 +169,50 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The shared Secret's material; created when missing or made for other names. Two replicas
-/// racing to create it both end up with the winner's. `owner` (the webhook configuration) makes
-/// the Secret go away with the chart.
+/// The shared Secret, created when missing or made for other names. Two replicas racing to
+/// create it both end up with the winner's. `owner` (the webhook configuration) makes the
+/// Secret go away with the chart.
 pub async fn ensure_generated(
     secrets: &Api<Secret>,
     name: &str,
     dns_names: &[String],
     owner: Option<OwnerReference>,
-) -> Result<TlsMaterial, Error> {
+) -> Result<Secret, Error> {
     let wanted = dns_names.join(",");
+    let fresh = |owner| -> Result<Secret, Error> {
+        let now = Timestamp::now();
+        let mut secret = to_secret(name, &wanted, &generate(dns_names, now)?, owner);
+        Rotation::fresh(&secret, name, valid_until(now))?.write(&mut secret);
+        Ok(secret)
+    };
     if let Some(secret) = secrets.get_opt(name).await? {
         let made_for = secret
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(DNS_ANNOTATION));
-        if made_for == Some(&wanted)
-            && let Ok(material) = from_secret(&secret, name)
-        {
-            return Ok(material);
+        if made_for == Some(&wanted) && from_secret(&secret, name).is_ok() {
+            return Ok(secret);
         }
         info!(
             secret = name,
             "webhook certificate made for other names; replacing it"
         );
-        let material = generate(dns_names)?;
-        let mut replacement = to_secret(name, &wanted, &material, owner);
+        let mut replacement = fresh(owner)?;
         replacement.metadata.resource_version = secret.metadata.resource_version.clone();
-        secrets
+        return Ok(secrets
             .replace(name, &PostParams::default(), &replacement)
-            .await?;
-        return Ok(material);
+            .await?);
     }
-    let material = generate(dns_names)?;
-    match secrets
-        .create(
-            &PostParams::default(),
-            &to_secret(name, &wanted, &material, owner),
-        )
-        .await
-    {
-        Ok(_) => {
+    match secrets.create(&PostParams::default(), &fresh(owner)?).await {
+        Ok(created) => {
             info!(
                 secret = name,
                 "generated the webhook CA and serving certificate"
             );
-            Ok(material)
+            Ok(created)
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => from_secret(&secrets.get(name).await?, name),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(secrets.get(name).await?),
         Err(e) => Err(e.into()),
     }
 }
@@ -280,7 +280,7 @@ fn to_secret(name: &str, dns: &str, m: &TlsMaterial, owner: Option<OwnerReferenc
     }
 }
 
-fn from_secret(secret: &Secret, name: &str) -> Result<TlsMaterial, Error> {
+pub fn from_secret(secret: &Secret, name: &str) -> Result<TlsMaterial, Error> {
     let data = secret.data.as_ref();
     let field = |key: &'static str| {
         data.and_then(|d| d.get(key))
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn generated_material_loads_into_rustls() {
         let names = dns_names("graceful-webhook", "graceful-system");
-        let m = generate(&names).unwrap();
+        let m = generate(&names, Timestamp::now()).unwrap();
         assert!(m.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_ne!(m.ca_pem, m.cert_pem);
         server_config(&m, None).unwrap();
@@ -372,7 +372,11 @@ mod tests {
 
     #[tokio::test]
     async fn with_a_client_ca_only_its_certificates_authenticate_and_others_fail_the_handshake() {
-        let m = generate(&dns_names("graceful-webhook", "graceful-system")).unwrap();
+        let m = generate(
+            &dns_names("graceful-webhook", "graceful-system"),
+            Timestamp::now(),
+        )
+        .unwrap();
         let (ca_pem, cert, key) = client_identity();
         let file =
             std::env::temp_dir().join(format!("graceful-client-ca-{}.pem", std::process::id()));
@@ -404,7 +408,7 @@ mod tests {
 
     #[test]
     fn an_incomplete_secret_names_the_missing_key() {
-        let m = generate(&dns_names("a", "b")).unwrap();
+        let m = generate(&dns_names("a", "b"), Timestamp::now()).unwrap();
         let mut s = to_secret("s", "x", &m, None);
         s.data.as_mut().unwrap().remove(TLS_KEY);
         assert!(matches!(

@@ -1,6 +1,7 @@
 //! graceful-operator: the GracefulRollout controller and the sidecar-injection webhook.
 
 pub mod backoff;
+pub mod cert_rotation;
 pub mod certs;
 pub mod crd;
 pub mod drains;

@@ -22,8 +22,9 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::{Selector, SelectorExt};
 use tokio::net::TcpListener;
@@ -37,6 +38,7 @@ use super::data_planes::{self, Around};
 use super::inject::{self, SidecarImage};
 use super::pace::{self, PACE_PATH};
 use super::{CertSource, Error, WebhookArgs};
+use crate::cert_rotation::Rotation;
 use crate::certs::{self, TlsMaterial};
 use crate::endpoint_reader::EndpointReader;
 use crate::metrics::Metrics;
@@ -331,11 +333,29 @@ async fn load_tls(client: &Client, args: &WebhookArgs) -> Result<TlsMaterial, ce
             // it there is no caBundle to write (Helm may still be creating it).
             let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
             let owner = owner_ref(&configs.get(&args.webhook_config).await?);
-            let material =
-                certs::ensure_generated(&secrets, &args.webhook_secret, &names, Some(owner))
-                    .await?;
-            certs::patch_ca_bundle(&configs, &args.webhook_config, &material.ca_pem).await?;
-            Ok(material)
+            let (name, config) = (&args.webhook_secret, &args.webhook_config);
+            let secret = certs::ensure_generated(&secrets, name, &names, Some(owner)).await?;
+            let rotation = Rotation::read(&secret, name)?;
+            // Every CA in use trusted first: a renewal's step assumes it (cert_rotation.rs).
+            certs::patch_ca_bundle(&configs, config, &rotation.ca_bundle()).await?;
+            let Some(next) = rotation.step(Timestamp::now(), &names)? else {
+                return Ok(rotation.serving);
+            };
+            let mut renewed = secret.clone();
+            next.write(&mut renewed);
+            match secrets
+                .replace(name, &PostParams::default(), &renewed)
+                .await
+            {
+                Ok(_) => {
+                    info!(secret = %name, "{}", rotation.describe_step(&next));
+                    certs::patch_ca_bundle(&configs, config, &next.ca_bundle()).await?;
+                    Ok(next.serving)
+                }
+                // Another replica's step won the write; the next refresh reads what it wrote.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(rotation.serving),
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }
