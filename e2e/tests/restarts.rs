@@ -201,6 +201,17 @@ impl Seen {
     }
 }
 
+/// 300 req/s of `request` from 2 s before the action until 5 s after it: at least 2100
+/// requests however fast the action, over the 2000 the checks want.
+fn load_around(request: Request) -> Load {
+    Load {
+        request,
+        lead_in: Duration::from_secs(2),
+        tail: Duration::from_secs(5),
+        ..Load::default()
+    }
+}
+
 /// Under load through the Service: `restart` on the busiest pod, then until the kubelet has
 /// restarted its app and the pod is Ready again (what `restart` returns is kept until then).
 async fn restart_under_load<F, Fut, T>(ns: &TestNamespace, url: &str, restart: F) -> Seen
@@ -212,14 +223,7 @@ where
     // GETs: what the sidecar may send again when the app dies under them (a POST in flight
     // then is cut and counted, as sidecar/tests/restarts.rs shows). The sidecar keeps the
     // client's connection open throughout, so the client has nothing to retry itself.
-    let load = Load {
-        request: Request::Get,
-        // Load for 2 s before the restart and 5 s after the pod is ready again: at least 2100
-        // requests however fast the restart, over the 2000 the check below wants.
-        lead_in: Duration::from_secs(2),
-        tail: Duration::from_secs(5),
-        ..Load::default()
-    };
+    let load = load_around(Request::Get);
     // Each request takes 20 ms at the app, so about 6 are in flight at once and the load
     // spreads over most of its connections, each pinned to a pod: every pod holding one takes
     // requests all along, instead of the one connection a fast app would keep reusing.
@@ -369,11 +373,7 @@ async fn delete_under_load(ns: &TestNamespace, url: &str, injected: bool, cut: b
     let pods: Api<Pod> = ns.api();
     // POSTs, which no client sends again: a deletion must be drained, not retried. Each takes
     // 20 ms at the app, so some are always in flight at the pod.
-    let load = Load {
-        lead_in: Duration::from_secs(2),
-        tail: Duration::from_secs(5),
-        ..Load::default()
-    };
+    let load = load_around(Request::EmptyPost);
     let url = format!("{url}slow?ms=20");
     let (outcome, report) = load
         .during(&url, async {
