@@ -3,6 +3,8 @@
 //!   while the same review with the API server's client certificate is answered (the control);
 //! - the sidecar's admin port is not reachable through the app's Service: `/prestop` with the
 //!   pod's own token, sent to the Service, reaches the app and drains nothing;
+//! - that token, read with the built-in `view` role and sent from a pod in another namespace,
+//!   fails no request and moves no traffic, while the same call from the node's address does;
 //! - thousands of idle and slow connections at the sidecar (traffic and admin ports) and at the
 //!   operator (webhook and metrics ports) hold no server up: real requests, pod admissions and
 //!   scrapes are served beside them, memory stays under the limits, and the server closes them
