@@ -308,19 +308,25 @@ impl Load {
             output
         };
         tokio::pin!(act);
+        // The report's duration is the time vegeta was sending: rate x duration is what it
+        // should have sent. The wait for the last answers after the stop (up to the request
+        // timeout, when they time out) sends nothing.
+        let mut sending = None;
         let output = tokio::select! {
             output = &mut act => output,
             _ = tokio::time::sleep(self.max_duration) => {
                 // The load ends at its bound; the action still finishes.
+                sending = Some(started.elapsed());
                 attack.stop(self.request_timeout).await?;
                 act.await
             }
         };
+        let sending = sending.unwrap_or_else(|| started.elapsed());
         attack.stop(self.request_timeout).await?;
         let mut report = count
             .await
             .map_err(|e| Error::Report(format!("counting vegeta's results: {e}")))??;
-        report.duration = started.elapsed();
+        report.duration = sending;
         Ok((output, report))
     }
 
