@@ -1,6 +1,7 @@
 //! The security review's findings, shown on the cluster (issue 27):
-//! - a review forged by anyone but the API server is refused, writes nothing and learns nothing,
-//!   while the same review with the API server's client certificate is answered (the control);
+//! - a review forged from a pod in another namespace is refused, writes nothing and learns
+//!   nothing, while the same review with the API server's client certificate is answered (the
+//!   control);
 //! - the sidecar's admin port is not reachable through the app's Service: `/prestop` with the
 //!   pod's own token, sent to the Service, reaches the app and drains nothing;
 //! - that token, read with the built-in `view` role and sent from a pod in another namespace,
@@ -108,14 +109,16 @@ fn forged_review(namespace: &str) -> serde_json::Value {
     })
 }
 
-/// POSTs `review` to the webhook at `addr` with curl, presenting `identity` (certificate, key)
-/// when given: (HTTP status, body).
+/// POSTs `review` to the webhook at `addr` with curl, from the network namespace of process
+/// `from` (a pod's), presenting `identity` (certificate, key) when given: (HTTP status, body).
 async fn post_review(
+    from: u32,
     addr: &str,
     review: &serde_json::Value,
     identity: Option<(&str, &str)>,
 ) -> (u16, String) {
-    let mut cmd = tokio::process::Command::new("curl");
+    let mut cmd = tokio::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/proc/{from}/ns/net")).arg("curl");
     cmd.args([
         "-sS",
         "-k",
@@ -198,7 +201,11 @@ async fn forged_reviews_learn_nothing_and_the_admin_port_is_not_behind_the_servi
     let ns = TestNamespace::create(&client, "security").await.unwrap();
     let (service_ip, pod) = injected_app(&ns).await;
 
-    // Forged reviews, to the webhook's Service as any pod could send them.
+    // Forged reviews, sent to the webhook's Service from a pod in another namespace.
+    let outsiders = TestNamespace::create(&client, "security-outsider")
+        .await
+        .unwrap();
+    let from = pod_in(&outsiders).await;
     let webhook: Api<Service> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let webhook_ip = wait::cluster_ip(&webhook, "graceful-webhook")
         .await
@@ -206,7 +213,7 @@ async fn forged_reviews_learn_nothing_and_the_admin_port_is_not_behind_the_servi
     let addr = format!("{webhook_ip}:443");
     let review = forged_review(&ns.name);
     let before = rbac_names(&ns).await;
-    let (code, body) = post_review(&addr, &review, None).await;
+    let (code, body) = post_review(from, &addr, &review, None).await;
     eprintln!("forged review without a client certificate: {code} {body}");
     assert_eq!(code, 403, "a forged review was answered: {body}");
     assert!(
@@ -221,7 +228,7 @@ async fn forged_reviews_learn_nothing_and_the_admin_port_is_not_behind_the_servi
         pki.join("webhook-client.key"),
     );
     let identity = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let (code, body) = post_review(&addr, &review, Some(identity)).await;
+    let (code, body) = post_review(from, &addr, &review, Some(identity)).await;
     assert_eq!(
         code, 200,
         "the API server's review was not answered: {body}"
@@ -589,6 +596,26 @@ async fn idle_and_slow_connections_are_bounded_and_closed_while_traffic_is_serve
     );
 }
 
+/// A plain pod (the demo, not injected) in `ns`: the PID of its process, whose network
+/// namespace is the pod's (`nsenter --net`), so what the test sends from it comes from a pod.
+async fn pod_in(ns: &TestNamespace) -> u32 {
+    ns.apply(&graceful_e2e::demo::pod(
+        "outsider",
+        &graceful_e2e::demo::image("graceful-demo"),
+        &[],
+    ))
+    .await
+    .unwrap();
+    let pod = wait::pod_ready(&ns.api(), "outsider", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let id = node::container_id(&pod, "main").expect("the pod's container");
+    *node::container_pids(&id)
+        .unwrap()
+        .first()
+        .expect("its process")
+}
+
 /// `GET /prestop` with `token` to `pod`'s admin port, sent from inside the network namespace of
 /// the process `pid` (another pod's), as that pod would send it; the answer's body.
 fn prestop_from(pid: u32, pod: &Pod, token: &str) -> String {
@@ -659,22 +686,7 @@ async fn a_stolen_prestop_token_from_another_pod_moves_no_traffic() {
     .await
     .unwrap();
 
-    attacker
-        .apply(&graceful_e2e::demo::pod(
-            "thief",
-            &graceful_e2e::demo::image("graceful-demo"),
-            &[],
-        ))
-        .await
-        .unwrap();
-    let thief_pod = wait::pod_ready(&attacker.api(), "thief", Duration::from_secs(60))
-        .await
-        .unwrap();
-    let id = node::container_id(&thief_pod, "main").expect("the thief's container");
-    let pid = *node::container_pids(&id)
-        .unwrap()
-        .first()
-        .expect("its process");
+    let pid = pod_in(&attacker).await;
 
     // Three calls under load, a few seconds apart, each let through as a restart's preStop.
     let load = Load {
