@@ -144,8 +144,9 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let Ok(upgraded) = upgrade.await else { return };
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        // After a Close, the next poll sends the library's answer and ends the stream.
         while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_close() || ws.send(msg).await.is_err() {
+            if !msg.is_close() && ws.send(msg).await.is_err() {
                 break;
             }
         }

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::drain::{Drain, Phase};
 use crate::metrics::{Protocol, RestartFailure};
 use crate::restarts::{AtApp, HoldRefused, Restarts};
+use crate::websocket;
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -164,6 +165,9 @@ pub struct Proxy {
     upstream_version: Version,
     drain: Arc<Drain>,
     restarts: Arc<Restarts>,
+    /// How long a WebSocket tunnel runs on once the data planes have let go, before the drain
+    /// asks it to leave (`--stream-leave-after`).
+    stream_leave_after: Duration,
     /// Set by the first failure of a burst, cleared by the next success: one log line each.
     upstream_down: AtomicBool,
     failures: AtomicU64,
@@ -175,6 +179,7 @@ impl Proxy {
         h2c: bool,
         drain: Arc<Drain>,
         restarts: Arc<Restarts>,
+        stream_leave_after: Duration,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -200,6 +205,7 @@ impl Proxy {
             },
             drain,
             restarts,
+            stream_leave_after,
             upstream_down: AtomicBool::new(false),
             failures: AtomicU64::new(0),
         }
@@ -223,6 +229,7 @@ impl Proxy {
         let downstream = req.version();
 
         let upgrade = wants_upgrade(&req);
+        let websocket = upgrade && upgrades_to_websocket(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let paired = downstream <= Version::HTTP_11 && !upgrade && !self.h2c;
         if let Err(e) = self.prepare(&mut req, down, upgrade, !paired) {
@@ -241,7 +248,13 @@ impl Proxy {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tunnel(self.drain.clone(), client_upgrade, upstream_upgrade);
+                let leave_after = websocket.then_some(self.stream_leave_after);
+                tunnel(
+                    self.drain.clone(),
+                    client_upgrade,
+                    upstream_upgrade,
+                    leave_after,
+                );
             }
         } else {
             strip_hop_by_hop(resp.headers_mut());
@@ -557,6 +570,16 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// `Upgrade: websocket` (RFC 6455 section 4.1: the token is case-insensitive).
+fn upgrades_to_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+}
+
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
@@ -596,7 +619,14 @@ fn forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 
 /// Copies bytes both ways between the client and the app once both sides switched protocols.
 /// The tunnel counts as an open connection: the drain waits for it, and cuts it at the deadline.
-fn tunnel(drain: Arc<Drain>, client: OnUpgrade, upstream: OnUpgrade) {
+/// A WebSocket tunnel (`leave_after`) is asked to leave with a close handshake that long after
+/// the data planes have let go of the pod (`websocket`), so the drain seldom has to cut it.
+fn tunnel(
+    drain: Arc<Drain>,
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    leave_after: Option<Duration>,
+) {
     let guard = drain.connection();
     let open = GaugeGuard::new(drain.metrics.open(Protocol::upgraded));
     let mut force = drain.forced();
@@ -605,7 +635,20 @@ fn tunnel(drain: Arc<Drain>, client: OnUpgrade, upstream: OnUpgrade) {
         let copy = async {
             let (client, upstream) = tokio::try_join!(client, upstream)?;
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            let Some(after) = leave_after else {
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                return Ok(());
+            };
+            let mut let_go = drain.let_go();
+            let leave = async move {
+                let _ = let_go.wait_for(|g| *g).await;
+                tokio::time::sleep(after).await;
+            };
+            let leaving = websocket::tunnel(client, upstream, leave).await;
+            drain.metrics.websocket.record(&leaving);
+            if leaving.asked {
+                debug!(?leaving, "websocket tunnel closed by the drain's handshake");
+            }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
         tokio::select! {

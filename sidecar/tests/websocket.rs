@@ -1,0 +1,144 @@
+//! WebSocket tunnels through a drain, with the built binaries: a client sending all along is
+//! asked to leave with a Close 1001 once the data planes have let go (issue 26), next to the same
+//! drain with the ask put off past its deadline, which cuts the tunnel.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// What the client saw.
+#[derive(Debug)]
+struct Seen {
+    sent: u32,
+    /// Echoes, in the order they came.
+    echoes: Vec<u32>,
+    /// The Close frame's code, if a Close came.
+    close: Option<CloseCode>,
+    /// The connection ended without a Close (a cut).
+    cut: bool,
+}
+
+/// Sends a numbered message every 10 ms through the sidecar's WebSocket echo, from before the
+/// drain starts until the connection ends, answering a Close as a client library does.
+async fn client_through_a_drain(args: &[&str]) -> (Seen, serde_json::Value, Sidecar) {
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, args).await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", sc.listen))
+        .await
+        .expect("websocket handshake through the sidecar");
+    let (mut tx, mut rx) = ws.split();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u32;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                _ = tick.tick() => {}
+            }
+            if tx.send(Message::text(sent.to_string())).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        // The client's answer to a Close goes out with the next write or flush.
+        let _ = tx.close().await;
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let prestop = sc.prestop(None);
+    let started = Instant::now();
+    let (mut echoes, mut close, mut cut) = (Vec::new(), None, false);
+    while started.elapsed() < Duration::from_secs(20) {
+        match tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => echoes.push(t.parse::<u32>().unwrap()),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                close = Some(frame.map_or(CloseCode::Status, |f| f.code));
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) | Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    stop.send_replace(true);
+    let sent = sender.await.unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&prestop.await.unwrap().body).expect("drain summary");
+    let seen = Seen {
+        sent,
+        echoes,
+        close,
+        cut,
+    };
+    eprintln!("{seen:?}\ndrain: {summary}");
+    (seen, summary, sc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_asks_websocket_clients_to_leave_with_1001_and_every_echo_comes_first() {
+    let (seen, summary, sc) = client_through_a_drain(&[
+        "--deregister-delay",
+        "100ms",
+        "--quiet-window",
+        "300ms",
+        "--drain-timeout",
+        "10s",
+    ])
+    .await;
+    assert_eq!(seen.close, Some(CloseCode::Away), "{seen:?}");
+    assert!(!seen.cut);
+    // Every echo, in order and without a gap: what the app got, it answered before the Close;
+    // the messages after the last echo reached no one, and the client may send them again.
+    let expected: Vec<u32> = (0..seen.echoes.len() as u32).collect();
+    assert_eq!(seen.echoes, expected);
+    assert!(seen.echoes.len() > 20, "too few messages to show anything");
+    assert_eq!(summary["forced"], false, "{summary}");
+    assert_eq!(summary["connections_cut"], 0, "{summary}");
+    assert_eq!(
+        sc.metric("graceful_websocket_drain_closes_total").await,
+        1.0
+    );
+    assert_eq!(
+        sc.metric("graceful_websocket_app_close_unanswered_total")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        sc.metric("graceful_websocket_client_close_unanswered_total")
+            .await,
+        0.0
+    );
+    let unsent = sc.metric("graceful_websocket_frames_unsent_total").await;
+    assert_eq!(
+        f64::from(seen.sent) - seen.echoes.len() as f64,
+        unsent,
+        "every message without an echo is one the sidecar held back"
+    );
+}
+
+/// The control: the ask put off past the deadline, the drain cuts the tunnel as it used to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_ask_the_drain_deadline_cuts_the_tunnel() {
+    let (seen, summary, _sc) = client_through_a_drain(&[
+        "--deregister-delay",
+        "100ms",
+        "--quiet-window",
+        "300ms",
+        "--drain-timeout",
+        "3s",
+        "--stream-leave-after",
+        "1h",
+    ])
+    .await;
+    assert!(seen.cut && seen.close.is_none(), "{seen:?}");
+    assert_eq!(summary["forced"], true, "{summary}");
+}
