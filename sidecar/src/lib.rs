@@ -10,6 +10,7 @@ pub mod data_planes;
 pub mod defaults;
 pub mod deregister;
 pub mod drain;
+pub mod event_stream;
 pub mod exposition;
 pub mod latency;
 pub mod metrics;

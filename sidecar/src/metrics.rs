@@ -130,9 +130,10 @@ struct PhaseLabel {
     phase: Phase,
 }
 
-/// What the drain's WebSocket close handshakes came to (docs/long-lived.md).
+/// What the drain did to long-lived streams: WebSocket close handshakes, event streams ended
+/// (docs/long-lived.md).
 #[derive(Clone, Default)]
-pub struct WebSocketMetrics {
+pub struct StreamMetrics {
     /// Tunnels the drain closed with its 1001 handshake.
     pub closed: Counter,
     /// Of those, the ones whose app did not answer the Close within its wait.
@@ -141,9 +142,11 @@ pub struct WebSocketMetrics {
     pub client_silent: Counter,
     /// Client data frames that came after the app was asked to close, and reached no one.
     pub frames_unsent: Counter,
+    /// Server-sent event streams ended at an event boundary.
+    pub event_streams_ended: Counter,
 }
 
-impl WebSocketMetrics {
+impl StreamMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register(
@@ -165,6 +168,11 @@ impl WebSocketMetrics {
             "websocket_frames_unsent",
             "Client data frames sent after the app was asked to close, which reached no one",
             m.frames_unsent.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Server-sent event streams the drain ended at an event boundary",
+            m.event_streams_ended.clone(),
         );
         m
     }
@@ -202,7 +210,7 @@ pub struct Metrics {
     pub connections_force_closed: Counter,
     pub upstream_errors: Counter,
     pub restarts: RestartMetrics,
-    pub websocket: WebSocketMetrics,
+    pub streams: StreamMetrics,
 }
 
 const PROTOCOLS: [Protocol; 4] = [
@@ -322,7 +330,7 @@ impl Metrics {
             upstream_errors.clone(),
         );
         let restarts = RestartMetrics::register(&mut registry);
-        let websocket = WebSocketMetrics::register(&mut registry);
+        let streams = StreamMetrics::register(&mut registry);
         Self {
             registry,
             requests,
@@ -341,7 +349,7 @@ impl Metrics {
             connections_force_closed,
             upstream_errors,
             restarts,
-            websocket,
+            streams,
         }
     }
 

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::drain::{Drain, Phase};
 use crate::metrics::{Protocol, RestartFailure};
 use crate::restarts::{AtApp, HoldRefused, Restarts};
-use crate::websocket;
+use crate::{event_stream, websocket};
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -248,13 +248,8 @@ impl Proxy {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let leave_after = websocket.then_some(self.stream_leave_after);
-                tunnel(
-                    self.drain.clone(),
-                    client_upgrade,
-                    upstream_upgrade,
-                    leave_after,
-                );
+                let leave = websocket.then(|| self.leave());
+                tunnel(self.drain.clone(), client_upgrade, upstream_upgrade, leave);
             }
         } else {
             strip_hop_by_hop(resp.headers_mut());
@@ -278,7 +273,27 @@ impl Proxy {
                 e
             })
             .boxed_unsync();
+        let body = if is_event_stream(&parts.headers) {
+            let ended = self.drain.metrics.streams.event_streams_ended.clone();
+            event_stream::Leaving::new(body, self.leave(), move || {
+                ended.inc();
+            })
+            .boxed_unsync()
+        } else {
+            body
+        };
         Response::from_parts(parts, body)
+    }
+
+    /// Resolves when long-lived streams should be asked to leave: `--stream-leave-after` once
+    /// every data plane has let go of the pod (docs/long-lived.md).
+    fn leave(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut let_go = self.drain.let_go();
+        let after = self.stream_leave_after;
+        async move {
+            let _ = let_go.wait_for(|g| *g).await;
+            tokio::time::sleep(after).await;
+        }
     }
 
     /// Turns the client's request into the app's: origin-form URI, hop-by-hop fields out,
@@ -570,6 +585,15 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// A server-sent event stream (`Content-Type: text/event-stream`, parameters aside).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
 /// `Upgrade: websocket` (RFC 6455 section 4.1: the token is case-insensitive).
 fn upgrades_to_websocket(headers: &HeaderMap) -> bool {
     headers
@@ -619,13 +643,13 @@ fn forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 
 /// Copies bytes both ways between the client and the app once both sides switched protocols.
 /// The tunnel counts as an open connection: the drain waits for it, and cuts it at the deadline.
-/// A WebSocket tunnel (`leave_after`) is asked to leave with a close handshake that long after
-/// the data planes have let go of the pod (`websocket`), so the drain seldom has to cut it.
+/// A WebSocket tunnel is asked to leave with a close handshake when `leave` resolves
+/// (`websocket`), so the drain seldom has to cut it.
 fn tunnel(
     drain: Arc<Drain>,
     client: OnUpgrade,
     upstream: OnUpgrade,
-    leave_after: Option<Duration>,
+    leave: Option<impl Future<Output = ()> + Send + 'static>,
 ) {
     let guard = drain.connection();
     let open = GaugeGuard::new(drain.metrics.open(Protocol::upgraded));
@@ -635,17 +659,12 @@ fn tunnel(
         let copy = async {
             let (client, upstream) = tokio::try_join!(client, upstream)?;
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let Some(after) = leave_after else {
+            let Some(leave) = leave else {
                 tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
                 return Ok(());
             };
-            let mut let_go = drain.let_go();
-            let leave = async move {
-                let _ = let_go.wait_for(|g| *g).await;
-                tokio::time::sleep(after).await;
-            };
             let leaving = websocket::tunnel(client, upstream, leave).await;
-            drain.metrics.websocket.record(&leaving);
+            drain.metrics.streams.record(&leaving);
             if leaving.asked {
                 debug!(?leaving, "websocket tunnel closed by the drain's handshake");
             }

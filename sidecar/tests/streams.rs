@@ -1,6 +1,7 @@
-//! WebSocket tunnels through a drain, with the built binaries: a client sending all along is
-//! asked to leave with a Close 1001 once the data planes have let go (issue 26), next to the same
-//! drain with the ask put off past its deadline, which cuts the tunnel.
+//! Long-lived streams through a drain, with the built binaries (issue 26): a WebSocket client
+//! sending all along is asked to leave with a Close 1001, and a server-sent event stream ends
+//! after a whole event with the chunked terminator, once the data planes have let go; next to
+//! the same drains with the ask put off past their deadline, which cut them.
 
 mod common;
 
@@ -140,5 +141,106 @@ async fn without_the_ask_the_drain_deadline_cuts_the_tunnel() {
     ])
     .await;
     assert!(seen.cut && seen.close.is_none(), "{seen:?}");
+    assert_eq!(summary["forced"], true, "{summary}");
+}
+
+/// What an event stream's client saw: the events' ids in order, and how the stream ended.
+#[derive(Debug)]
+struct Events {
+    ids: Vec<u64>,
+    /// Bytes after the last whole event (an event cut in half).
+    partial: String,
+    /// The body ended with its terminator (not an error).
+    clean: bool,
+}
+
+/// Reads `GET /events?ms=20` through the sidecar from before the drain until the stream ends.
+async fn events_through_a_drain(args: &[&str]) -> (Events, serde_json::Value, Sidecar) {
+    use http_body_util::{BodyExt, Empty};
+    let (_demo, app) = start_demo().await;
+    let sc = start_sidecar(app, args).await;
+    let stream = tokio::net::TcpStream::connect(sc.listen).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/events?ms=20")
+        .header("host", "test")
+        .body(Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut prestop = None;
+    let started = Instant::now();
+    let clean = loop {
+        if prestop.is_none() && started.elapsed() >= Duration::from_millis(300) {
+            prestop = Some(sc.prestop(None));
+        }
+        match tokio::time::timeout(Duration::from_secs(20), body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(std::str::from_utf8(&data).unwrap());
+                }
+            }
+            Ok(None) => break true,
+            Ok(Some(Err(_))) | Err(_) => break false,
+        }
+    };
+    let summary: serde_json::Value =
+        serde_json::from_str(&prestop.expect("drain started").await.unwrap().body).unwrap();
+    let whole = text.rfind("\n\n").map_or(0, |i| i + 2);
+    let ids = text[..whole]
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let events = Events {
+        ids,
+        partial: text[whole..].to_owned(),
+        clean,
+    };
+    eprintln!("{events:?}\ndrain: {summary}");
+    (events, summary, sc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_ends_event_streams_after_a_whole_event() {
+    let (events, summary, sc) = events_through_a_drain(&[
+        "--deregister-delay",
+        "100ms",
+        "--quiet-window",
+        "300ms",
+        "--drain-timeout",
+        "10s",
+    ])
+    .await;
+    assert!(events.clean, "{events:?}");
+    assert_eq!(events.partial, "", "an event was cut in half");
+    let expected: Vec<u64> = (0..events.ids.len() as u64).collect();
+    assert_eq!(events.ids, expected);
+    assert!(events.ids.len() > 10, "too few events to show anything");
+    assert_eq!(summary["forced"], false, "{summary}");
+    assert_eq!(sc.metric("graceful_event_streams_ended_total").await, 1.0);
+}
+
+/// The control: the ask put off past the deadline, the drain cuts the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_ask_the_drain_deadline_cuts_the_event_stream() {
+    let (events, summary, _sc) = events_through_a_drain(&[
+        "--deregister-delay",
+        "100ms",
+        "--quiet-window",
+        "300ms",
+        "--drain-timeout",
+        "3s",
+        "--stream-leave-after",
+        "1h",
+    ])
+    .await;
+    assert!(!events.clean, "{events:?}");
     assert_eq!(summary["forced"], true, "{summary}");
 }
