@@ -13,6 +13,27 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+/// A quick drain: streams are asked to leave once the data planes let go.
+const ASKED: &[&str] = &[
+    "--deregister-delay",
+    "100ms",
+    "--quiet-window",
+    "300ms",
+    "--drain-timeout",
+    "10s",
+];
+/// The same drain with the ask put off past its deadline: what was open is cut.
+const NEVER_ASKED: &[&str] = &[
+    "--deregister-delay",
+    "100ms",
+    "--quiet-window",
+    "300ms",
+    "--drain-timeout",
+    "3s",
+    "--stream-leave-after",
+    "1h",
+];
+
 /// What the client saw.
 #[derive(Debug)]
 struct Seen {
@@ -86,15 +107,7 @@ async fn client_through_a_drain(args: &[&str]) -> (Seen, serde_json::Value, Side
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drain_asks_websocket_clients_to_leave_with_1001_and_every_echo_comes_first() {
-    let (seen, summary, sc) = client_through_a_drain(&[
-        "--deregister-delay",
-        "100ms",
-        "--quiet-window",
-        "300ms",
-        "--drain-timeout",
-        "10s",
-    ])
-    .await;
+    let (seen, summary, sc) = client_through_a_drain(ASKED).await;
     assert_eq!(seen.close, Some(CloseCode::Away), "{seen:?}");
     assert!(!seen.cut);
     // Every echo, in order and without a gap: what the app got, it answered before the Close;
@@ -129,17 +142,7 @@ async fn a_drain_asks_websocket_clients_to_leave_with_1001_and_every_echo_comes_
 /// The control: the ask put off past the deadline, the drain cuts the tunnel as it used to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_ask_the_drain_deadline_cuts_the_tunnel() {
-    let (seen, summary, _sc) = client_through_a_drain(&[
-        "--deregister-delay",
-        "100ms",
-        "--quiet-window",
-        "300ms",
-        "--drain-timeout",
-        "3s",
-        "--stream-leave-after",
-        "1h",
-    ])
-    .await;
+    let (seen, summary, _sc) = client_through_a_drain(NEVER_ASKED).await;
     assert!(seen.cut && seen.close.is_none(), "{seen:?}");
     assert_eq!(summary["forced"], true, "{summary}");
 }
@@ -209,15 +212,7 @@ async fn events_through_a_drain(args: &[&str]) -> (Events, serde_json::Value, Si
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drain_ends_event_streams_after_a_whole_event() {
-    let (events, summary, sc) = events_through_a_drain(&[
-        "--deregister-delay",
-        "100ms",
-        "--quiet-window",
-        "300ms",
-        "--drain-timeout",
-        "10s",
-    ])
-    .await;
+    let (events, summary, sc) = events_through_a_drain(ASKED).await;
     assert!(events.clean, "{events:?}");
     assert_eq!(events.partial, "", "an event was cut in half");
     let expected: Vec<u64> = (0..events.ids.len() as u64).collect();
@@ -230,17 +225,7 @@ async fn a_drain_ends_event_streams_after_a_whole_event() {
 /// The control: the ask put off past the deadline, the drain cuts the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_ask_the_drain_deadline_cuts_the_event_stream() {
-    let (events, summary, _sc) = events_through_a_drain(&[
-        "--deregister-delay",
-        "100ms",
-        "--quiet-window",
-        "300ms",
-        "--drain-timeout",
-        "3s",
-        "--stream-leave-after",
-        "1h",
-    ])
-    .await;
+    let (events, summary, _sc) = events_through_a_drain(NEVER_ASKED).await;
     assert!(!events.clean, "{events:?}");
     assert_eq!(summary["forced"], true, "{summary}");
 }
