@@ -112,6 +112,7 @@ async fn route(
         // Streams the request body back as it arrives.
         (&Method::POST, "/echo") => Response::new(req.into_body().boxed_unsync()),
         (&Method::GET, "/ws") => websocket(req),
+        (&Method::GET, "/events") => events(&req),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
 }
@@ -133,6 +134,31 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     resp
 }
 
+/// Server-sent events: `id: N` and `data: N`, one every `ms` (default 100), from the one after
+/// `Last-Event-ID` (or 0) on, for ever: what an `EventSource` resumes from after a reconnect.
+fn events(req: &Request<Incoming>) -> Response<Body> {
+    let ms = query_ms(req.uri().query()).unwrap_or(100);
+    let from = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
+    let ticks = futures::stream::unfold(from, move |n| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let event = format!("id: {n}\ndata: {n}\n\n");
+        Some((Ok(hyper::body::Frame::data(Bytes::from(event))), n + 1))
+    });
+    let mut resp = Response::new(http_body_util::StreamBody::new(ticks).boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
 /// WebSocket echo: answers the handshake, then sends every message back.
 fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
@@ -144,8 +170,9 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let Ok(upgraded) = upgrade.await else { return };
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        // After a Close, the next poll sends the library's answer and ends the stream.
         while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_close() || ws.send(msg).await.is_err() {
+            if !msg.is_close() && ws.send(msg).await.is_err() {
                 break;
             }
         }

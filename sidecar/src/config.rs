@@ -77,6 +77,11 @@ pub struct Config {
     )]
     pub siblings: Vec<SocketAddr>,
 
+    /// How long a WebSocket stream runs on once every data plane has let go of the pod, before
+    /// the drain asks it to leave with a Close 1001 (docs/long-lived.md).
+    #[arg(long, env = "GRACEFUL_STREAM_LEAVE_AFTER", value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
+    pub stream_leave_after: Duration,
+
     /// How long a request may wait for the app while it restarts (its port refusing
     /// connections), before a 503 with Retry-After; 0s turns waiting off (502 at once).
     #[arg(long, env = "GRACEFUL_UPSTREAM_RESTART_WAIT", value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
@@ -338,6 +343,7 @@ mod tests {
         assert_eq!(cfg.quiet_window, QuietWindowArg::Auto);
         assert_eq!(cfg.min_quiet_window, defaults::MIN_QUIET_WINDOW);
         assert_eq!(cfg.upstream_restart_wait, defaults::UPSTREAM_RESTART_WAIT);
+        assert_eq!(cfg.stream_leave_after, defaults::STREAM_LEAVE_AFTER);
         assert_eq!(cfg.upstream_max_held, defaults::UPSTREAM_MAX_HELD);
     }
 

@@ -38,6 +38,10 @@ pub const MAX_QUIET_WINDOW: Duration = Duration::from_secs(10);
 /// within a few seconds, while clients and proxies in front commonly give up after 15-60 s. Past
 /// it the request gets a 503 with `Retry-After`, which a client can retry on another pod.
 pub const UPSTREAM_RESTART_WAIT: Duration = Duration::from_secs(10);
+/// How long a WebSocket stream runs on once every data plane has let go of the pod, before the
+/// drain asks it to leave (`--stream-leave-after`): at once, as the pod is going and the
+/// client's reconnect goes elsewhere.
+pub const STREAM_LEAVE_AFTER: Duration = Duration::ZERO;
 /// The most requests that may wait for the app at once (`--upstream-max-held`): a few KiB each
 /// (headers and a task; bodies stay in the client's socket), so a few MiB at most.
 pub const UPSTREAM_MAX_HELD: usize = 1024;

@@ -189,6 +189,9 @@ pub struct Drain {
     /// Where new connections come from: what the siblings' comparison needs.
     pub sources: Sources,
     calm: watch::Sender<Calm>,
+    /// No new connection for the quiet window, and the data planes' hold over: every data
+    /// plane has let go, so a long-lived stream asked to leave reconnects elsewhere.
+    let_go: watch::Sender<bool>,
     summary: OnceLock<Summary>,
     pub metrics: Metrics,
 }
@@ -210,6 +213,7 @@ impl Drain {
             arrivals: Arrivals::new(),
             sources: Sources::new(),
             calm: watch::Sender::new(Calm::Busy),
+            let_go: watch::Sender::new(false),
             summary: OnceLock::new(),
             metrics,
         })
@@ -231,6 +235,11 @@ impl Drain {
     /// What the traffic has shown since the pod left the API's endpoints.
     pub fn calm(&self) -> watch::Receiver<Calm> {
         self.calm.subscribe()
+    }
+
+    /// Becomes true once every data plane has let go of the pod (see `let_go`).
+    pub fn let_go(&self) -> watch::Receiver<bool> {
+        self.let_go.subscribe()
     }
 
     /// Resolves once no new connection and no new request has arrived for `window` since
@@ -274,6 +283,10 @@ impl Drain {
             };
             self.calm
                 .send_if_modified(|c| std::mem::replace(c, calm) != calm);
+            if calm >= Calm::NoNewConnections && release.released(now) {
+                self.let_go
+                    .send_if_modified(|g| !std::mem::replace(g, true));
+            }
             // A request that started after `last` was read is caught here; a connection counts
             // as open from its accept on.
             if calm == Calm::Quiet

@@ -10,6 +10,7 @@ pub mod data_planes;
 pub mod defaults;
 pub mod deregister;
 pub mod drain;
+pub mod event_stream;
 pub mod exposition;
 pub mod latency;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod siblings;
 pub mod signal;
 pub mod sources;
 pub mod traffic;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,6 +131,7 @@ pub async fn run(cfg: Config) -> Result<Summary, Error> {
         cfg.upstream_h2c,
         drain.clone(),
         restarts.clone(),
+        cfg.stream_leave_after,
     ));
     let app = Arc::new(App::new(
         cfg.upstream,

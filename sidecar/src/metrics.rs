@@ -130,6 +130,68 @@ struct PhaseLabel {
     phase: Phase,
 }
 
+/// What the drain did to long-lived streams: WebSocket close handshakes, event streams ended
+/// (docs/long-lived.md).
+#[derive(Clone, Default)]
+pub struct StreamMetrics {
+    /// Tunnels the drain closed with its 1001 handshake.
+    pub closed: Counter,
+    /// Of those, the ones whose app did not answer the Close within its wait.
+    pub app_silent: Counter,
+    /// Of those, the ones whose client did not answer the Close within its wait.
+    pub client_silent: Counter,
+    /// Client data frames that came after the app was asked to close, and reached no one.
+    pub frames_unsent: Counter,
+    /// Server-sent event streams ended at an event boundary.
+    pub event_streams_ended: Counter,
+}
+
+impl StreamMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "websocket_drain_closes",
+            "WebSocket tunnels the drain closed with a Close 1001 handshake",
+            m.closed.clone(),
+        );
+        registry.register(
+            "websocket_app_close_unanswered",
+            "Drain closes whose app did not answer the Close in time",
+            m.app_silent.clone(),
+        );
+        registry.register(
+            "websocket_client_close_unanswered",
+            "Drain closes whose client did not answer the Close in time",
+            m.client_silent.clone(),
+        );
+        registry.register(
+            "websocket_frames_unsent",
+            "Client data frames sent after the app was asked to close, which reached no one",
+            m.frames_unsent.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Server-sent event streams the drain ended at an event boundary",
+            m.event_streams_ended.clone(),
+        );
+        m
+    }
+
+    pub fn record(&self, leaving: &crate::websocket::Leaving) {
+        if !leaving.asked {
+            return;
+        }
+        self.closed.inc();
+        if !leaving.app_answered {
+            self.app_silent.inc();
+        }
+        if !leaving.client_answered {
+            self.client_silent.inc();
+        }
+        self.frames_unsent.inc_by(leaving.client_frames_unsent);
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Counter,
@@ -148,6 +210,7 @@ pub struct Metrics {
     pub connections_force_closed: Counter,
     pub upstream_errors: Counter,
     pub restarts: RestartMetrics,
+    pub streams: StreamMetrics,
 }
 
 const PROTOCOLS: [Protocol; 4] = [
@@ -267,6 +330,7 @@ impl Metrics {
             upstream_errors.clone(),
         );
         let restarts = RestartMetrics::register(&mut registry);
+        let streams = StreamMetrics::register(&mut registry);
         Self {
             registry,
             requests,
@@ -285,6 +349,7 @@ impl Metrics {
             connections_force_closed,
             upstream_errors,
             restarts,
+            streams,
         }
     }
 

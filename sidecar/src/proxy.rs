@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::drain::{Drain, Phase};
 use crate::metrics::{Protocol, RestartFailure};
 use crate::restarts::{AtApp, HoldRefused, Restarts};
+use crate::{event_stream, websocket};
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -164,6 +165,9 @@ pub struct Proxy {
     upstream_version: Version,
     drain: Arc<Drain>,
     restarts: Arc<Restarts>,
+    /// How long a WebSocket tunnel runs on once the data planes have let go, before the drain
+    /// asks it to leave (`--stream-leave-after`).
+    stream_leave_after: Duration,
     /// Set by the first failure of a burst, cleared by the next success: one log line each.
     upstream_down: AtomicBool,
     failures: AtomicU64,
@@ -175,6 +179,7 @@ impl Proxy {
         h2c: bool,
         drain: Arc<Drain>,
         restarts: Arc<Restarts>,
+        stream_leave_after: Duration,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -200,6 +205,7 @@ impl Proxy {
             },
             drain,
             restarts,
+            stream_leave_after,
             upstream_down: AtomicBool::new(false),
             failures: AtomicU64::new(0),
         }
@@ -223,6 +229,7 @@ impl Proxy {
         let downstream = req.version();
 
         let upgrade = wants_upgrade(&req);
+        let websocket = upgrade && upgrades_to_websocket(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let paired = downstream <= Version::HTTP_11 && !upgrade && !self.h2c;
         if let Err(e) = self.prepare(&mut req, down, upgrade, !paired) {
@@ -241,7 +248,8 @@ impl Proxy {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tunnel(self.drain.clone(), client_upgrade, upstream_upgrade);
+                let leave = websocket.then(|| self.leave());
+                tunnel(self.drain.clone(), client_upgrade, upstream_upgrade, leave);
             }
         } else {
             strip_hop_by_hop(resp.headers_mut());
@@ -265,7 +273,27 @@ impl Proxy {
                 e
             })
             .boxed_unsync();
+        let body = if is_event_stream(&parts.headers) {
+            let ended = self.drain.metrics.streams.event_streams_ended.clone();
+            event_stream::Leaving::new(body, self.leave(), move || {
+                ended.inc();
+            })
+            .boxed_unsync()
+        } else {
+            body
+        };
         Response::from_parts(parts, body)
+    }
+
+    /// Resolves when long-lived streams should be asked to leave: `--stream-leave-after` once
+    /// every data plane has let go of the pod (docs/long-lived.md).
+    fn leave(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut let_go = self.drain.let_go();
+        let after = self.stream_leave_after;
+        async move {
+            let _ = let_go.wait_for(|g| *g).await;
+            tokio::time::sleep(after).await;
+        }
     }
 
     /// Turns the client's request into the app's: origin-form URI, hop-by-hop fields out,
@@ -557,6 +585,25 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// A server-sent event stream (`Content-Type: text/event-stream`, parameters aside).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// `Upgrade: websocket` (RFC 6455 section 4.1: the token is case-insensitive).
+fn upgrades_to_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+}
+
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
@@ -596,7 +643,14 @@ fn forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 
 /// Copies bytes both ways between the client and the app once both sides switched protocols.
 /// The tunnel counts as an open connection: the drain waits for it, and cuts it at the deadline.
-fn tunnel(drain: Arc<Drain>, client: OnUpgrade, upstream: OnUpgrade) {
+/// A WebSocket tunnel is asked to leave with a close handshake when `leave` resolves
+/// (`websocket`), so the drain seldom has to cut it.
+fn tunnel(
+    drain: Arc<Drain>,
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    leave: Option<impl Future<Output = ()> + Send + 'static>,
+) {
     let guard = drain.connection();
     let open = GaugeGuard::new(drain.metrics.open(Protocol::upgraded));
     let mut force = drain.forced();
@@ -605,7 +659,15 @@ fn tunnel(drain: Arc<Drain>, client: OnUpgrade, upstream: OnUpgrade) {
         let copy = async {
             let (client, upstream) = tokio::try_join!(client, upstream)?;
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            let Some(leave) = leave else {
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                return Ok(());
+            };
+            let leaving = websocket::tunnel(client, upstream, leave).await;
+            drain.metrics.streams.record(&leaving);
+            if leaving.asked {
+                debug!(?leaving, "websocket tunnel closed by the drain's handshake");
+            }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
         tokio::select! {

@@ -29,6 +29,10 @@ pub const MIN_QUIET_WINDOW: &str = "graceful.dev/min-quiet-window";
 /// How long a request waits in the sidecar for the app while it restarts (a crash, a failed
 /// liveness probe), before a 503 with Retry-After (e.g. `20s`; `0s`: 502 at once).
 pub const UPSTREAM_RESTART_WAIT: &str = "graceful.dev/upstream-restart-wait";
+/// How long a WebSocket stream runs on once every data plane has let go of the pod, before the
+/// drain asks it to leave with a Close 1001 (e.g. `20s`; default `0s`: at once). Shorter than
+/// the drain timeout, which cuts what is left (docs/long-lived.md).
+pub const STREAM_LEAVE_AFTER: &str = "graceful.dev/stream-leave-after";
 /// The longest any data plane in front of the pod may keep sending new requests after the pod
 /// leaves the EndpointSlices (e.g. `120s`; `0s`: none beyond kube-proxy). Replaces what the
 /// injector detects (docs/data-planes.md).
@@ -95,6 +99,7 @@ pub struct Settings {
     pub quiet_window: Option<Duration>,
     pub min_quiet_window: Duration,
     pub upstream_restart_wait: Duration,
+    pub stream_leave_after: Duration,
     /// None: detect the data planes.
     pub data_plane_lag: Option<Duration>,
     pub app_port: Option<PortRef>,
@@ -175,6 +180,20 @@ impl Settings {
             Some(v) => duration(UPSTREAM_RESTART_WAIT, v)?,
             None => defaults::UPSTREAM_RESTART_WAIT,
         };
+        let stream_leave_after = match get(STREAM_LEAVE_AFTER) {
+            Some(v) => duration(STREAM_LEAVE_AFTER, v)?,
+            None => defaults::STREAM_LEAVE_AFTER,
+        };
+        if stream_leave_after >= drain_timeout {
+            return Err(BadAnnotation::new(
+                STREAM_LEAVE_AFTER,
+                get(STREAM_LEAVE_AFTER).unwrap_or_default(),
+                format!(
+                    "must be shorter than the drain timeout ({}), which cuts what is still open",
+                    humantime::format_duration(drain_timeout)
+                ),
+            ));
+        }
         let data_plane_lag = get(DATA_PLANE_LAG)
             .map(|v| duration(DATA_PLANE_LAG, v))
             .transpose()?;
@@ -208,6 +227,7 @@ impl Settings {
             quiet_window,
             min_quiet_window,
             upstream_restart_wait,
+            stream_leave_after,
             data_plane_lag,
             app_port,
             app_container,
@@ -286,6 +306,24 @@ mod tests {
         assert_eq!(s.data_plane_lag, Some(Duration::ZERO));
         let s = Settings::from_annotations(&ann(&[(UPSTREAM_RESTART_WAIT, "0s")])).unwrap();
         assert_eq!(s.upstream_restart_wait, Duration::ZERO);
+        assert_eq!(s.stream_leave_after, Duration::ZERO);
+    }
+
+    #[test]
+    fn streams_must_be_asked_to_leave_before_the_drain_timeout() {
+        let s = Settings::from_annotations(&ann(&[(STREAM_LEAVE_AFTER, "20s")])).unwrap();
+        assert_eq!(s.stream_leave_after, Duration::from_secs(20));
+        let e = Settings::from_annotations(&ann(&[
+            (STREAM_LEAVE_AFTER, "30s"),
+            (DRAIN_TIMEOUT, "30s"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.key, STREAM_LEAVE_AFTER);
+        assert!(
+            e.reason.contains("shorter than the drain timeout (30s)"),
+            "{}",
+            e.reason
+        );
     }
 
     #[test]

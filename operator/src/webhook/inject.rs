@@ -496,6 +496,8 @@ fn sidecar_container(
             format!("{}ms", settings.min_quiet_window.as_millis()),
             "--upstream-restart-wait".into(),
             format!("{}ms", settings.upstream_restart_wait.as_millis()),
+            "--stream-leave-after".into(),
+            format!("{}ms", settings.stream_leave_after.as_millis()),
         ]),
         env: Some(vec![
             env_from(defaults::ENV_POD_IP, "status.podIP"),
