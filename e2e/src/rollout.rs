@@ -97,16 +97,23 @@ pub async fn rollouts_under_load(
     Ok(figures)
 }
 
-/// The baseline: the plain demo (3 replicas, no sidecar, default RollingUpdate) behind a
-/// ClusterIP Service, rolled out `count` times under `load` sent from this host to the
-/// ClusterIP.
-pub async fn baseline(ns: &TestNamespace, load: &Load, count: usize) -> Result<RolloutFigures> {
-    let name = "demo";
+/// The plain demo `name` (3 replicas, no sidecar) behind its ClusterIP Service, rolled out and
+/// served by all three: the Service's ClusterIP.
+pub async fn deploy_plain(ns: &TestNamespace, name: &str) -> Result<String> {
     ns.apply(&demo::deployment(name, 3, "v1")).await?;
     ns.apply(&demo::service(name)).await?;
     wait::rollout(&ns.api(), name, Duration::from_secs(120)).await?;
     let ip = wait::cluster_ip(&ns.api(), name).await?;
     wait::service_serving(&ns.api(), name, &ip, 80, 3, Duration::from_secs(60)).await?;
+    Ok(ip)
+}
+
+/// The baseline: the plain demo (3 replicas, no sidecar, default RollingUpdate) behind a
+/// ClusterIP Service, rolled out `count` times under `load` sent from this host to the
+/// ClusterIP.
+pub async fn baseline(ns: &TestNamespace, load: &Load, count: usize) -> Result<RolloutFigures> {
+    let name = "demo";
+    let ip = deploy_plain(ns, name).await?;
     let url = format!("http://{ip}/");
     eprintln!(
         "baseline: {count} rollouts of deployment {name}, {} req/s over {} keep-alive connections to {url}",

@@ -11,7 +11,7 @@ use graceful_e2e::cluster;
 use graceful_e2e::graceful::{injected_deployment, named_port_service, wait_pods_settled};
 use graceful_e2e::load::{self, Load, LoadReport, Request};
 use graceful_e2e::namespace::TestNamespace;
-use graceful_e2e::{Error, demo, node, wait};
+use graceful_e2e::{Error, node, rollout, wait};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -422,13 +422,7 @@ async fn a_deletion_with_the_api_server_unreachable_drains_without_a_failed_requ
     let bare = TestNamespace::create(&client, "deletion-bare")
         .await
         .unwrap();
-    bare.apply(&demo::deployment(APP, 3, "v1")).await.unwrap();
-    bare.apply(&demo::service(APP)).await.unwrap();
-    wait::rollout(&bare.api(), APP, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|e| fail(&bare, e.to_string()));
-    let ip = wait::cluster_ip(&bare.api(), APP).await.unwrap();
-    wait::service_serving(&bare.api(), APP, &ip, 80, 3, Duration::from_secs(60))
+    let ip = rollout::deploy_plain(&bare, APP)
         .await
         .unwrap_or_else(|e| fail(&bare, e.to_string()));
     let without = delete_under_load(&bare, &format!("http://{ip}/"), false, false).await;

@@ -9,7 +9,7 @@ use graceful_e2e::cluster;
 use graceful_e2e::graceful;
 use graceful_e2e::load::{Load, LoadReport};
 use graceful_e2e::namespace::TestNamespace;
-use graceful_e2e::{demo, rollout, wait};
+use graceful_e2e::{rollout, wait};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -298,17 +298,7 @@ async fn websocket_clients_across_a_rollout_lose_no_message() {
     let bare = TestNamespace::create(&client, "ws-bare")
         .await
         .expect("namespace");
-    bare.apply(&demo::deployment(APP, 3, "v1"))
-        .await
-        .expect("deployment");
-    bare.apply(&demo::service(APP)).await.expect("service");
-    wait::rollout(&bare.api(), APP, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|e| fail(&bare, e.to_string()));
-    let ip = wait::cluster_ip(&bare.api(), APP)
-        .await
-        .expect("cluster ip");
-    wait::service_serving(&bare.api(), APP, &ip, 80, 3, Duration::from_secs(60))
+    let ip = rollout::deploy_plain(&bare, APP)
         .await
         .unwrap_or_else(|e| fail(&bare, e.to_string()));
     let without = websocket_clients_across_a_rollout(&bare, &format!("http://{ip}")).await;

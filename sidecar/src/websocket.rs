@@ -67,6 +67,18 @@ pub struct Leaving {
     pub client_frames_unsent: u64,
 }
 
+/// A Close from either endpoint went through while the tunnel was open: the endpoints finish
+/// the handshake themselves, and the drain does not start its own.
+fn closing_by_endpoints(stage: &watch::Sender<Stage>) {
+    stage.send_if_modified(|s| {
+        let open = *s == Stage::Open;
+        if open {
+            *s = Stage::ClosingByEndpoints;
+        }
+        open
+    });
+}
+
 /// A frame header's layout: its length, the payload length, and the opcode. None until the
 /// whole header is in `buf`.
 fn header(buf: &[u8]) -> Option<(usize, u64, u8)> {
@@ -227,13 +239,7 @@ where
             if !asked {
                 tx.write_all(&run.bytes).await?;
                 if run.ends && run.op == OP_CLOSE {
-                    stage.send_if_modified(|s| {
-                        let open = *s == Stage::Open;
-                        if open {
-                            *s = Stage::ClosingByEndpoints;
-                        }
-                        open
-                    });
+                    closing_by_endpoints(stage);
                 }
             } else if run.ends && run.op == OP_CLOSE {
                 // The client's Close, in answer to the sidecar's or its own: it sends no more.
@@ -308,13 +314,7 @@ where
                     answered = true;
                     break;
                 }
-                stage.send_if_modified(|s| {
-                    let open = *s == Stage::Open;
-                    if open {
-                        *s = Stage::ClosingByEndpoints;
-                    }
-                    open
-                });
+                closing_by_endpoints(stage);
             }
         }
         tx.flush().await?;
